@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   train/sample with the default model and write demo.png
+#   make test   run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The pinned CPU build of torch. Installing it first keeps pip from pulling a multi-GB CUDA
+# build when the project's `torch>=2.4` requirement is resolved.
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv install demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/ntm-edge train --dataset digits --preset tiny --steps 300 --batch-size 64 --out runs/demo --seed 0
+	$(VENV)/bin/ntm-edge sample --checkpoint runs/demo --prompt 3 --num 16 --out demo.png --seed 0
+	@echo "wrote demo.png"
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs demo.png .pytest_cache

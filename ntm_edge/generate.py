@@ -1,0 +1,33 @@
+"""`ntm-edge sample`: load a checkpoint, run Algorithm 2, write the grid and the array."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+from .images import save_array, save_grid
+
+
+def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int = 0, guidance: float = 0.0,
+             out="samples.png", save_array_to=None, device: str = "cpu", log=print) -> np.ndarray:
+    if num < 1:
+        raise ConfigError("--num must be at least 1")
+    if steps < 1:
+        raise ConfigError("--steps must be at least 1")
+    if guidance < 0:
+        raise ConfigError("--guidance must be >= 0")
+    from .model import NTM
+
+    model = NTM.from_pretrained(checkpoint, device=device)
+    model.vocab.token_id(prompt)  # an unknown prompt fails here, before any work
+    start = time.perf_counter()
+    images = model.sample([prompt] * num, steps=steps, seed=seed, guidance=guidance)
+    elapsed = time.perf_counter() - start
+    save_grid(images, Path(out))
+    if save_array_to:
+        save_array(images, Path(save_array_to))
+    log(f"wrote {out} ({num} images, {steps} steps, {elapsed:.2f} s, {num / elapsed:.1f} images/s)")
+    return images

@@ -1,0 +1,104 @@
+"""Shared primitives: patch tokens, Fourier condition features, attention with an explicit KV cache.
+
+Every module here is a pure function of its inputs: caches are tensors passed in and returned,
+never state on the module (TarFlow's list caches and mode flags do not export to ONNX).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, C p p), N = (H/p)(W/p), row-major patch order."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, C: int, H: int, W: int) -> torch.Tensor:
+    """(B, N, C p p) -> (B, C, H, W); the inverse of ``patchify``."""
+    B = tokens.shape[0]
+    x = tokens.reshape(B, H // p, W // p, C, p, p)  # (B, h, w, C, p, p)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+
+
+def fourier_features(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal features of scalars in [0, 1]: (B,) -> (B, dim). Scaled by 1000 as in DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = 1000.0 * x.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ConditionMLP(nn.Module):
+    """Fourier features of several scalars (t, s, 1/T, ...) -> one condition vector (B, out_dim)."""
+
+    def __init__(self, num_scalars: int, out_dim: int, feat_dim: int = 64):
+        super().__init__()
+        self.feat_dim = feat_dim
+        self.net = nn.Sequential(
+            nn.Linear(num_scalars * feat_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim)
+        )
+
+    def forward(self, *scalars: torch.Tensor) -> torch.Tensor:
+        feats = torch.cat([fourier_features(s, self.feat_dim) for s in scalars], dim=-1)  # (B, n*F)
+        return self.net(feats)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def _split(self, h: torch.Tensor):
+        B, N, W = h.shape
+        q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each (B, heads, N, hd)
+
+    def _merge(self, o: torch.Tensor) -> torch.Tensor:
+        B, Hh, N, hd = o.shape
+        return self.proj(o.transpose(1, 2).reshape(B, N, Hh * hd))  # (B, N, W)
+
+    def forward(self, h: torch.Tensor, causal: bool = False, key_mask: torch.Tensor | None = None):
+        """h (B, N, W); key_mask (B, N) bool, True = attend. -> (B, N, W)."""
+        q, k, v = self._split(h)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N)
+        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal))
+
+    def step(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """One new token attending to the cache and itself (causal decoding).
+
+        h (B, 1, W); caches (B, heads, n, hd) -> out (B, 1, W), caches (B, heads, n + 1, hd).
+        """
+        q, k, v = self._split(h)
+        k_cache, v_cache = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
+        return self._merge(F.scaled_dot_product_attention(q, k_cache, v_cache)), k_cache, v_cache
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm attention + MLP. LayerNorm runs in fp32 (an fp32 island for FP16 export)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * width, width)
+        )
+
+    def forward(self, h, causal: bool = False, key_mask=None):
+        h = h + self.attn(self.norm1(h), causal=causal, key_mask=key_mask)
+        return h + self.mlp(self.norm2(h))
+
+    def step(self, h, k_cache, v_cache):
+        a, k_cache, v_cache = self.attn.step(self.norm1(h), k_cache, v_cache)
+        h = h + a
+        return h + self.mlp(self.norm2(h)), k_cache, v_cache
