@@ -27,6 +27,11 @@ def unpatchify(tokens: torch.Tensor, p: int, C: int, H: int, W: int) -> torch.Te
     return x.permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast fp16/bf16 to fp32 and leave fp32/fp64 alone: the marker of an fp32 island."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def fourier_features(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal features of scalars in [0, 1]: (B,) -> (B, dim). Scaled by 1000 as in DiT."""
     half = dim // 2
@@ -47,7 +52,7 @@ class ConditionMLP(nn.Module):
 
     def forward(self, *scalars: torch.Tensor) -> torch.Tensor:
         feats = torch.cat([fourier_features(s, self.feat_dim) for s in scalars], dim=-1)  # (B, n*F)
-        return self.net(feats)
+        return self.net(feats.to(self.net[0].weight.dtype))
 
 
 class Attention(nn.Module):

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import schedule
 from .config import NTMConfig
+from .layers import at_least_fp32
 from .prompts import NULL_ID, LabelVocab
 from .transporter import Transporter
 
@@ -41,8 +42,9 @@ class Trajectory:
 
 def gaussian_nll(x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     """-log N(x; mu, sigma^2), summed over all but the first axis: (B, ...) -> (B,). fp32 island."""
-    z = (x.float() - mu.float()) * torch.exp(-log_sigma.float())
-    return (0.5 * z * z + log_sigma.float() + HALF_LOG_2PI).flatten(1).sum(1)
+    x, mu, log_sigma = at_least_fp32(x), at_least_fp32(mu), at_least_fp32(log_sigma)
+    z = (x - mu) * torch.exp(-log_sigma)
+    return (0.5 * z * z + log_sigma + HALF_LOG_2PI).flatten(1).sum(1)
 
 
 def guided_gaussian(mu_c, ls_c, mu_u, ls_u, w: float):

@@ -66,9 +66,9 @@ def time_grids(steps: int, t_min: np.ndarray, shift: float = 0.0) -> np.ndarray:
     return np.concatenate([t_min, np.broadcast_to(upper, (t_min.shape[0], steps))], axis=1)
 
 
-def sample_t_min(rng: np.random.Generator, n: int, t_min_max: float) -> np.ndarray:
-    """t_min ~ U[0, t_min_max] per example (DESIGN.md 1), shape (n,)."""
-    return rng.uniform(0.0, t_min_max, size=n)
+def sample_t_min(rng: np.random.Generator, n: int, t_min_max: float, t_min_low: float = 0.0) -> np.ndarray:
+    """t_min ~ U[t_min_low, t_min_max] per example (DESIGN.md 1: the paper's low end is 0), shape (n,)."""
+    return rng.uniform(t_min_low, t_min_max, size=n)
 
 
 # ---------------------------------------------------------------------------------------------

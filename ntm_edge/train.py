@@ -62,10 +62,15 @@ class TrainArgs:
 # ---------------------------------------------------------------------------------------------
 
 
+def draw_t_min(cfg, n: int, g: torch.Generator, device) -> torch.Tensor:
+    """t_min ~ U[t_min_low, t_min_max] per example, (n,)."""
+    return cfg.t_min_low + (cfg.t_min_max - cfg.t_min_low) * torch.rand(n, generator=g, device=device)
+
+
 def end2end_loss(model: NTM, x0, ids, mask, g: torch.Generator):
-    """Trajectory NLL per dim with T = config.steps and t_min ~ U[0, t_min_max] per example."""
+    """Trajectory NLL per dim with T = config.steps and a random t_min per example."""
     cfg = model.config
-    t_min = torch.rand(x0.shape[0], generator=g, device=x0.device) * cfg.t_min_max
+    t_min = draw_t_min(cfg, x0.shape[0], g, x0.device)
     traj = model.forward_trajectory(x0, cfg.steps, generator=g, t_min=t_min)
     nll, x0_hat = model.trajectory_terms(traj, ids, mask)
     mse = (x0_hat - x0[:, None]).pow(2).mean()
@@ -79,7 +84,7 @@ def pairwise_loss(model: NTM, x0, ids, mask, g: torch.Generator):
     T = counts[torch.randint(len(counts), (B,), generator=g, device=dev)]  # (B,)
     k = torch.floor(torch.rand(B, generator=g, device=dev) * T) + 1  # (B,) in 1..T
     t = schedule.shift_time(k / T, cfg.shift)
-    t_min = torch.rand(B, generator=g, device=dev) * cfg.t_min_max
+    t_min = draw_t_min(cfg, B, g, dev)
     s = torch.where(k == 1, t_min, schedule.shift_time((k - 1) / T, cfg.shift))
     view = (B, 1, 1, 1)
     x_s = (1 - s).view(view) * x0 + s.view(view) * torch.randn(x0.shape, generator=g, device=dev)
@@ -114,8 +119,12 @@ def _save(out: Path, model, ema, opt, g, step, args, history) -> None:
     save_model(ema, out, step=step)  # the EMA weights are the ones to sample from
 
 
-def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Run (or continue) a training run; returns a summary (final loss, held-out likelihood)."""
+def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=print, log_every: int = 100) -> dict:
+    """Run (or continue) a training run; returns a summary (final loss, held-out likelihood).
+
+    With ``progress`` a rich progress bar shows the loss; without it (no terminal: CI, nohup) a
+    plain line is logged every ``log_every`` steps.
+    """
     from .config import NTMConfig
 
     args = args.validate()
@@ -193,6 +202,8 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
                     history.append({"step": step, "nll_nats_per_dim": loss_avg, "mse": mse.item(),
                                     "seconds": time.time() - start})
                 bar.update(task, completed=step, info=f"nll {loss_avg:.4f} nats/dim")
+                if not progress and (step % log_every == 0 or step == args.steps):
+                    log(f"step {step}/{args.steps}  nll {loss_avg:.4f} nats/dim  {time.time() - start:.0f} s")
                 if step % args.checkpoint_every == 0 and step < args.steps:
                     _save(out, model, ema, opt, g, step, args, history)
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import TransporterConfig
-from .layers import ConditionMLP, TransformerLayer, patchify, unpatchify
+from .layers import ConditionMLP, TransformerLayer, at_least_fp32, patchify, unpatchify
 
 
 def _as_batch(v, like: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ class TarFlowBlock(nn.Module):
 
     def _affine(self, h: torch.Tensor, gate: torch.Tensor):
         """Transformer output (B, n, W) -> mu, alpha (B, n, D); alpha soft-clamped, both gated."""
-        mu, alpha = self.out(self.norm(h)).float().chunk(2, dim=-1)  # fp32 island
+        mu, alpha = at_least_fp32(self.out(self.norm(h))).chunk(2, dim=-1)  # fp32 island
         alpha = self.clamp * torch.tanh(alpha / self.clamp)
         return mu * gate, alpha * gate
 
