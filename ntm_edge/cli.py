@@ -41,6 +41,10 @@ def train(
     batch_size: Annotated[int, typer.Option(help="examples per step")] = 64,
     out: Annotated[Path, typer.Option(help="checkpoint directory to write")] = Path("runs/ntm"),
     mode: Annotated[str, typer.Option(help="end2end | pairwise (default: the preset's)")] = "",
+    objective: Annotated[str, typer.Option(help="ntm | gaussian (f_T = id, sigma = C) | fm (flow matching)")] = "ntm",
+    init_from: Annotated[Path | None, typer.Option(help="finetune from this flow-matching checkpoint")] = None,
+    align_weight: Annotated[float, typer.Option(help="mean-alignment lambda when finetuning (cosine-decayed)")] = 2.5,
+    time_budget: Annotated[float | None, typer.Option(help="stop after this many seconds of training")] = None,
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
@@ -48,12 +52,13 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
     eval_images: Annotated[int, typer.Option(help="held-out images scored at the end (0: none)")] = 500,
 ):
-    """Train an NTM by its exact trajectory likelihood."""
+    """Train an NTM by its exact trajectory likelihood (or a baseline on the same backbone)."""
     from .train import TrainArgs
     from .train import train as run
 
     args = TrainArgs(dataset=dataset, preset=preset, steps=steps, batch_size=batch_size, out=str(out),
-                     mode=mode or None, lr=lr, device=device, seed=seed, checkpoint_every=checkpoint_every,
+                     mode=mode or None, objective=objective, init_from=str(init_from) if init_from else None,
+                     align_weight=align_weight, time_budget=time_budget, lr=lr, device=device, seed=seed, checkpoint_every=checkpoint_every,
                      eval_images=eval_images)
     run(args, resume=resume, progress=sys.stderr.isatty())
 

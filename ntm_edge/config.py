@@ -21,7 +21,7 @@ class TransporterConfig:
     """f_T: a stack of TarFlow blocks over patch tokens (DESIGN.md 2)."""
 
     patch_size: int = 2
-    num_blocks: int = 2  # alternating scan direction: identity, flip, identity, ...
+    num_blocks: int = 2  # alternating scan direction: identity, flip, identity, ...; 0: f_T = identity
     layers_per_block: int = 2
     width: int = 64
     heads: int = 4
@@ -35,6 +35,10 @@ class PredictorConfig:
 
     backbone: str = "unet"  # "unet" (pixels on CPU) | "transformer" (the paper's)
     param: str = "v"  # the network predicts "v" (x0-hat = u_t - t v) or "x0" directly
+    # condition on the whole step (t, s, 1/T), or on t alone as a flow-matching velocity net does
+    # (such a net reads as an NTM predictor, which is what finetuning from FM relies on, paper 3.6)
+    grid_conditioning: bool = True
+    learn_scale: bool = True  # sigma_P = C exp(d); False pins d = 0 (the Gaussian posterior step)
     # U-Net
     channels: tuple[int, ...] = (32, 64)  # one entry per resolution
     blocks_per_level: int = 1
@@ -55,8 +59,15 @@ class PromptConfig:
     dim: int = 64
 
 
+OBJECTIVES = ("ntm", "gaussian", "fm")
+
+
 @dataclass(frozen=True)
 class NTMConfig:
+    # "ntm": the full model. Baselines on the same backbone (paper section 4):
+    # "gaussian": f_T = identity and sigma_P = C, trained by the same exact NLL;
+    # "fm": flow matching (velocity MSE), no transporter, sampled with Euler.
+    objective: str = "ntm"
     image_size: int = 8
     channels: int = 1
     steps: int = 4  # T used by end-to-end training and the default sampler
@@ -82,10 +93,25 @@ class NTMConfig:
         prompt = dataclasses.replace(self.prompt, class_names=tuple(class_names))
         return dataclasses.replace(self, channels=channels, prompt=prompt)
 
+    def for_objective(self, objective: str) -> NTMConfig:
+        """This architecture as the full NTM or as one of its baselines."""
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+        if objective == "ntm":
+            return dataclasses.replace(self, objective=objective)
+        pred = dataclasses.replace(self.predictor, learn_scale=False, grid_conditioning=objective != "fm")
+        trans = dataclasses.replace(self.transporter, num_blocks=0)
+        x0_mse_weight = 0.0 if objective == "fm" else self.x0_mse_weight  # FM's loss is already an MSE
+        return dataclasses.replace(self, objective=objective, predictor=pred, transporter=trans, x0_mse_weight=x0_mse_weight)
+
     def validate(self) -> NTMConfig:
         t, p = self.transporter, self.predictor
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
         if self.image_size % t.patch_size:
             raise ConfigError(f"image size {self.image_size} is not divisible by the transporter patch {t.patch_size}")
+        if self.objective == "fm" and (p.grid_conditioning or p.param != "v" or t.num_blocks):
+            raise ConfigError("a flow-matching model predicts v from (x_t, t) alone and has no transporter")
         if p.backbone not in ("unet", "transformer"):
             raise ConfigError(f"unknown predictor backbone {p.backbone!r}; use 'unet' or 'transformer'")
         if p.param not in ("v", "x0"):

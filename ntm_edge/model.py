@@ -136,17 +136,18 @@ class NTM(nn.Module):
         return Trajectory(torch.stack(levels, dim=1), ts)
 
     def step_terms(self, u_s, logdet_s, u_t, s, t, T, ids, mask):
-        """Exact -log p(x_s | x_t) of one step per example (B,), and the predictor's x0-hat.
+        """Exact -log p(x_s | x_t) of one step per example (B,), with the predictor's mean and x0-hat.
 
-        u_s, u_t (B, C, H, W) = f_T of x_s, x_t; logdet_s (B,); s, t, T (B,); ids, mask (B, P).
+        u_s, u_t (B, C, H, W) = f_T of x_s, x_t; logdet_s (B,); s, t, T (B,); ids, mask (B, P)
+        -> nll (B,), mu (B, C, H, W), x0_hat (B, C, H, W).
         """
         mu, log_sigma, x0_hat = self.predictor(u_t, t, s, T, self.prompt_encoder(ids), mask)
-        return gaussian_nll(u_s, mu, log_sigma) - logdet_s, x0_hat
+        return gaussian_nll(u_s, mu, log_sigma) - logdet_s, mu, x0_hat
 
     def trajectory_terms(self, traj: Trajectory, ids, mask):
         """All T steps of each example in one parallel pass (end-to-end mode).
 
-        -> nll (B,) in nats, x0_hat (B, T, C, H, W) for steps k = 1..T (predicting level k - 1).
+        -> nll (B,) in nats; mu, x0_hat (B, T, C, H, W) for steps k = 1..T (predicting level k - 1).
         """
         B, K = traj.t.shape
         T = K - 1
@@ -154,7 +155,7 @@ class NTM(nn.Module):
         u, logdet = self.transporter(traj.x.reshape(B * K, *shape), traj.t.reshape(B * K), T)
         u, logdet = u.reshape(B, K, *shape), logdet.reshape(B, K)
         rep = lambda v: v.repeat_interleave(T, dim=0)  # noqa: E731  (B, ...) -> (B*T, ...)
-        step_nll, x0_hat = self.step_terms(
+        step_nll, mu, x0_hat = self.step_terms(
             u[:, :-1].reshape(B * T, *shape),
             logdet[:, :-1].reshape(B * T),
             u[:, 1:].reshape(B * T, *shape),
@@ -167,7 +168,7 @@ class NTM(nn.Module):
         # the top level t_T = 1 is N(0, I), and f_T is the identity there (logdet[:, -1] = 0)
         prior = gaussian_nll(u[:, -1], torch.zeros_like(u[:, -1]), torch.zeros_like(u[:, -1]))
         nll = prior - logdet[:, -1] + step_nll.reshape(B, T).sum(1)
-        return nll, x0_hat.reshape(B, T, *shape)
+        return nll, mu.reshape(B, T, *shape), x0_hat.reshape(B, T, *shape)
 
     def trajectory_nll(self, traj: Trajectory, prompts) -> torch.Tensor:
         """Exact negative log-likelihood of each trajectory in nats, (B,)."""
@@ -209,17 +210,38 @@ class NTM(nn.Module):
         return u, float(ts[0])
 
     @torch.no_grad()
+    def sample_euler(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float) -> torch.Tensor:
+        """The flow-matching baseline: Euler on dx/dt = v from t = 1 to 0 on the (shifted) grid, with
+        guidance on the velocity, v = (1 + w) v_c - w v_u. Same noise order as ``sample_u``."""
+        B = ids.shape[0]
+        shape = (B, self.config.channels, self.config.image_size, self.config.image_size)
+        ts = schedule.time_grid(steps, 0.0, self.config.shift)
+        x = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(self.device)
+        emb, null = self.prompt_encoder(ids), self.prompt_encoder(torch.full_like(ids, NULL_ID))
+        for k in range(steps, 0, -1):
+            t = torch.full((B,), float(ts[k]), device=x.device)
+            v = self.predictor.velocity(x, t, emb, mask)
+            if guidance:
+                v = (1 + guidance) * v - guidance * self.predictor.velocity(x, t, null, mask)
+            x = x - float(ts[k] - ts[k - 1]) * v
+        return x
+
+    @torch.no_grad()
     def sample(self, prompts: Sequence[str], steps: int = 4, seed: int = 0, guidance: float = 0.0,
                t_min: float | None = None, batch_size: int = 256) -> np.ndarray:
         """Generate one image per prompt -> uint8 (N, H, W, C).
 
         3a. Leave u-space by inverting the transporter: x_t0 = f_T^-1(u_t0), then x0 ~ x_t0 / (1 - t0).
+        A flow-matching baseline (objective "fm") integrates its velocity with Euler instead.
         """
         t_min = self.config.t_min_sample if t_min is None else t_min
         rng = np.random.default_rng(seed)
         out = []
         for i in range(0, len(prompts), batch_size):
             ids, mask = self.tokenize(prompts[i : i + batch_size])
+            if self.config.objective == "fm":
+                out.append(to_uint8(self.sample_euler(ids, mask, steps, rng, guidance)))
+                continue
             u, t0 = self.sample_u(ids, mask, steps, rng, guidance, t_min)
             x = self.transporter.inverse(u, t0, steps) / (1.0 - t0)
             out.append(to_uint8(x))

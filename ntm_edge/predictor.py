@@ -53,7 +53,7 @@ class UNetBackbone(nn.Module):
     def __init__(self, cfg: PredictorConfig, channels: int, prompt_dim: int):
         super().__init__()
         ch, cond_dim = cfg.channels, 4 * cfg.channels[0]
-        self.condition = ConditionMLP(3, cond_dim)  # (t, s, 1/T)
+        self.condition = ConditionMLP(3 if cfg.grid_conditioning else 1, cond_dim)  # (t, s, 1/T) or (t,)
         self.prompt_proj = nn.Linear(prompt_dim, cond_dim)
         self.stem = nn.Conv2d(channels, ch[0], 3, padding=1)
         self.down = nn.ModuleList()
@@ -78,11 +78,12 @@ class UNetBackbone(nn.Module):
         nn.init.zeros_(self.out.weight)  # raw output 0 and d = 0 at start
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, u_t, t, s, inv_T, prompt_emb, prompt_mask):
-        """u_t (B, C, H, W); t, s, inv_T (B,); prompt_emb (B, P, E), mask (B, P) -> raw, d (B, C, H, W)."""
+    def forward(self, u_t, times, prompt_emb, prompt_mask):
+        """u_t (B, C, H, W); times: (t, s, 1/T) or (t,), each (B,); prompt_emb (B, P, E), mask (B, P)
+        -> raw, d (B, C, H, W)."""
         m = prompt_mask.float()[..., None]  # (B, P, 1)
         pooled = (prompt_emb * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, E)
-        c = self.condition(t, s, inv_T) + self.prompt_proj(pooled)  # (B, cond)
+        c = self.condition(*times) + self.prompt_proj(pooled)  # (B, cond)
         h, hs = self.stem(u_t), []
         for layer in self.down:
             if isinstance(layer, ResBlock):
@@ -105,7 +106,7 @@ class TransformerBackbone(nn.Module):
         self.p, self.channels, self.image_size = p, channels, image_size
         self.in_proj = nn.Linear(channels * p * p, W)
         self.pos = nn.Parameter(torch.randn(1, (image_size // p) ** 2, W) * 0.02)
-        self.condition = ConditionMLP(3, W)
+        self.condition = ConditionMLP(3 if cfg.grid_conditioning else 1, W)
         self.prompt_proj = nn.Linear(prompt_dim, W)
         self.layers = nn.ModuleList(TransformerLayer(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(W)
@@ -113,9 +114,9 @@ class TransformerBackbone(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, u_t, t, s, inv_T, prompt_emb, prompt_mask):
+    def forward(self, u_t, times, prompt_emb, prompt_mask):
         B = u_t.shape[0]
-        c = self.condition(t, s, inv_T)  # (B, W)
+        c = self.condition(*times)  # (B, W)
         x = self.in_proj(patchify(u_t, self.p)) + self.pos + c[:, None]  # (B, N, W)
         prefix = torch.cat([c[:, None], self.prompt_proj(prompt_emb)], dim=1)  # (B, 1 + P, W)
         h = torch.cat([prefix, x], dim=1)  # (B, 1 + P + N, W)
@@ -132,7 +133,7 @@ class TransformerBackbone(nn.Module):
 class Predictor(nn.Module):
     def __init__(self, cfg: PredictorConfig, channels: int, image_size: int, prompt_dim: int):
         super().__init__()
-        self.param = cfg.param
+        self.param, self.grid_conditioning, self.learn_scale = cfg.param, cfg.grid_conditioning, cfg.learn_scale
         if cfg.backbone == "unet":
             self.backbone = UNetBackbone(cfg, channels, prompt_dim)
         else:
@@ -144,11 +145,18 @@ class Predictor(nn.Module):
         log_sigma = log C + d is returned rather than sigma so the NLL stays finite and exact in
         fp32 (an fp32 island); sigma = exp(log_sigma), which is 0 at s = 0.
         """
-        raw, d = self.backbone(u_t, t, s, 1.0 / T, prompt_emb, prompt_mask)
+        raw, d = self.backbone(u_t, (t, s, 1.0 / T) if self.grid_conditioning else (t,), prompt_emb, prompt_mask)
         view = (-1, 1, 1, 1)
         t4, s4 = t.view(view), s.view(view)
         x0_hat = u_t - t4 * raw if self.param == "v" else raw
         A, B, C = schedule.posterior_coeffs(s4, t4)
         mu = A * u_t + B * x0_hat
+        log_C = torch.log(C).expand_as(mu)
+        if not self.learn_scale:
+            return mu, log_C, x0_hat
         d = LOG_SCALE_CLAMP * torch.tanh(at_least_fp32(d) / LOG_SCALE_CLAMP)  # fp32 island
-        return mu, torch.log(C) + d, x0_hat
+        return mu, log_C + d, x0_hat
+
+    def velocity(self, x_t, t, prompt_emb, prompt_mask):
+        """The raw output read as a flow-matching velocity v(x_t, t) (objective "fm"): (B, C, H, W)."""
+        return self.backbone(x_t, (t,), prompt_emb, prompt_mask)[0]

@@ -101,7 +101,8 @@ class Transporter(nn.Module):
         p = cfg.patch_size
         token_dim, num_tokens = channels * p * p, (image_size // p) ** 2
         cond_dim = cfg.width
-        self.condition = ConditionMLP(2, cond_dim)  # (t, 1/T)
+        # with no blocks f_T is the identity (the Gaussian and FM baselines) and has no parameters
+        self.condition = ConditionMLP(2, cond_dim) if cfg.num_blocks else None  # (t, 1/T)
         self.blocks = nn.ModuleList(
             TarFlowBlock(token_dim, num_tokens, cond_dim, cfg, flip=bool(i % 2)) for i in range(cfg.num_blocks)
         )
@@ -114,6 +115,8 @@ class Transporter(nn.Module):
 
     def forward(self, x: torch.Tensor, t, T):
         """x (B, C, H, W), t (B,) or scalar, T int or (B,) -> u (B, C, H, W), logdet (B,)."""
+        if not self.blocks:
+            return x, x.new_zeros(x.shape[0])
         c, gate = self._setup(x, t, T)
         h = patchify(x, self.cfg.patch_size)  # (B, N, D)
         logdet = x.new_zeros(x.shape[0])
@@ -124,6 +127,8 @@ class Transporter(nn.Module):
 
     def inverse(self, u: torch.Tensor, t, T) -> torch.Tensor:
         """u (B, C, H, W) -> x (B, C, H, W): exact sequential decoding, blocks in reverse order."""
+        if not self.blocks:
+            return u
         c, gate = self._setup(u, t, T)
         h = patchify(u, self.cfg.patch_size)
         for block in reversed(self.blocks):

@@ -73,7 +73,7 @@ def test_refuses_to_overwrite_a_checkpoint(trained_tiny, tmp_path):
         train(TrainArgs(dataset="digits", preset="tiny", steps=5, out=str(copy)), **quiet())
     with pytest.raises(ConfigError, match="already at step"):
         train(TrainArgs(dataset="digits", preset="tiny", steps=5, out=str(copy)), resume=True, **quiet())
-    with pytest.raises(ConfigError, match="same --dataset"):
+    with pytest.raises(ConfigError, match="trained with --dataset .digits.; resume it with the same value"):
         train(TrainArgs(dataset="mnist5k", preset="tiny", steps=500, out=str(copy)), resume=True, **quiet())
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
 

@@ -1,0 +1,96 @@
+"""Training objectives. Each takes clean images x0 (B, C, H, W) in [-1, 1], prompt ids and mask
+(B, P), and the run's torch.Generator (all randomness flows from it, so --resume is exact), and
+returns ``Losses``: the objective's main term plus the optional terms the config weighs in.
+
+- end-to-end NLL: all T levels of an example in one pass (paper 3.4);
+- pairwise NLL: one (t, s) step per example, T ~ {4, 8, 16};
+- flow matching: velocity MSE (the baseline, objective "fm");
+- mean alignment (paper 3.7): lambda ||mu_P - mu_FM||^2 against a frozen flow-matching teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import schedule
+from .model import NTM
+
+
+@dataclass
+class Losses:
+    main: torch.Tensor  # NLL in nats/dim (or the FM velocity MSE)
+    x0_mse: torch.Tensor  # ||x0-hat - x0||^2 per dim (the optional hybrid term)
+    align: torch.Tensor | None = None  # ||mu_P - mu_FM||^2 per dim, with a teacher
+
+    def total(self, x0_mse_weight: float, align_weight: float) -> torch.Tensor:
+        loss = self.main + x0_mse_weight * self.x0_mse
+        return loss if self.align is None else loss + align_weight * self.align
+
+
+def draw_t_min(cfg, n: int, g: torch.Generator, device) -> torch.Tensor:
+    """t_min ~ U[t_min_low, t_min_max] per example, (n,)."""
+    return cfg.t_min_low + (cfg.t_min_max - cfg.t_min_low) * torch.rand(n, generator=g, device=device)
+
+
+def teacher_mean(teacher: NTM | None, x_t, t, s, T, ids, mask) -> torch.Tensor | None:
+    """mu_FM: the frozen flow-matching model's posterior mean, acting in x-space (paper 3.7)."""
+    if teacher is None:
+        return None
+    with torch.no_grad():
+        return teacher.predictor(x_t, t, s, T, teacher.prompt_encoder(ids), mask)[0]
+
+
+def end2end_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | None = None) -> Losses:
+    """Trajectory NLL per dim with T = config.steps and a random t_min per example."""
+    cfg = model.config
+    B, T, shape = x0.shape[0], cfg.steps, x0.shape[1:]
+    traj = model.forward_trajectory(x0, T, generator=g, t_min=draw_t_min(cfg, B, g, x0.device))
+    nll, mu, x0_hat = model.trajectory_terms(traj, ids, mask)
+    losses = Losses(nll.mean() / cfg.dims, (x0_hat - x0[:, None]).pow(2).mean())
+    if teacher is not None:
+        rep = lambda v: v.repeat_interleave(T, dim=0)  # noqa: E731  (B, ...) -> (B*T, ...)
+        mu_fm = teacher_mean(teacher, traj.x[:, 1:].reshape(B * T, *shape), traj.t[:, 1:].reshape(-1),
+                             traj.t[:, :-1].reshape(-1), torch.full((B * T,), float(T), device=x0.device),
+                             rep(ids), rep(mask))
+        losses.align = (mu.reshape(B * T, *shape) - mu_fm).pow(2).mean() * T  # summed over the T steps
+    return losses
+
+
+def pairwise_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | None = None) -> Losses:
+    """One step per example: T ~ {4, 8, 16}, k ~ U{1..T}, NLL of x_{t_(k-1)} given x_{t_k} per dim."""
+    cfg, B, dev = model.config, x0.shape[0], x0.device
+    counts = torch.tensor(schedule.STEP_COUNTS, dtype=torch.float32, device=dev)
+    T = counts[torch.randint(len(counts), (B,), generator=g, device=dev)]  # (B,)
+    k = torch.floor(torch.rand(B, generator=g, device=dev) * T) + 1  # (B,) in 1..T
+    t = schedule.shift_time(k / T, cfg.shift)
+    t_min = draw_t_min(cfg, B, g, dev)
+    s = torch.where(k == 1, t_min, schedule.shift_time((k - 1) / T, cfg.shift))
+    view = (B, 1, 1, 1)
+    x_s = (1 - s).view(view) * x0 + s.view(view) * torch.randn(x0.shape, generator=g, device=dev)
+    a, b = schedule.markov_coeffs(s.view(view), t.view(view))
+    x_t = a * x_s + b * torch.randn(x0.shape, generator=g, device=dev)
+    u, logdet = model.transporter(torch.cat([x_s, x_t]), torch.cat([s, t]), torch.cat([T, T]))
+    nll, mu, x0_hat = model.step_terms(u[:B], logdet[:B], u[B:], s, t, T, ids, mask)
+    losses = Losses(nll.mean() / cfg.dims, (x0_hat - x0).pow(2).mean())
+    if teacher is not None:
+        losses.align = (mu - teacher_mean(teacher, x_t, t, s, T, ids, mask)).pow(2).mean()
+    return losses
+
+
+def flow_matching_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | None = None) -> Losses:
+    """x_t = (1 - t) x0 + t eps, t ~ U[0, 1]; MSE of v(x_t, t) against eps - x0."""
+    B, dev = x0.shape[0], x0.device
+    t = torch.rand(B, generator=g, device=dev)
+    eps = torch.randn(x0.shape, generator=g, device=dev)
+    x_t = (1 - t).view(B, 1, 1, 1) * x0 + t.view(B, 1, 1, 1) * eps
+    v = model.predictor.velocity(x_t, t, model.prompt_encoder(ids), mask)
+    x0_hat = x_t - t.view(B, 1, 1, 1) * v
+    return Losses((v - (eps - x0)).pow(2).mean(), (x0_hat - x0).pow(2).mean())
+
+
+def loss_function(objective: str, mode: str):
+    if objective == "fm":
+        return flow_matching_loss
+    return end2end_loss if mode == "end2end" else pairwise_loss
