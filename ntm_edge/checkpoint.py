@@ -58,15 +58,17 @@ def is_checkpoint(path) -> bool:
     return (p / CONFIG).exists() or (p / STATE).exists()
 
 
-def save_model(model, path, step: int | None = None, state_dict=None) -> None:
-    """Write config.json, model.safetensors (``state_dict`` or the model's own) and checkpoint.json."""
+def save_model(model, path, step: int | None = None, state_dict=None, info: dict | None = None) -> None:
+    """Write config.json, model.safetensors (``state_dict`` or the model's own) and checkpoint.json
+    (with ``info``: what the model was trained on, for `ntm-edge eval`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
     atomic_write_text(path / CONFIG, model.config.to_json())
     atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "ntm-edge"}))
-    meta = {"format_version": FORMAT_VERSION, "step": step, "weights_sha256": sha256_file(path / WEIGHTS)}
+    meta = {"format_version": FORMAT_VERSION, "step": step, "weights_sha256": sha256_file(path / WEIGHTS),
+            **(info or {})}
     atomic_write_text(path / META, json.dumps(meta, indent=2))
 
 
@@ -89,6 +91,11 @@ def load_config(path) -> NTMConfig:
         raise CheckpointError(f"{path / CONFIG}: {e}") from None
 
 
+def load_info(path) -> dict:
+    """checkpoint.json: format version, step, weights hash and what the model was trained on."""
+    return read_json(Path(path) / META, "checkpoint")
+
+
 def load_model(path, device: str = "cpu"):
     """Rebuild the model from DIR, verify the weights' hash and names, load them; eval mode."""
     from safetensors import SafetensorError
@@ -98,7 +105,7 @@ def load_model(path, device: str = "cpu"):
 
     path = Path(path)
     config = load_config(path)
-    meta = read_json(path / META, "checkpoint")
+    meta = load_info(path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {meta.get('format_version')}, this ntm-edge reads {FORMAT_VERSION}")
     weights = path / WEIGHTS

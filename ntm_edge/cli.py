@@ -16,6 +16,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Normalizing Trajectory Models: few-step generation with an exact likelihood.")
 
 
+def _log(message: str) -> None:
+    print(message, flush=True)  # flushed: a run under nohup or CI is followed through its log file
+
+
 def _friendly(fn):
     """Run a command; an NtmError becomes 'error: ...' on stderr and exit status 1."""
 
@@ -58,9 +62,10 @@ def train(
 
     args = TrainArgs(dataset=dataset, preset=preset, steps=steps, batch_size=batch_size, out=str(out),
                      mode=mode or None, objective=objective, init_from=str(init_from) if init_from else None,
-                     align_weight=align_weight, time_budget=time_budget, lr=lr, device=device, seed=seed, checkpoint_every=checkpoint_every,
+                     align_weight=align_weight, time_budget=time_budget, lr=lr, device=device, seed=seed,
+                     checkpoint_every=checkpoint_every,
                      eval_images=eval_images)
-    run(args, resume=resume, progress=sys.stderr.isatty())
+    run(args, resume=resume, progress=sys.stderr.isatty(), log=_log)
 
 
 @app.command()
@@ -81,6 +86,48 @@ def sample(
 
     generate(checkpoint, prompt, num=num, steps=steps, seed=seed, guidance=guidance, out=out,
              save_array_to=save_array, device=device)
+
+
+@app.command("eval")
+@_friendly
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint directory")],
+    steps: Annotated[list[int] | None, typer.Option(help="step counts to evaluate (repeatable)")] = None,
+    num_samples: Annotated[int, typer.Option(help="images generated per step count")] = 500,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance weight")] = 0.0,
+    seed: Annotated[int, typer.Option(help="seed of the trajectories and the sampling noise")] = 0,
+    dataset: Annotated[str, typer.Option(help="dataset (default: the one the checkpoint was trained on)")] = "",
+    label: Annotated[str, typer.Option(help="name of this model in `compare` tables")] = "",
+    out: Annotated[Path, typer.Option(help="JSON report to write")] = Path("report.json"),
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+):
+    """Held-out bits/dim, Frechet distance, prompt accuracy and images/s of a checkpoint."""
+    import json
+
+    from .checkpoint import atomic_write_text
+    from .evaluate import evaluate_checkpoint
+
+    if num_samples < 2:
+        raise NtmError("--num-samples must be at least 2 (a Frechet distance needs a covariance)")
+    report = evaluate_checkpoint(checkpoint, steps=steps or [4], num_samples=num_samples, guidance=guidance,
+                                 seed=seed, dataset=dataset or None, device=device, log=_log)
+    if label:
+        report["label"] = label
+    atomic_write_text(out, json.dumps(report, indent=2))
+    _log(f"wrote {out}")
+
+
+@app.command()
+@_friendly
+def compare(
+    reports: Annotated[list[Path], typer.Argument(help="reports written by `ntm-edge eval`")],
+    out: Annotated[Path | None, typer.Option(help="Markdown table to write")] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG plot to write")] = None,
+):
+    """One table (and plot) of several eval reports: NTM against its baselines."""
+    from .compare import compare as run
+
+    typer.echo(run(reports, out_table=out, out_plot=plot), nl=False)
 
 
 @app.command()

@@ -110,7 +110,8 @@ def _save(out: Path, model, ema, opt, g, step, args, history) -> None:
         "generator": g.get_state(), "args": dataclasses.asdict(args), "config": model.config.to_dict(),
         "history": history,
     })
-    save_model(ema, out, step=step)  # the EMA weights are the ones to sample from
+    info = {"dataset": args.dataset, "preset": args.preset, "objective": model.config.objective}
+    save_model(ema, out, step=step, info=info)  # the EMA weights are the ones to sample from
 
 
 def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
