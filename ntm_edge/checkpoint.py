@@ -96,6 +96,14 @@ def load_info(path) -> dict:
     return read_json(Path(path) / META, "checkpoint")
 
 
+def trained_on(path) -> str | None:
+    """The dataset a checkpoint was trained on (checkpoint.json; older ones: train_state.pt), or None."""
+    dataset = load_info(path).get("dataset")
+    if dataset is None and (Path(path) / STATE).exists():
+        dataset = load_train_state(path).get("args", {}).get("dataset")
+    return dataset
+
+
 def load_model(path, device: str = "cpu"):
     """Rebuild the model from DIR, verify the weights' hash and names, load them; eval mode."""
     from safetensors import SafetensorError

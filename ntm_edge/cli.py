@@ -79,13 +79,32 @@ def sample(
     guidance: Annotated[float, typer.Option(help="classifier-free guidance weight w (0: off)")] = 0.0,
     out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
     save_array: Annotated[Path | None, typer.Option(help="also write uint8 (N, H, W, C) .npy")] = None,
+    final: Annotated[str, typer.Option(help="inverse | inverse+score | denoiser (default: denoiser if trained)")] = "",
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
 ):
-    """Generate images with the four-step sampler (Algorithm 2) and the transporter inversion."""
+    """Generate images with the four-step sampler (Algorithm 2) and an exit from u-space."""
     from .generate import generate
 
     generate(checkpoint, prompt, num=num, steps=steps, seed=seed, guidance=guidance, out=out,
-             save_array_to=save_array, device=device)
+             save_array_to=save_array, final=final or None, device=device, log=_log)
+
+
+@app.command("train-denoiser")
+@_friendly
+def train_denoiser(
+    checkpoint: Annotated[Path, typer.Option(help="NTM checkpoint directory (the denoiser is saved into it)")],
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="examples per step")] = 64,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
+    trajectories: Annotated[int, typer.Option(help="score-denoised targets per training image")] = 2,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+):
+    """Train the one-pass denoiser g_phi on score-denoised targets of the frozen NTM (paper 3.9)."""
+    from .denoiser import train_denoiser as run
+
+    run(checkpoint, steps=steps, batch_size=batch_size, lr=lr, trajectories=trajectories, seed=seed,
+        device=device, progress=sys.stderr.isatty(), log=_log)
 
 
 @app.command("eval")
@@ -98,6 +117,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="seed of the trajectories and the sampling noise")] = 0,
     dataset: Annotated[str, typer.Option(help="dataset (default: the one the checkpoint was trained on)")] = "",
     label: Annotated[str, typer.Option(help="name of this model in `compare` tables")] = "",
+    final: Annotated[str, typer.Option(help="exit from u-space: inverse | inverse+score | denoiser")] = "inverse",
     out: Annotated[Path, typer.Option(help="JSON report to write")] = Path("report.json"),
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
 ):
@@ -110,7 +130,7 @@ def evaluate(
     if num_samples < 2:
         raise NtmError("--num-samples must be at least 2 (a Frechet distance needs a covariance)")
     report = evaluate_checkpoint(checkpoint, steps=steps or [4], num_samples=num_samples, guidance=guidance,
-                                 seed=seed, dataset=dataset or None, device=device, log=_log)
+                                 seed=seed, dataset=dataset or None, final=final, device=device, log=_log)
     if label:
         report["label"] = label
     atomic_write_text(out, json.dumps(report, indent=2))

@@ -51,30 +51,34 @@ def balanced_prompts(class_names, n: int) -> tuple[list[str], np.ndarray]:
 
 
 def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance: float = 0.0, seed: int = 0,
-                        dataset: str | None = None, device: str = "cpu", log=print) -> dict:
+                        dataset: str | None = None, final: str = "inverse", device: str = "cpu", log=print) -> dict:
     """The report of `ntm-edge eval`: per step count, held-out bits/dim (exact trajectory NLL and the
     bound), Frechet distance and prompt accuracy under the evaluation classifier, and images/s."""
-    from .checkpoint import load_info
+    from .checkpoint import trained_on
     from .data import load_dataset
+    from .denoiser import load_denoiser
     from .errors import ConfigError
+    from .exits import sample_images
     from .metrics import load_or_train_classifier, sample_quality
 
     model = NTM.from_pretrained(checkpoint, device=device)
     cfg = model.config
-    dataset = dataset or load_info(checkpoint).get("dataset")
+    dataset = dataset or trained_on(checkpoint)
     if dataset is None:
         raise ConfigError(f"{checkpoint} does not record its dataset; pass --dataset")
     test = load_dataset(dataset, "test", image_size=cfg.image_size, channels=cfg.channels)
     if tuple(test.class_names) != tuple(cfg.prompt.class_names):
         raise ConfigError(f"{dataset} has classes {test.class_names}, the model {cfg.prompt.class_names}")
+    denoiser = load_denoiser(checkpoint, device=device) if final == "denoiser" else None
     clf = load_or_train_classifier(dataset, cfg.image_size, cfg.channels, device=device, log=log)
     prompts, labels = balanced_prompts(cfg.prompt.class_names, num_samples)
     rows = []
     for T in steps:
         row = {"steps": int(T), **heldout_likelihood(model, test.images, test.labels, steps=T, seed=seed)}
-        model.sample(prompts[:2], steps=T, seed=seed, guidance=guidance)  # warm-up
+        kw = dict(steps=T, seed=seed, guidance=guidance, final=final, denoiser=denoiser)
+        sample_images(model, prompts[:2], **kw)  # warm-up
         start = time.perf_counter()
-        images = model.sample(prompts, steps=T, seed=seed, guidance=guidance)
+        images = sample_images(model, prompts, **kw)
         row["images_per_s"] = num_samples / (time.perf_counter() - start)
         row.update(sample_quality(clf, images, labels, test.images))
         log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
@@ -83,7 +87,7 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
     train = load_dataset(dataset, "train", image_size=cfg.image_size, channels=cfg.channels)
     floor = sample_quality(clf, train.images[:num_samples], train.labels[:num_samples], test.images)
     return {
-        "checkpoint": str(checkpoint), "objective": cfg.objective, "dataset": dataset,
+        "checkpoint": str(checkpoint), "objective": cfg.objective, "dataset": dataset, "final": final,
         "num_samples": num_samples, "guidance": guidance, "seed": seed,
         "classifier_heldout_accuracy": clf.heldout_accuracy,
         "real_data": {"frechet": floor["frechet"], "prompt_accuracy": floor["prompt_accuracy"]},

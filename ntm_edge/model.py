@@ -193,9 +193,10 @@ class NTM(nn.Module):
         return guided_gaussian(mu[:B], ls[:B], mu[B:], ls[B:], guidance)
 
     @torch.no_grad()
-    def sample_u(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float, t_min: float):
-        """Steps 1-2 of Algorithm 2, all in u-space. Noise comes from the numpy ``rng`` in a fixed
-        order (u_T, then one z per step), so the torch-free runtime can reproduce it exactly."""
+    def sample_levels(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float, t_min: float):
+        """Steps 1-2 of Algorithm 2, all in u-space, keeping every level: -> u (B, K, C, H, W) ordered
+        t_0 .. t_T, and the grid ts (K,). Noise comes from the numpy ``rng`` in a fixed order (u_T,
+        then one z per step), so the torch-free runtime can reproduce it exactly."""
         B = ids.shape[0]
         shape = (B, self.config.channels, self.config.image_size, self.config.image_size)
         ts = schedule.time_grid(steps, t_min, self.config.shift)
@@ -203,11 +204,16 @@ class NTM(nn.Module):
         def normal():
             return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(self.device)
 
-        u = normal()  # 1. u_T ~ N(0, I)
+        levels = [normal()]  # 1. u_T ~ N(0, I)
         for k in range(steps, 0, -1):  # 2. u_{k-1} = mu + sigma z
-            mu, log_sigma = self.predict(u, ts[k], ts[k - 1], steps, ids, mask, guidance)
-            u = mu + torch.exp(log_sigma) * normal()
-        return u, float(ts[0])
+            mu, log_sigma = self.predict(levels[-1], ts[k], ts[k - 1], steps, ids, mask, guidance)
+            levels.append(mu + torch.exp(log_sigma) * normal())
+        return torch.stack(levels[::-1], dim=1), ts
+
+    def sample_u(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float, t_min: float):
+        """The cleanest level u_t0 (B, C, H, W) of ``sample_levels``, and t0."""
+        u, ts = self.sample_levels(ids, mask, steps, rng, guidance, t_min)
+        return u[:, 0], float(ts[0])
 
     @torch.no_grad()
     def sample_euler(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float) -> torch.Tensor:

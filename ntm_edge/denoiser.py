@@ -1,0 +1,170 @@
+"""The learned denoiser g_phi (paper 3.9): u_t0 and the prompt -> x0 in one non-causal pass.
+
+It leaves u-space without the autoregressive transporter inversion. Trained after the NTM, with
+the NTM frozen, by MSE to the score-denoised targets (exits.score_denoise) that the NTM computes on
+forward trajectories of the training images: no data beyond the training set.
+
+Stored next to the NTM in its checkpoint directory: denoiser.safetensors and denoiser.json (config,
+sha256 of the weights), written atomically; the NTM's own files are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write, atomic_write_text, read_json, sha256_file, trained_on
+from .config import PredictorConfig
+from .errors import CheckpointError, ConfigError
+from .model import NTM, LabelEncoder, dequantize
+from .predictor import TransformerBackbone
+
+WEIGHTS, META = "denoiser.safetensors", "denoiser.json"
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    image_size: int
+    channels: int
+    num_prompt_tokens: int
+    t0: float  # the level u_t0 it reads (the sampler's t_min)
+    steps: int  # the sampler's T it was trained for
+    prompt_dim: int = 64
+    patch_size: int = 2
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+
+
+class Denoiser(nn.Module):
+    """g_phi: a non-causal transformer over the patch tokens of u_t0, prompt as prefix tokens."""
+
+    def __init__(self, cfg: DenoiserConfig):
+        super().__init__()
+        self.config = cfg
+        self.prompt_encoder = LabelEncoder(cfg.num_prompt_tokens, cfg.prompt_dim)
+        backbone = PredictorConfig(backbone="transformer", grid_conditioning=False, patch_size=cfg.patch_size,
+                                   width=cfg.width, depth=cfg.depth, heads=cfg.heads)
+        self.net = TransformerBackbone(backbone, cfg.channels, cfg.image_size, cfg.prompt_dim)
+
+    def forward(self, u_t0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """u_t0 (B, C, H, W), ids/mask (B, P) -> x0 (B, C, H, W)."""
+        t = torch.full((u_t0.shape[0],), self.config.t0, device=u_t0.device)
+        return self.net(u_t0, (t,), self.prompt_encoder(ids), mask)[0]
+
+
+def has_denoiser(checkpoint) -> bool:
+    return (Path(checkpoint) / META).exists()
+
+
+def save_denoiser(den: Denoiser, checkpoint, info: dict) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(checkpoint)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in den.state_dict().items()}
+    atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    meta = {"config": dataclasses.asdict(den.config), "weights_sha256": sha256_file(path / WEIGHTS), **info}
+    atomic_write_text(path / META, json.dumps(meta, indent=2))
+
+
+def load_denoiser(checkpoint, device: str = "cpu") -> Denoiser:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint)
+    meta = read_json(path / META, "denoiser")
+    weights = path / WEIGHTS
+    if not weights.exists() or sha256_file(weights) != meta.get("weights_sha256"):
+        raise CheckpointError(f"{weights} is missing or does not match its recorded sha256; retrain the denoiser")
+    try:
+        den = Denoiser(DenoiserConfig(**meta["config"]))
+        den.load_state_dict(load_file(weights))
+    except (SafetensorError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{weights} cannot be loaded ({str(e).splitlines()[0]})") from None
+    return den.to(device).eval()
+
+
+def build_targets(model: NTM, images, labels, t0: float, trajectories: int, g: torch.Generator,
+                  batch_size: int = 128, clip_percentile: float | None = 99.0, progress=None):
+    """Score-denoised targets on forward trajectories of real images -> u_t0, x_den (M, C, H, W), ids (M, 1)."""
+    from .exits import score_denoise
+
+    T = model.config.steps
+    us, targets, all_ids = [], [], []
+    for _ in range(trajectories):
+        for i in range(0, len(images), batch_size):
+            x0 = dequantize(images[i : i + batch_size], g)
+            ids = labels[i : i + batch_size, None] + 1
+            mask = torch.ones_like(ids, dtype=torch.bool)
+            traj = model.forward_trajectory(x0, T, generator=g, t_min=t0)
+            targets.append(score_denoise(model, traj, ids, mask, clip_percentile).detach())
+            with torch.no_grad():
+                us.append(model.transporter(traj.x[:, 0], traj.t[:, 0], T)[0])
+            all_ids.append(ids)
+            if progress:
+                progress(len(x0))
+    return torch.cat(us), torch.cat(targets), torch.cat(all_ids)
+
+
+def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, trajectories: int = 2,
+                   seed: int = 0, device: str = "cpu", progress: bool = True, log=print) -> dict:
+    """Train g_phi for the NTM in ``checkpoint`` and save it there; returns a summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .data import load_dataset
+
+    if steps < 1 or trajectories < 1:
+        raise ConfigError("--steps and --trajectories must be at least 1")
+    model = NTM.from_pretrained(checkpoint, device=device).requires_grad_(False)
+    cfg = model.config
+    if cfg.objective == "fm":
+        raise ConfigError("a flow-matching checkpoint has no u-space to denoise; train the denoiser for an NTM")
+    dataset = trained_on(checkpoint)
+    if dataset is None:
+        raise ConfigError(f"{checkpoint} does not record its dataset")
+    data = load_dataset(dataset, "train", image_size=cfg.image_size, channels=cfg.channels)
+    g = torch.Generator(device=device).manual_seed(seed)
+    torch.manual_seed(seed)
+    images = torch.from_numpy(data.images).to(device)
+    labels = torch.from_numpy(data.labels).to(device)
+    dcfg = DenoiserConfig(image_size=cfg.image_size, channels=cfg.channels, num_prompt_tokens=model.vocab.num_tokens,
+                          t0=cfg.t_min_sample, steps=cfg.steps, prompt_dim=cfg.prompt.dim)
+    den = Denoiser(dcfg).to(device)
+    den.prompt_encoder.load_state_dict(model.prompt_encoder.state_dict())
+    opt = torch.optim.AdamW(den.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
+    start = time.time()
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not progress)
+    with bar:
+        task = bar.add_task("targets", total=trajectories * len(images), info="")
+        u0, x_den, ids = build_targets(model, images, labels, dcfg.t0, trajectories, g,
+                                       progress=lambda n: bar.advance(task, n))
+        log(f"built {len(u0)} score-denoised targets in {time.time() - start:.0f} s")
+        task = bar.add_task("denoiser", total=steps, info="")
+        loss_avg = None
+        for step in range(steps):
+            idx = torch.randint(len(u0), (batch_size,), generator=g, device=device)
+            drop = torch.rand(batch_size, generator=g, device=device) < cfg.prompt_dropout
+            b_ids = torch.where(drop[:, None], 0, ids[idx])
+            loss = (den(u0[idx], b_ids, torch.ones_like(b_ids, dtype=torch.bool)) - x_den[idx]).pow(2).mean()
+            for group in opt.param_groups:  # warm-up, then cosine decay
+                group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(den.parameters(), 1.0)
+            opt.step()
+            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+            bar.update(task, completed=step + 1, info=f"mse {loss_avg:.5f}")
+            if not progress and ((step + 1) % 200 == 0 or step + 1 == steps):
+                log(f"denoiser step {step + 1}/{steps}  mse {loss_avg:.5f}  {time.time() - start:.0f} s")
+    summary = {"steps": steps, "train_mse": loss_avg, "targets": len(u0), "seconds": time.time() - start}
+    save_denoiser(den.eval(), checkpoint, {"trained": summary, "dataset": dataset})
+    log(f"saved the denoiser into {checkpoint} ({summary['seconds']:.0f} s)")
+    return summary

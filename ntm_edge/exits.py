@@ -1,0 +1,77 @@
+"""Ways out of u-space after the four steps (DESIGN.md 3):
+
+- ``inverse``: x_t0 = f_T^-1(u_t0), then x0 ~ x_t0 / (1 - t0). Exact.
+- ``inverse+score``: trajectory score denoising (paper 3.5, Algorithm 3). Invert every level
+  (batched over levels), take the gradient of the exact trajectory NLL L, and apply Tweedie's
+  formula to the whole trajectory, whose levels given x0 are Gaussian with covariance S (Prop. 3):
+  E[(1 - t) x0 | trajectory] = x - S grad L, read at t_0.
+- ``denoiser``: the learned one-pass denoiser g_phi(u_t0, prompt) -> x0 (paper 3.9, denoiser.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import schedule
+from .errors import ConfigError
+from .model import NTM, Trajectory, to_uint8
+
+EXITS = ("inverse", "inverse+score", "denoiser")
+
+
+def invert_levels(model: NTM, u: torch.Tensor, ts) -> Trajectory:
+    """u (B, K, C, H, W) on the grid ts ((K,) or (B, K)) -> the x trajectory, every level inverted
+    in one batched call."""
+    B, K = u.shape[:2]
+    t = torch.as_tensor(np.asarray(ts), dtype=torch.float32, device=u.device).expand(B, K)
+    x = model.transporter.inverse(u.reshape(B * K, *u.shape[2:]), t.reshape(-1), K - 1)
+    return Trajectory(x.reshape(u.shape), t)
+
+
+def score_denoise(model: NTM, traj: Trajectory, ids, mask, clip_percentile: float | None = None) -> torch.Tensor:
+    """Algorithm 3: x_den = (x - S grad L) / (1 - t), read at t_0 -> (B, C, H, W).
+
+    clip_percentile: clip each example's gradient at this percentile of its absolute values (the
+    low-noise levels can give a few very large entries).
+    """
+    x = traj.x.detach().requires_grad_(True)  # (B, K, C, H, W)
+    with torch.enable_grad():
+        nll = model.trajectory_terms(Trajectory(x, traj.t), ids, mask)[0]  # (B,)
+        (grad,) = torch.autograd.grad(nll.sum(), x)
+    if clip_percentile is not None:
+        q = torch.quantile(grad.abs().flatten(1), clip_percentile / 100.0, dim=1)  # (B,)
+        q = q.view(-1, *([1] * (grad.ndim - 1)))
+        grad = torch.maximum(torch.minimum(grad, q), -q)
+    S = np.stack([schedule.trajectory_covariance(t) for t in traj.t.detach().cpu().numpy()])  # (B, K, K)
+    S = torch.as_tensor(S, dtype=grad.dtype, device=grad.device)
+    x_den = x.detach() - torch.einsum("bij,bj...->bi...", S, grad)
+    return x_den[:, 0] / (1.0 - traj.t[:, 0]).view(-1, 1, 1, 1)
+
+
+def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: float = 0.0,
+                  final: str = "inverse", denoiser=None, clip_percentile: float | None = 99.0,
+                  batch_size: int = 256) -> np.ndarray:
+    """Algorithm 2 with the chosen exit -> uint8 (N, H, W, C)."""
+    if final not in EXITS:
+        raise ConfigError(f"unknown exit {final!r}; choose one of: {', '.join(EXITS)}")
+    if model.config.objective == "fm" or final == "inverse":
+        return model.sample(prompts, steps=steps, seed=seed, guidance=guidance, batch_size=batch_size)
+    if final == "denoiser" and denoiser is None:
+        raise ConfigError("this checkpoint has no denoiser; train one with `ntm-edge train-denoiser` or pick another --final")
+    rng = np.random.default_rng(seed)
+    t_min = denoiser.config.t0 if final == "denoiser" else model.config.t_min_sample
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = model.tokenize(prompts[i : i + batch_size])
+        if final == "denoiser":
+            u, _ = model.sample_u(ids, mask, steps, rng, guidance, t_min)
+            with torch.no_grad():
+                x = denoiser(u, ids, mask)
+        else:
+            u, ts = model.sample_levels(ids, mask, steps, rng, guidance, t_min)
+            with torch.no_grad():
+                traj = invert_levels(model, u, ts)
+            x = score_denoise(model, traj, ids, mask, clip_percentile)
+        out.append(to_uint8(x))
+    return np.concatenate(out)
