@@ -22,6 +22,7 @@ from torch import nn
 from . import schedule
 from .config import NTMConfig
 from .layers import at_least_fp32
+from .predictor import Predictor
 from .prompts import NULL_ID, LabelVocab
 from .transporter import Transporter
 
@@ -73,8 +74,6 @@ class LabelEncoder(nn.Module):
 class NTM(nn.Module):
     def __init__(self, config: NTMConfig):
         super().__init__()
-        from .predictor import Predictor
-
         self.config = config.validate()
         self.vocab = LabelVocab(config.prompt.class_names)
         self.prompt_encoder = LabelEncoder(self.vocab.num_tokens, config.prompt.dim)

@@ -191,9 +191,9 @@ def test_per_block_settings_reach_their_block(tiny):
         _, report = tr.inverse_with_report(u, t0, STEPS, method="jacobi", segments=(1, 4), tol=(1e-3, 0.0))
         assert len(report.iterations[0]) == 1 and len(report.iterations[1]) == 4, report
         assert report.residuals[0][0] <= 1e-3
-        # tol = 0 runs every segment of block 1 to its exact bound
-        bounds = segment_bounds(N, 4)
-        assert report.iterations[1] == tuple(end - start - (start == 0) for start, end in bounds), report
+        # tol = 0: every segment of block 1 runs to its exact bound, or stops at a pass that changed nothing
+        for (start, end), k, r in zip(segment_bounds(N, 4), report.iterations[1], report.residuals[1], strict=True):
+            assert k == end - start - (start == 0) or (0 < k < end - start and r == 0.0), report
 
 
 # ---------------------------------------------------------------------------------------------

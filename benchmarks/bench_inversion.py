@@ -1,0 +1,113 @@
+"""Exact transporter inversion: sequential vs Jacobi vs GS-Jacobi on the `small` preset, side by side.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest benchmarks/bench_inversion.py -q -s
+
+The model: the checkpoint that NTM_SMALL_CHECKPOINT points to (a trained `small` run), else the
+`small` preset with every transporter parameter perturbed by N(0, PERTURB^2) (a fresh transporter is
+the identity, which any method inverts in one pass); the printed table says which. Inputs: u_t0
+from the model's own 4-step sampler (prompts 0-9 in turn). Every method inverts the same u; the
+table gives each one's median time, its speed ratio against sequential decoding at the same batch,
+the passes it used per block (inversion order: last block first) and its max abs difference from
+sequential decoding. On CPU a batch-64 Jacobi pass is compute-bound (it redoes every token each
+pass), so the launch-bound batch-1 case is where fixed-point decoding pays, as on GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ntm_edge.checkpoint import load_info
+from ntm_edge.config import get_preset
+from ntm_edge.model import NTM
+from ntm_edge.transporter import DEFAULT_TOL
+
+STEPS = 4  # sampler steps (T); the transporter is conditioned on it
+PERTURB = 0.03  # std of the weight noise when no checkpoint is given
+GS_SEGMENTS = 2
+METHODS = {  # name -> Transporter.inverse settings (defaults otherwise: tol 1e-5, no cap but N)
+    "sequential": dict(method="sequential"),
+    "jacobi": dict(method="jacobi"),
+    "gs-jacobi": dict(method="jacobi", segments=GS_SEGMENTS),
+}
+BATCHES = (1, 64)
+ROUNDS = {1: 25, 64: 5}
+
+
+@pytest.fixture(scope="module")
+def model() -> tuple[NTM, str]:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    path = os.environ.get("NTM_SMALL_CHECKPOINT")
+    if path:
+        step = load_info(path).get("step")
+        return NTM.from_pretrained(path).eval(), f"trained checkpoint {path} (step {step})"
+    torch.manual_seed(0)
+    m = NTM(get_preset("small").with_data(1, tuple("0123456789"))).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.transporter.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * PERTURB)
+    return m, f"UNTRAINED small preset, transporter weights + N(0, {PERTURB}^2) (set NTM_SMALL_CHECKPOINT)"
+
+
+@pytest.fixture(scope="module")
+def inputs(model):
+    """batch -> (u (B, C, H, W), t0, x from sequential decoding)."""
+    m, _ = model
+    out = {}
+    for B in BATCHES:
+        ids, mask = m.tokenize([str(i % 10) for i in range(B)])
+        u, t0 = m.sample_u(ids, mask, STEPS, np.random.default_rng(B), 0.0, m.config.t_min_sample)
+        with torch.no_grad():
+            out[B] = u, t0, m.transporter.inverse(u, t0, STEPS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(model, summary):
+    """(method, batch) -> (median seconds, report, max abs diff); the table is built at teardown."""
+    rows: dict = {}
+    yield rows
+    m, description = model
+    tr = m.transporter
+    summary.append(f"transporter inversion, {description}")
+    summary.append(f"  {len(tr.blocks)} blocks x {tr.num_tokens} tokens, torch threads {torch.get_num_threads()}, "
+                   f"tol {DEFAULT_TOL:g}, gs-jacobi segments {GS_SEGMENTS}; passes per block in inversion order")
+    summary.append(f"  {'batch':>5}  {'method':<11} {'median ms':>10} {'vs seq':>7}  {'passes':<24} {'max abs diff':>12}")
+    for B in BATCHES:
+        seq = rows.get(("sequential", B))
+        for name in METHODS:
+            if (name, B) not in rows:
+                continue
+            median, report, err = rows[(name, B)]
+            ratio = f"{seq[0] / median:.2f}x" if seq and median else "-"
+            passes = " | ".join("+".join(map(str, its)) for its in reversed(report.iterations))
+            if not report.all_converged:
+                passes += " (capped)"
+            time_ms = f"{median * 1e3:.2f}" if median else "-"
+            summary.append(f"  {B:>5}  {name:<11} {time_ms:>10} {ratio:>7}  {passes:<24} {err:>12.2e}")
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("name", list(METHODS))
+def test_inversion(benchmark, model, inputs, results, name, batch):
+    tr = model[0].transporter
+    u, t0, reference = inputs[batch]
+    settings = METHODS[name]
+    with torch.no_grad():
+        x, report = tr.inverse_with_report(u, t0, STEPS, **settings)
+    err = (x - reference).abs().max().item()
+
+    def run():
+        with torch.no_grad():
+            return tr.inverse(u, t0, STEPS, **settings)
+
+    benchmark.group = f"inversion, batch {batch}"
+    benchmark.extra_info.update(passes=report.block_iterations, max_abs_diff=err)
+    benchmark.pedantic(run, rounds=ROUNDS[batch], warmup_rounds=1)
+    median = benchmark.stats.stats.median if benchmark.stats else None  # None under --benchmark-disable
+    results[(name, batch)] = (median, report, err)
+    assert err < 1e-3, f"{name} at batch {batch} is {err:.2e} from sequential decoding"
