@@ -80,13 +80,14 @@ def sample(
     out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
     save_array: Annotated[Path | None, typer.Option(help="also write uint8 (N, H, W, C) .npy")] = None,
     final: Annotated[str, typer.Option(help="inverse | inverse+score | denoiser (default: denoiser if trained)")] = "",
+    inverse_method: Annotated[str, typer.Option(help="transporter inversion: sequential | jacobi (exact)")] = "sequential",
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
 ):
     """Generate images with the four-step sampler (Algorithm 2) and an exit from u-space."""
     from .generate import generate
 
     generate(checkpoint, prompt, num=num, steps=steps, seed=seed, guidance=guidance, out=out,
-             save_array_to=save_array, final=final or None, device=device, log=_log)
+             save_array_to=save_array, final=final or None, inverse_method=inverse_method, device=device, log=_log)
 
 
 @app.command("train-denoiser")

@@ -20,12 +20,12 @@ from .model import NTM, Trajectory, to_uint8
 EXITS = ("inverse", "inverse+score", "denoiser")
 
 
-def invert_levels(model: NTM, u: torch.Tensor, ts) -> Trajectory:
+def invert_levels(model: NTM, u: torch.Tensor, ts, method: str = "sequential") -> Trajectory:
     """u (B, K, C, H, W) on the grid ts ((K,) or (B, K)) -> the x trajectory, every level inverted
     in one batched call."""
     B, K = u.shape[:2]
     t = torch.as_tensor(np.asarray(ts), dtype=torch.float32, device=u.device).expand(B, K)
-    x = model.transporter.inverse(u.reshape(B * K, *u.shape[2:]), t.reshape(-1), K - 1)
+    x = model.transporter.inverse(u.reshape(B * K, *u.shape[2:]), t.reshape(-1), K - 1, method=method)
     return Trajectory(x.reshape(u.shape), t)
 
 
@@ -51,11 +51,12 @@ def score_denoise(model: NTM, traj: Trajectory, ids, mask, clip_percentile: floa
 
 def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: float = 0.0,
                   final: str = "inverse", denoiser=None, clip_percentile: float | None = 99.0,
-                  batch_size: int = 256) -> np.ndarray:
-    """Algorithm 2 with the chosen exit -> uint8 (N, H, W, C)."""
+                  inverse_method: str = "sequential", batch_size: int = 256) -> np.ndarray:
+    """Algorithm 2 with the chosen exit -> uint8 (N, H, W, C). inverse_method: "sequential" or
+    "jacobi" (exact fixed-point decoding, transporter.inverse) for the exits that invert."""
     if final not in EXITS:
         raise ConfigError(f"unknown exit {final!r}; choose one of: {', '.join(EXITS)}")
-    if model.config.objective == "fm" or final == "inverse":
+    if model.config.objective == "fm":  # the flow-matching baseline has no u-space: Euler
         return model.sample(prompts, steps=steps, seed=seed, guidance=guidance, batch_size=batch_size)
     if final == "denoiser" and denoiser is None:
         raise ConfigError("this checkpoint has no denoiser; train one with `ntm-edge train-denoiser` or pick another --final")
@@ -64,14 +65,17 @@ def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: 
     out = []
     for i in range(0, len(prompts), batch_size):
         ids, mask = model.tokenize(prompts[i : i + batch_size])
-        if final == "denoiser":
-            u, _ = model.sample_u(ids, mask, steps, rng, guidance, t_min)
-            with torch.no_grad():
-                x = denoiser(u, ids, mask)
-        else:
+        if final == "inverse+score":
             u, ts = model.sample_levels(ids, mask, steps, rng, guidance, t_min)
             with torch.no_grad():
-                traj = invert_levels(model, u, ts)
+                traj = invert_levels(model, u, ts, inverse_method)
             x = score_denoise(model, traj, ids, mask, clip_percentile)
+        else:
+            u, t0 = model.sample_u(ids, mask, steps, rng, guidance, t_min)
+            with torch.no_grad():
+                if final == "denoiser":
+                    x = denoiser(u, ids, mask)
+                else:
+                    x = model.transporter.inverse(u, t0, steps, method=inverse_method) / (1.0 - t0)
         out.append(to_uint8(x))
     return np.concatenate(out)

@@ -12,8 +12,8 @@ from .images import save_array, save_grid
 
 
 def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int = 0, guidance: float = 0.0,
-             out="samples.png", save_array_to=None, final: str | None = None, device: str = "cpu",
-             log=print) -> np.ndarray:
+             out="samples.png", save_array_to=None, final: str | None = None, inverse_method: str = "sequential",
+             device: str = "cpu", log=print) -> np.ndarray:
     """final: the exit from u-space (exits.EXITS); default: the denoiser when the checkpoint has one."""
     if num < 1:
         raise ConfigError("--num must be at least 1")
@@ -31,7 +31,7 @@ def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int =
     denoiser = load_denoiser(checkpoint, device=device) if final == "denoiser" and has_denoiser(checkpoint) else None
     start = time.perf_counter()
     images = sample_images(model, [prompt] * num, steps=steps, seed=seed, guidance=guidance, final=final,
-                           denoiser=denoiser)
+                           denoiser=denoiser, inverse_method=inverse_method)
     elapsed = time.perf_counter() - start
     save_grid(images, Path(out))
     if save_array_to:

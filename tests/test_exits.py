@@ -106,3 +106,12 @@ def test_exit_errors(trained_tiny):
         sample_images(model, ["1"], final="denoiser")
     with pytest.raises(ConfigError, match="unknown exit"):
         sample_images(model, ["1"], final="magic")
+
+
+def test_jacobi_exit_draws_the_same_images(trained_tiny):
+    model = NTM.from_pretrained(trained_tiny[0])
+    prompts = ["0", "3", "8", ""]
+    seq = sample_images(model, prompts, seed=4, final="inverse")
+    jac = sample_images(model, prompts, seed=4, final="inverse", inverse_method="jacobi")
+    assert np.abs(seq.astype(int) - jac.astype(int)).max() <= 1  # uint8 rounding of a < 1e-4 difference
+    assert np.array_equal(seq, model.sample(prompts, seed=4))
