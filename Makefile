@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/ntm-edge train --dataset digits --preset tiny --steps 400 --batch-size 64 --lr 2e-3 --out runs/demo --seed 0
+	$(VENV)/bin/ntm-edge train --dataset digits --preset tiny --steps 300 --batch-size 64 --lr 2e-3 --out runs/demo --seed 0
 	$(VENV)/bin/ntm-edge sample --checkpoint runs/demo --prompt 3 --num 16 --out demo.png --seed 0
 	@echo "wrote demo.png"
 

@@ -165,5 +165,76 @@ def presets():
                    f"patch {t.patch_size}  mode {PRESET_MODES[name]}")
 
 
+
+@app.command("export")
+@_friendly
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint directory (its denoiser is exported too, if trained)")],
+    out: Annotated[Path, typer.Option(help="bundle directory to write (manifest.json + one .onnx per graph)")],
+    batch: Annotated[int, typer.Option(help="images per graph call the bundle is built for (opt/max batch)")] = 8,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing bundle directory")] = False,
+    parity: Annotated[bool, typer.Option(help="check onnxruntime against torch for every graph")] = True,
+):
+    """Export a checkpoint to an ONNX bundle for the torch-free runtime (`ntm-edge run`)."""
+    from .export import export_bundle
+
+    export_bundle(checkpoint, out, batch=batch, opset=opset, overwrite=overwrite, parity=parity,
+                  progress=sys.stderr.isatty(), log=_log)
+
+
+_NO_BUNDLE = ("--bundle is required for now: write one with `ntm-edge export --checkpoint DIR --out BUNDLE` "
+              "(an embedded default model comes later)")
+
+
+@app.command("run")
+@_friendly
+def run_bundle(
+    prompt: Annotated[str, typer.Option(help="class name, e.g. '3' or 'three'; '' for unconditional")],
+    bundle: Annotated[Path | None, typer.Option(help="bundle directory written by `ntm-edge export` (required)")] = None,
+    num: Annotated[int, typer.Option(help="number of images")] = 16,
+    steps: Annotated[int, typer.Option(help="coarse steps T")] = 4,
+    seed: Annotated[int, typer.Option(help="noise seed (same seed, same images as `ntm-edge sample`)")] = 0,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance weight w (0: off)")] = 0.0,
+    final: Annotated[str, typer.Option(help="denoiser | inverse (default: denoiser if the bundle has one)")] = "",
+    inverse_method: Annotated[str, typer.Option(help="transporter inversion: jacobi | sequential (both exact)")] = "jacobi",
+    out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
+    save_array: Annotated[Path | None, typer.Option(help="also write uint8 (N, H, W, C) .npy")] = None,
+    provider: Annotated[str, typer.Option(help="auto (tensorrt > cuda > cpu) | tensorrt | cuda | cpu")] = "auto",
+    audit: Annotated[bool, typer.Option(help="print the exact NLL of every generated trajectory")] = False,
+    unrolled: Annotated[bool, typer.Option(help="run the four steps as the one unrolled sampler graph")] = False,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per graph (default: $OMP_NUM_THREADS, else all)")] = None,
+):
+    """Generate images on the torch-free runtime (numpy + onnxruntime) and print per-stage latency."""
+    if bundle is None:
+        raise NtmError(_NO_BUNDLE)
+    from .runtime.app import run_prompt
+
+    run_prompt(bundle, prompt, num=num, steps=steps, seed=seed, guidance=guidance, final=final or None,
+               inverse_method=inverse_method, out=out, save_array_to=save_array, provider=provider, audit=audit,
+               unrolled=unrolled, threads=threads, log=_log)
+
+
+@app.command("audit")
+@_friendly
+def audit_image(
+    image: Annotated[Path, typer.Option(help="PNG of one image, or .npy of uint8 images (N, H, W, C)")],
+    prompt: Annotated[str, typer.Option(help="the class to score the image(s) under; '' for unconditional")],
+    bundle: Annotated[Path | None, typer.Option(help="bundle directory written by `ntm-edge export` (required)")] = None,
+    steps: Annotated[int | None, typer.Option(help="coarse steps T of the trajectories (default: the model's)")] = None,
+    trajectories: Annotated[int, typer.Option(help="forward trajectories averaged per image")] = 4,
+    seed: Annotated[int, typer.Option(help="seed of the dequantisation and trajectory noise")] = 0,
+    provider: Annotated[str, typer.Option(help="execution provider: auto | tensorrt | cuda | cpu")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads per graph")] = None,
+):
+    """Bits/dim bound on -log p(image | prompt), on the runtime (the variational bound of DESIGN.md 4)."""
+    if bundle is None:
+        raise NtmError(_NO_BUNDLE)
+    from .runtime.app import audit_images
+
+    audit_images(bundle, image, prompt, steps=steps, trajectories=trajectories, seed=seed, provider=provider,
+                 threads=threads, log=_log)
+
+
 def main() -> None:
     app()

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ntm_edge.cli import app
 
 runner = CliRunner()
-COMMANDS = ["train", "sample", "train-denoiser", "eval", "compare", "presets"]
+COMMANDS = ["train", "sample", "train-denoiser", "eval", "compare", "export", "run", "audit", "presets"]
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])

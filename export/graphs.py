@@ -1,0 +1,163 @@
+"""One pure function per exported graph (DESIGN.md 5): thin ``nn.Module`` wrappers around the model's
+own layers, with the inputs and outputs of ``ntm_edge.runtime.specs`` in that order.
+
+Pure means: no state on the modules, no mode flags, no value-dependent Python branches, no in-place
+slice writes, so the traced graph is the function for every input. Where the model has no such
+function (the sequential decoding step with a fixed-size KV cache), it is written here from the
+model's submodules and weights (``TransformerLayer``/``Attention``, ``TarFlowBlock._affine``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import patchify, unpatchify
+from ..model import NTM, guided_gaussian
+from ..runtime import specs
+
+
+class PromptEncoderGraph(nn.Module):
+    """ids (B, P) -> prompt_emb (B, P, E)."""
+
+    def __init__(self, model: NTM):
+        super().__init__()
+        self.encoder = model.prompt_encoder
+
+    def forward(self, ids):
+        return self.encoder(ids)
+
+
+class PredictorStepGraph(nn.Module):
+    """u_t (B, C, H, W), t, s, steps (B,), prompt_emb (B, P, E), prompt_mask (B, P) -> mu, log_sigma."""
+
+    def __init__(self, model: NTM):
+        super().__init__()
+        self.predictor = model.predictor
+
+    def forward(self, u_t, t, s, steps, prompt_emb, prompt_mask):
+        mu, log_sigma, _ = self.predictor(u_t, t, s, steps, prompt_emb, prompt_mask)
+        return mu, log_sigma
+
+
+class SamplerLoopGraph(nn.Module):
+    """Algorithm 2, steps 1-2, unrolled for T = model.config.steps, guided (C.5).
+
+    u_top (B, C, H, W), noise (B, T, C, H, W), levels_t (T + 1,), prompt_emb, null_emb (B, P, E),
+    prompt_mask (B, P), guidance (1,) -> u_levels (B, T + 1, C, H, W), ordered t_0 .. t_T.
+    Every step runs the conditional and unconditional halves as one batch of 2B (as ``NTM.predict``);
+    guidance = 0 gives the conditional model exactly (no branch on its value).
+    """
+
+    def __init__(self, model: NTM):
+        super().__init__()
+        self.predictor, self.steps = model.predictor, model.config.steps
+
+    def forward(self, u_top, noise, levels_t, prompt_emb, null_emb, prompt_mask, guidance):
+        B = u_top.shape[0]
+        ones = torch.ones_like(u_top[:, 0, 0, 0]).repeat(2)  # (2B,)
+        emb, mask = torch.cat([prompt_emb, null_emb]), torch.cat([prompt_mask, prompt_mask])  # (2B, P, ...)
+        u, levels = u_top, [u_top]
+        for k in range(self.steps, 0, -1):
+            mu, ls, _ = self.predictor(torch.cat([u, u]), ones * levels_t[k], ones * levels_t[k - 1],
+                                       ones * float(self.steps), emb, mask)  # (2B, C, H, W)
+            mu, ls = guided_gaussian(mu[:B], ls[:B], mu[B:], ls[B:], guidance)
+            u = mu + torch.exp(ls) * noise[:, k - 1]  # level k - 1
+            levels.append(u)
+        return torch.stack(levels[::-1], dim=1)  # (B, T + 1, C, H, W)
+
+
+class TransporterForwardGraph(nn.Module):
+    """x (B, C, H, W), t, steps (B,) -> u (B, C, H, W), logdet (B,)."""
+
+    def __init__(self, model: NTM):
+        super().__init__()
+        self.transporter = model.transporter
+
+    def forward(self, x, t, steps):
+        return self.transporter(x, t, steps)
+
+
+class _BlockGraph(nn.Module):
+    def __init__(self, model: NTM, block: int):
+        super().__init__()
+        self.transporter, self.block = model.transporter, model.transporter.blocks[block]
+        cfg = model.config
+        self.p, self.chw = cfg.transporter.patch_size, (cfg.channels, cfg.image_size, cfg.image_size)
+
+
+class JacobiPassGraph(_BlockGraph):
+    """One Jacobi pass of one block, in image layout: x, u (B, C, H, W), t, steps (B,) -> x_next.
+
+    x_next = mu(x_<n) + exp(alpha(x_<n)) u_n per token (``TarFlowBlock.jacobi_step``); the exact
+    inverse of the block is its fixed point, reached after at most N - 1 passes."""
+
+    def forward(self, x, u, t, steps):
+        c, gate = self.transporter._setup(x, t, steps)  # (B, W), (B, 1, 1)
+        xs = self.block._order(patchify(x, self.p))  # (B, N, D) scan order
+        us = self.block._order(patchify(u, self.p))
+        out = self.block._order(self.block.jacobi_step(xs, us, c, gate))  # (B, N, D) natural order
+        return unpatchify(out, self.p, *self.chw)  # (B, C, H, W)
+
+
+class SequentialStepGraph(_BlockGraph):
+    """One step of sequential decoding of one block with its KV cache in fixed-size buffers.
+
+    x_token (B, D): token n in scan order; position (1,) int64: n; t, steps (B,);
+    k_cache, v_cache (L, B, heads, N, hd): keys/values of tokens < n in slots < n (the rest unused)
+    -> mu, alpha (B, D): the affine parameters of token n + 1 (x_{n+1} = u_{n+1} exp(alpha) + mu),
+       k_cache_out, v_cache_out: the caches with token n written into slot n.
+
+    The same arithmetic as ``TarFlowBlock.inverse`` / ``TransformerLayer.step``, but the cache keeps
+    its size: the write is a select on a one-hot position mask and attention is masked to slots <= n.
+    """
+
+    def forward(self, x_token, position, t, steps, k_cache, v_cache):
+        blk = self.block
+        c, gate = self.transporter._setup(x_token, t, steps)
+        N = blk.pos.shape[1]
+        slots = torch.arange(N, device=x_token.device)  # (N,)
+        write = (slots == position).view(1, 1, N, 1)  # one-hot over the cache slots
+        visible = (slots <= position).view(1, 1, 1, N)  # attend to tokens 0..n
+        pos = torch.index_select(blk.pos[0], 0, position)[None]  # (1, 1, W)
+        h = blk.in_proj(x_token[:, None]) + pos + blk.cond(c)[:, None]  # (B, 1, W)
+        ks, vs = [], []
+        for i, layer in enumerate(blk.layers):
+            q, k, v = layer.attn._split(layer.norm1(h))  # (B, heads, 1, hd) each
+            k_all = torch.where(write, k, k_cache[i])  # (B, heads, N, hd)
+            v_all = torch.where(write, v, v_cache[i])
+            h = h + layer.attn._merge(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=visible))
+            h = h + layer.mlp(layer.norm2(h))  # (B, 1, W)
+            ks.append(k_all)
+            vs.append(v_all)
+        mu, alpha = blk._affine(h, gate)  # (B, 1, D), fp32 island
+        return mu[:, 0], alpha[:, 0], torch.stack(ks), torch.stack(vs)
+
+
+class DenoiserGraph(nn.Module):
+    """u (B, C, H, W), ids (B, P), prompt_mask (B, P) -> x0 (B, C, H, W)."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, u, ids, prompt_mask):
+        return self.denoiser(u, ids, prompt_mask)
+
+
+def graph_modules(model: NTM, denoiser=None) -> dict[str, nn.Module]:
+    """The module of every graph ``specs.graph_specs`` lists for this model, by graph name."""
+    mods = {
+        specs.PROMPT_ENCODER: PromptEncoderGraph(model),
+        specs.PREDICTOR_STEP: PredictorStepGraph(model),
+        specs.SAMPLER_LOOP: SamplerLoopGraph(model),
+    }
+    if len(model.transporter.blocks):
+        mods[specs.TRANSPORTER_FORWARD] = TransporterForwardGraph(model)
+        for i in range(len(model.transporter.blocks)):
+            mods[specs.jacobi_graph(i)] = JacobiPassGraph(model, i)
+            mods[specs.step_graph(i)] = SequentialStepGraph(model, i)
+    if denoiser is not None:
+        mods[specs.DENOISER] = DenoiserGraph(denoiser)
+    return {name: m.eval() for name, m in mods.items()}

@@ -1,0 +1,197 @@
+"""`ntm-edge export`: checkpoint -> bundle directory (manifest.json + one ONNX file per graph).
+
+1. Load the checkpoint (and its denoiser, when it has one) and list the graphs with their IO specs
+   (``runtime.specs.graph_specs``).
+2. Trace each graph's pure module with the TorchScript exporter (``dynamo=False``: the dynamo exporter
+   needs onnxscript), dynamic batch axis, and verify the file with ``onnx.checker`` (full check).
+3. Parity: onnxruntime against torch on random inputs and on real trajectories (export/parity.py).
+4. Write manifest.json (format version, config, schedule, vocabulary, graphs, opset, versions,
+   parity, sha256 of every file) last, into a temporary directory that is then renamed into place:
+   a bundle is complete or absent, never half-written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__, schedule
+from ..checkpoint import atomic_write_text, load_info, sha256_file
+from ..errors import ConfigError, NtmError
+from ..model import NTM
+from ..prompts import NULL_ID
+from ..runtime import specs as S
+from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle
+from ..runtime.sampler import NOISE_BATCH
+from ..runtime.session import Runtime
+from .graphs import graph_modules
+from .parity import max_abs, random_inputs, real_parity, real_trajectories, torch_outputs
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 14  # scaled_dot_product_attention
+PRECISION = "fp32"
+# parity tolerance: max abs error <= ATOL + RTOL * max|reference| (float32 graphs of a few hundred ops)
+ATOL, RTOL = 1e-4, 1e-4
+
+
+class ExportError(NtmError):
+    """An export that cannot be done, or whose graphs do not match the torch model."""
+
+
+def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, overwrite: bool = False,
+                  parity: bool = True, seed: int = 0, progress: bool = False, log=print) -> dict:
+    """Export ``checkpoint`` to the bundle directory ``out``; returns the manifest."""
+    import onnx
+
+    from ..denoiser import has_denoiser, load_denoiser
+
+    out = Path(out)
+    _check_options(out, batch, opset, overwrite, onnx.defs.onnx_opset_version())
+    model = NTM.from_pretrained(checkpoint).requires_grad_(False)
+    cfg = model.config
+    if cfg.objective == "fm":
+        raise ConfigError("a flow-matching checkpoint has no u-space sampler to export; export an NTM (or gaussian) model")
+    denoiser = load_denoiser(checkpoint).requires_grad_(False) if has_denoiser(checkpoint) else None
+    graph_specs = S.graph_specs(cfg, batch, has_denoiser=denoiser is not None)
+    modules = graph_modules(model, denoiser)
+    manifest = _manifest(checkpoint, model, denoiser, graph_specs, batch, opset)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the bundle is an ordinary directory
+    try:
+        bar = _progress(progress)
+        with bar:
+            task = bar.add_task("export", total=len(graph_specs))
+            rng = np.random.default_rng(seed)
+            for name, spec in graph_specs.items():
+                example = random_inputs(spec, cfg, batch, rng)
+                _export_graph(modules[name], spec, example, tmp / f"{name}.{PRECISION}.onnx", opset)
+                bar.advance(task)
+        bundle = Bundle(tmp, manifest, cfg, graph_specs)
+        if parity:
+            manifest["parity"] = check_parity(bundle, model, modules, checkpoint, seed, log)
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.onnx"))}
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+        (tmp / MANIFEST).chmod(0o644)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    log(f"wrote {out} ({len(graph_specs)} graphs, opset {opset}, {PRECISION}, {size:.1f} MiB)")
+    return manifest
+
+
+def _check_options(out: Path, batch: int, opset: int, overwrite: bool, max_opset: int) -> None:
+    if batch < 1:
+        raise ConfigError("--batch must be at least 1")
+    if not MIN_OPSET <= opset <= max_opset:
+        raise ConfigError(f"--opset must lie in [{MIN_OPSET}, {max_opset}] (this onnx), got {opset}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), disable=not enabled)
+
+
+def _export_graph(module, spec: S.GraphSpec, example: dict[str, np.ndarray], path: Path, opset: int) -> None:
+    """Trace one pure module to ``path`` with the spec's names and dynamic axes; verify it with onnx.checker."""
+    import onnx
+
+    args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings
+        try:
+            torch.onnx.export(module, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
+                              dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True,
+                              dynamo=False)
+        except torch.onnx.errors.OnnxExporterError as e:  # e.g. an operator that this opset lacks
+            raise ExportError(f"graph {spec.name} cannot be exported at opset {opset} ({str(e).splitlines()[0]})") from None
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"the exported graph {spec.name} does not pass onnx.checker ({str(e).splitlines()[0]})") from None
+
+
+def check_parity(bundle: Bundle, model: NTM, modules: dict, checkpoint, seed: int = 0, log=print) -> dict:
+    """onnxruntime vs torch for every graph, random inputs (batch 3) and real trajectories -> the
+    manifest's ``parity`` entry; raises ExportError past ATOL + RTOL * scale."""
+    rt = Runtime(bundle, provider="cpu")
+    rng = np.random.default_rng(seed + 1)
+    traj, ids, source = real_trajectories(model, checkpoint, seed=seed)
+    real = real_parity(rt, model, modules, traj, ids, seed)
+    report = {"real_source": source, "tolerance": {"atol": ATOL, "rtol": RTOL}, "graphs": {}}
+    log(f"parity, onnxruntime vs torch (max abs error; real: {source}):")
+    for name, spec in bundle.graphs.items():
+        inputs = random_inputs(spec, bundle.config, 3, rng)  # a batch other than the traced one
+        rand = max_abs(rt[name](**inputs), torch_outputs(modules[name], spec, inputs))
+        entry = {"random": {"max_abs": rand[0], "scale": rand[1]}, "real": {"max_abs": real[name][0], "scale": real[name][1]}}
+        report["graphs"][name] = entry
+        log(f"  {name:24s} random {rand[0]:.2e} (scale {rand[1]:.1e})   real {real[name][0]:.2e} (scale {real[name][1]:.1e})")
+        for kind, (err, scale) in (("random", rand), ("real", real[name])):
+            if not err <= ATOL + RTOL * scale:
+                raise ExportError(f"graph {name} differs from torch by {err:.2e} on {kind} inputs "
+                                  f"(tolerance {ATOL + RTOL * scale:.1e}); the export is not faithful")
+    return report
+
+
+def _manifest(checkpoint, model: NTM, denoiser, graph_specs: dict, batch: int, opset: int) -> dict:
+    import onnx
+    import onnxruntime
+
+    cfg, tr = model.config, model.transporter
+    versions = {"ntm_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    source = {"checkpoint": str(Path(checkpoint).resolve()), "weights_sha256": load_info(checkpoint).get("weights_sha256"),
+              "denoiser_sha256": sha256_file(Path(checkpoint) / "denoiser.safetensors") if denoiser is not None else None}
+    options = {"batch": batch, "opset": opset, "precisions": [PRECISION]}
+    # content key (STYLE 7): the weights, the export options and the versions that produced the files
+    key = hashlib.sha256(json.dumps({"source": {k: v for k, v in source.items() if k != "checkpoint"},
+                                     "options": options, "versions": versions}, sort_keys=True).encode()).hexdigest()
+    blocks = list(tr.blocks)
+    tc = cfg.transporter
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+        "source": source,
+        **options,
+        "config": cfg.to_dict(),
+        "schedule": {"steps": cfg.steps, "shift": cfg.shift, "t_min_sample": cfg.t_min_sample,
+                     "levels_t": schedule.time_grid(cfg.steps, cfg.t_min_sample, cfg.shift).tolist(),
+                     "noise_batch": NOISE_BATCH},
+        "prompts": {"kind": cfg.prompt.kind, "class_names": list(cfg.prompt.class_names), "null_id": NULL_ID,
+                    "num_tokens": model.vocab.num_tokens, "prefix_tokens": 1},
+        "transporter": {"num_blocks": len(blocks), "patch_size": tc.patch_size, "num_tokens": tr.num_tokens,
+                        "token_dim": cfg.channels * tc.patch_size**2, "layers": tc.layers_per_block,
+                        "heads": tc.heads, "head_dim": tc.width // tc.heads, "flip": [b.flip for b in blocks]},
+        "denoiser": None if denoiser is None else {"t0": denoiser.config.t0, "steps": denoiser.config.steps},
+        "graphs": {name: {**spec.to_dict(), "variants": {PRECISION: {"file": f"{name}.{PRECISION}.onnx"}}}
+                   for name, spec in graph_specs.items()},
+    }
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place: rename, replacing an existing ``out`` only at the last moment."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""The likelihood audit on the runtime (DESIGN.md 4), numpy + onnxruntime.
+
+- ``trajectory_nll``: the exact -log p(x_t0, ..., x_tT | y) of trajectories in x-space (paper 3.4),
+  -log N(f_T(x_1); 0, I) + sum over steps [-log N(f_T(x_s); mu_P, sigma_P^2) - log|det df_T/dx_s|],
+  from the transporter-forward and predictor-step graphs (the twin of ``NTM.trajectory_nll``).
+- ``generated_nll``: that NLL for trajectories the sampler drew (every level inverted, then scored).
+- ``image_bound``: the variational bound on -log p(x0) of images in bits/dim on the 8-bit scale,
+  averaged over a few forward trajectories (the twin of ``evaluate.heldout_likelihood``).
+
+Scores are under the conditional model (guidance weight 0): that is the model's density.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .. import schedule
+from ..errors import ConfigError
+from .inversion import DEFAULT_TOL, invert
+from .session import Runtime
+from .specs import PREDICTOR_STEP, PROMPT_ENCODER, TRANSPORTER_FORWARD
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_nll(x: np.ndarray, mu, log_sigma) -> np.ndarray:
+    """-log N(x; mu, sigma^2) summed over all but the first axis, in float64: (B, ...) -> (B,)."""
+    x, mu, log_sigma = (np.asarray(v, dtype=np.float64) for v in (x, mu, log_sigma))
+    z = (x - mu) * np.exp(-log_sigma)
+    return (0.5 * z * z + log_sigma + HALF_LOG_2PI).reshape(len(x), -1).sum(1)
+
+
+def transport(rt: Runtime, x: np.ndarray, t: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """u = f_T(x, t, T), log|det| (B,); the identity when the model has no transporter blocks."""
+    if not rt.bundle.transporter["num_blocks"]:
+        return x, np.zeros(len(x))
+    out = rt[TRANSPORTER_FORWARD](x=x, t=t, steps=np.full(len(x), steps, dtype=np.float32))
+    return out["u"], out["logdet"]
+
+
+def trajectory_nll(rt: Runtime, x: np.ndarray, ts: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Exact NLL in nats of trajectories x (B, K, C, H, W) on the grid ts ((K,) or (B, K)) -> (B,) float64."""
+    B, K = x.shape[:2]
+    T = K - 1
+    ts = np.broadcast_to(np.asarray(ts, dtype=np.float32), (B, K))
+    u, logdet = zip(*(transport(rt, np.ascontiguousarray(x[:, k], dtype=np.float32), ts[:, k], T)
+                      for k in range(K)), strict=True)
+    emb = rt[PROMPT_ENCODER](ids=ids)["prompt_emb"]
+    nll = gaussian_nll(u[T], 0.0, 0.0) - logdet[T]  # the top level t_T = 1 is N(0, I)
+    for k in range(1, K):  # step t_k -> t_k-1
+        out = rt[PREDICTOR_STEP](u_t=u[k], t=ts[:, k], s=ts[:, k - 1], steps=np.full(B, T, dtype=np.float32),
+                                 prompt_emb=emb, prompt_mask=mask)
+        nll = nll + gaussian_nll(u[k - 1], out["mu"], out["log_sigma"]) - logdet[k - 1]
+    return nll
+
+
+def generated_nll(rt: Runtime, u: np.ndarray, ts: np.ndarray, ids, mask, method: str = "jacobi",
+                  tol: float = DEFAULT_TOL) -> np.ndarray:
+    """Exact NLL (nats, (B,)) of sampled trajectories given in u-space (B, K, C, H, W): invert every level
+    (``exits.invert_levels``), then score the x trajectory."""
+    steps = u.shape[1] - 1
+    x = np.stack([invert(rt, u[:, k], ts[k], steps, method, tol)[0] for k in range(u.shape[1])], axis=1)
+    return trajectory_nll(rt, x, ts, ids, mask)
+
+
+def dequantize(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1]: (pixel + U[0, 1)) / 128 - 1 (``model.dequantize``)."""
+    x = images.transpose(0, 3, 1, 2).astype(np.float64)
+    return ((x + rng.random(x.shape)) / 128.0 - 1.0).astype(np.float32)
+
+
+def image_bound(rt: Runtime, images: np.ndarray, prompts, steps: int | None = None, trajectories: int = 4,
+                seed: int = 0, t_min: float | None = None) -> dict:
+    """Bits/dim bound on -log p(x0 | y) of uint8 images (N, H, W, C), averaged over ``trajectories``
+    forward trajectories per image (``evaluate.heldout_likelihood``) -> {"bits_per_dim" (N,), ...}."""
+    cfg = rt.bundle.config
+    steps = steps or cfg.steps
+    t_min = cfg.t_min_sample if t_min is None else t_min
+    if trajectories < 1 or steps < 1:
+        raise ConfigError("--trajectories and --steps must be at least 1")
+    want = (cfg.image_size, cfg.image_size, cfg.channels)
+    if images.ndim != 4 or images.shape[1:] != want or images.dtype != np.uint8:
+        raise ConfigError(f"the model scores uint8 images of shape (H, W, C) = {want}, got {images.dtype} "
+                          f"{tuple(images.shape[1:])}")
+    ids, mask = rt.bundle.vocab.tokenize(list(prompts))
+    ts = schedule.time_grid(steps, t_min, cfg.shift)  # (T + 1,)
+    rng = np.random.default_rng(seed)
+    total = np.zeros(len(images))
+    batch = rt.bundle.batch
+    for _ in range(trajectories):
+        for b in range(0, len(images), batch):
+            sl = slice(b, b + batch)
+            x0 = dequantize(images[sl], rng).astype(np.float64)
+            x = schedule.forward_trajectory(x0, ts, rng).astype(np.float32)  # (B, K, C, H, W)
+            total[sl] += trajectory_nll(rt, x, ts, ids[sl], mask[sl])
+    nats = total / trajectories / cfg.dims
+    offset = float(schedule.bound_offset_per_dim(ts))
+    return {"bits_per_dim": schedule.bits_per_dim(nats + offset), "trajectory_nats_per_dim": nats,
+            "steps": steps, "t_min": t_min, "trajectories": trajectories}
+
+
+def load_images(path, channels: int) -> np.ndarray:
+    """A PNG (one image) or .npy (uint8 (N, H, W[, C]) or (H, W[, C])) -> uint8 (N, H, W, C)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"image file {path} does not exist")
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{path} is not a readable .npy array ({e})") from None
+        if arr.dtype != np.uint8:
+            raise ConfigError(f"{path} holds {arr.dtype}; the audit scores uint8 images (as `run --save-array` writes)")
+        if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == channels and arr.shape[0] != channels):
+            arr = arr[None]  # one image, (H, W) or (H, W, C)
+        arr = arr[..., None] if arr.ndim == 3 else arr  # (N, H, W) -> (N, H, W, 1)
+        if arr.ndim != 4:
+            raise ConfigError(f"{path} has shape {arr.shape}; expected (N, H, W, C), (N, H, W) or (H, W, C)")
+        return arr
+    try:
+        img = Image.open(path).convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError(f"{path} is not a readable image ({e.__class__.__name__})") from None
+    arr = np.asarray(img, dtype=np.uint8)
+    return (arr[..., None] if arr.ndim == 2 else arr)[None]
