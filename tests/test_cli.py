@@ -62,7 +62,7 @@ def test_train_cli(tmp_path):
     assert {"config.json", "model.safetensors", "checkpoint.json", "train_state.pt"} <= {p.name for p in out.iterdir()}
     again = runner.invoke(app, args)  # never overwrites
     assert again.exit_code == 1 and "already holds a checkpoint" in again.output
-    resumed = runner.invoke(app, args[:5] + ["6"] + args[6:] + ["--resume"])
+    resumed = runner.invoke(app, args[:6] + ["6"] + args[7:] + ["--resume"])
     assert resumed.exit_code == 0, resumed.output
 
 
