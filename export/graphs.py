@@ -4,7 +4,7 @@ own layers, with the inputs and outputs of ``ntm_edge.runtime.specs`` in that or
 Pure means: no state on the modules, no mode flags, no value-dependent Python branches, no in-place
 slice writes, so the traced graph is the function for every input. Where the model has no such
 function (the sequential decoding step with a fixed-size KV cache), it is written here from the
-model's submodules and weights (``TransformerLayer``/``Attention``, ``TarFlowBlock._affine``).
+model's submodules and weights (``TransformerLayer``/``Attention``, ``TarFlowBlock.affine``).
 """
 
 from __future__ import annotations
@@ -94,10 +94,10 @@ class JacobiPassGraph(_BlockGraph):
     inverse of the block is its fixed point, reached after at most N - 1 passes."""
 
     def forward(self, x, u, t, steps):
-        c, gate = self.transporter._setup(x, t, steps)  # (B, W), (B, 1, 1)
-        xs = self.block._order(patchify(x, self.p))  # (B, N, D) scan order
-        us = self.block._order(patchify(u, self.p))
-        out = self.block._order(self.block.jacobi_step(xs, us, c, gate))  # (B, N, D) natural order
+        c, gate = self.transporter.conditioning(x, t, steps)  # (B, W), (B, 1, 1)
+        xs = self.block.scan_order(patchify(x, self.p))  # (B, N, D) scan order
+        us = self.block.scan_order(patchify(u, self.p))
+        out = self.block.scan_order(self.block.jacobi_step(xs, us, c, gate))  # (B, N, D) natural order
         return unpatchify(out, self.p, *self.chw)  # (B, C, H, W)
 
 
@@ -115,7 +115,7 @@ class SequentialStepGraph(_BlockGraph):
 
     def forward(self, x_token, position, t, steps, k_cache, v_cache):
         blk = self.block
-        c, gate = self.transporter._setup(x_token, t, steps)
+        c, gate = self.transporter.conditioning(x_token, t, steps)
         N = blk.pos.shape[1]
         slots = torch.arange(N, device=x_token.device)  # (N,)
         write = (slots == position).view(1, 1, N, 1)  # one-hot over the cache slots
@@ -124,14 +124,14 @@ class SequentialStepGraph(_BlockGraph):
         h = blk.in_proj(x_token[:, None]) + pos + blk.cond(c)[:, None]  # (B, 1, W)
         ks, vs = [], []
         for i, layer in enumerate(blk.layers):
-            q, k, v = layer.attn._split(layer.norm1(h))  # (B, heads, 1, hd) each
+            q, k, v = layer.attn.split_heads(layer.norm1(h))  # (B, heads, 1, hd) each
             k_all = torch.where(write, k, k_cache[i])  # (B, heads, N, hd)
             v_all = torch.where(write, v, v_cache[i])
-            h = h + layer.attn._merge(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=visible))
+            h = h + layer.attn.merge_heads(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=visible))
             h = h + layer.mlp(layer.norm2(h))  # (B, 1, W)
             ks.append(k_all)
             vs.append(v_all)
-        mu, alpha = blk._affine(h, gate)  # (B, 1, D), fp32 island
+        mu, alpha = blk.affine(h, gate)  # (B, 1, D), fp32 island
         return mu[:, 0], alpha[:, 0], torch.stack(ks), torch.stack(vs)
 
 

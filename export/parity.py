@@ -92,7 +92,7 @@ def real_trajectories(model: NTM, checkpoint, n: int = 16, seed: int = 0):
 def block_io(model: NTM, x: torch.Tensor, t: torch.Tensor, T: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(input, output) images of every transporter block for x (B, C, H, W) at levels t (B,)."""
     tr = model.transporter
-    c, gate = tr._setup(x, t, T)
+    c, gate = tr.conditioning(x, t, T)
     p, chw = tr.cfg.patch_size, x.shape[1:]
     h, io = patchify(x, p), []
     for block in tr.blocks:
@@ -145,7 +145,7 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
                                           "t": t.repeat(2), "steps": steps_all.repeat(2)})
             # the decoding step over a whole sequence: N - 1 graph calls against TarFlowBlock.inverse
             tr, block = model.transporter, model.transporter.blocks[i]
-            c, gate = tr._setup(x, t, T)
+            c, gate = tr.conditioning(x, t, T)
             ref = block.inverse(patchify(torch.from_numpy(h_out), tr.cfg.patch_size), c, gate)
             ref = unpatchify(ref, tr.cfg.patch_size, *shape).numpy()
             got, _ = inversion.sequential_block(rt, i, h_out, t.numpy(), steps_all.numpy())

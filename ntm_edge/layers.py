@@ -62,29 +62,29 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def _split(self, h: torch.Tensor):
+    def split_heads(self, h: torch.Tensor):
         B, N, W = h.shape
         q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
         return q, k, v  # each (B, heads, N, hd)
 
-    def _merge(self, o: torch.Tensor) -> torch.Tensor:
+    def merge_heads(self, o: torch.Tensor) -> torch.Tensor:
         B, Hh, N, hd = o.shape
         return self.proj(o.transpose(1, 2).reshape(B, N, Hh * hd))  # (B, N, W)
 
     def forward(self, h: torch.Tensor, causal: bool = False, key_mask: torch.Tensor | None = None):
         """h (B, N, W); key_mask (B, N) bool, True = attend. -> (B, N, W)."""
-        q, k, v = self._split(h)
+        q, k, v = self.split_heads(h)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N)
-        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal))
+        return self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal))
 
     def step(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
         """One new token attending to the cache and itself (causal decoding).
 
         h (B, 1, W); caches (B, heads, n, hd) -> out (B, 1, W), caches (B, heads, n + 1, hd).
         """
-        q, k, v = self._split(h)
+        q, k, v = self.split_heads(h)
         k_cache, v_cache = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
-        return self._merge(F.scaled_dot_product_attention(q, k_cache, v_cache)), k_cache, v_cache
+        return self.merge_heads(F.scaled_dot_product_attention(q, k_cache, v_cache)), k_cache, v_cache
 
 
 class TransformerLayer(nn.Module):

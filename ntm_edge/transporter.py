@@ -112,11 +112,11 @@ class TarFlowBlock(nn.Module):
         nn.init.zeros_(self.out.weight)  # every block starts as the identity
         nn.init.zeros_(self.out.bias)
 
-    def _order(self, x: torch.Tensor) -> torch.Tensor:
+    def scan_order(self, x: torch.Tensor) -> torch.Tensor:
         """Scan order <-> natural order (its own inverse)."""
         return x.flip(1) if self.flip else x
 
-    def _affine(self, h: torch.Tensor, gate: torch.Tensor):
+    def affine(self, h: torch.Tensor, gate: torch.Tensor):
         """Transformer output (B, n, W) -> mu, alpha (B, n, D); alpha soft-clamped, both gated."""
         mu, alpha = at_least_fp32(self.out(self.norm(h))).chunk(2, dim=-1)  # fp32 island
         alpha = self.clamp * torch.tanh(alpha / self.clamp)
@@ -128,20 +128,20 @@ class TarFlowBlock(nn.Module):
         h = self.in_proj(xs) + self.pos[:, : xs.shape[1]] + self.cond(c)[:, None]  # (B, n, W)
         for layer in self.layers:
             h = layer(h, causal=True)
-        mu, alpha = self._affine(h[:, :-1], gate)  # (B, n-1, D): parameters for tokens 1..n-1
+        mu, alpha = self.affine(h[:, :-1], gate)  # (B, n-1, D): parameters for tokens 1..n-1
         return F.pad(mu, (0, 0, 1, 0)), F.pad(alpha, (0, 0, 1, 0))  # (B, n, D): token 0 gets zeros
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, gate: torch.Tensor):
         """x (B, N, D) natural order -> u (B, N, D), logdet (B,)."""
-        xs = self._order(x)
+        xs = self.scan_order(x)
         mu, alpha = self.params(xs, c, gate)
         u = (xs - mu) * torch.exp(-alpha)
-        return self._order(u), -alpha.sum(dim=(1, 2))
+        return self.scan_order(u), -alpha.sum(dim=(1, 2))
 
     def inverse(self, u: torch.Tensor, c: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Sequential exact inverse: u (B, N, D) -> x (B, N, D), one token per step, KV cache in
         explicit tensors (one (k, v) pair per layer, grown by concatenation)."""
-        us = self._order(u)
+        us = self.scan_order(u)
         B, N, _ = us.shape
         heads = self.layers[0].attn.heads
         hd = self.pos.shape[-1] // heads
@@ -155,9 +155,9 @@ class TarFlowBlock(nn.Module):
                 h, k, v = layer.step(h, k, v)
                 new_caches.append((k, v))
             caches = new_caches
-            mu, alpha = self._affine(h, gate)  # (B, 1, D): parameters of token n + 1
+            mu, alpha = self.affine(h, gate)  # (B, 1, D): parameters of token n + 1
             xs.append(us[:, n + 1] * torch.exp(alpha[:, 0]) + mu[:, 0])
-        return self._order(torch.stack(xs, dim=1))
+        return self.scan_order(torch.stack(xs, dim=1))
 
     def jacobi_step(self, xs: torch.Tensor, us: torch.Tensor, c: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """One Jacobi pass in scan order, a pure function (export traces it as one graph):
@@ -176,7 +176,7 @@ class TarFlowBlock(nn.Module):
         Pass k makes tokens s .. s+k-1 exact (token 0 is exact from the start, x_0 = u_0), so a
         segment never needs more than e - s passes (e - 1 for the first): the cap is clipped there.
         """
-        us = self._order(u)
+        us = self.scan_order(u)
         N = us.shape[1]
         xs = us  # initial guess: exact for token 0 (mu = alpha = 0), and for every token if the block is the identity
         iterations, residuals, converged = [], [], []
@@ -196,7 +196,7 @@ class TarFlowBlock(nn.Module):
             iterations.append(used)
             residuals.append(res)
             converged.append(res <= tol or used == bound)
-        return self._order(xs), tuple(iterations), tuple(residuals), tuple(converged)
+        return self.scan_order(xs), tuple(iterations), tuple(residuals), tuple(converged)
 
 
 class Transporter(nn.Module):
@@ -214,7 +214,8 @@ class Transporter(nn.Module):
             TarFlowBlock(token_dim, num_tokens, cond_dim, cfg, flip=bool(i % 2)) for i in range(cfg.num_blocks)
         )
 
-    def _setup(self, x: torch.Tensor, t, T):
+    def conditioning(self, x: torch.Tensor, t, T):
+        """(x for its batch and device, t, T) -> condition vector c (B, W), gate (B, 1, 1) (0 at t = 1)."""
         t = _as_batch(t, x)
         c = self.condition(t, _as_batch(1.0 / torch.as_tensor(T, dtype=torch.float32), x))  # (B, W)
         gate = (t < 1.0).float()[:, None, None]  # (B, 1, 1): identity at t = 1
@@ -224,7 +225,7 @@ class Transporter(nn.Module):
         """x (B, C, H, W), t (B,) or scalar, T int or (B,) -> u (B, C, H, W), logdet (B,)."""
         if not self.blocks:
             return x, x.new_zeros(x.shape[0])
-        c, gate = self._setup(x, t, T)
+        c, gate = self.conditioning(x, t, T)
         h = patchify(x, self.cfg.patch_size)  # (B, N, D)
         logdet = x.new_zeros(x.shape[0])
         for block in self.blocks:
@@ -255,7 +256,7 @@ class Transporter(nn.Module):
         segments, tol, max_iters = self._inverse_settings(method, segments, tol, max_iters)
         if not self.blocks:
             return u, InverseReport(method, (), (), ())
-        c, gate = self._setup(u, t, T)
+        c, gate = self.conditioning(u, t, T)
         h = patchify(u, self.cfg.patch_size)  # (B, N, D)
         per_block = [None] * len(self.blocks)  # (iterations, residuals, converged) of each block
         for i in reversed(range(len(self.blocks))):

@@ -160,7 +160,7 @@ def test_jacobi_step_has_the_inverse_as_fixed_point_on_every_prefix():
     gate = torch.ones(2, 1, 1, dtype=torch.float64)
     with torch.no_grad():
         for block in tr.blocks:
-            xs, us = block._order(block.inverse(u, c, gate)), block._order(u)  # scan order
+            xs, us = block.scan_order(block.inverse(u, c, gate)), block.scan_order(u)  # scan order
             for n in (1, 5, N):
                 step = block.jacobi_step(xs[:, :n], us[:, :n], c, gate)
                 assert step.shape == (2, n, D)
