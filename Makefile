@@ -20,10 +20,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Until the embedded default model ships: train `tiny` on digits (about a minute), sample it with
+# torch, then export it and sample it again on the torch-free runtime (same seed, same images).
 demo: install
+	rm -rf runs/demo runs/demo-bundle
 	$(VENV)/bin/ntm-edge train --dataset digits --preset tiny --steps 300 --batch-size 64 --lr 2e-3 --out runs/demo --seed 0
-	$(VENV)/bin/ntm-edge sample --checkpoint runs/demo --prompt 3 --num 16 --out demo.png --seed 0
-	@echo "wrote demo.png"
+	$(VENV)/bin/ntm-edge sample --checkpoint runs/demo --prompt 3 --num 16 --guidance 2 --out demo.png --seed 0
+	$(VENV)/bin/ntm-edge export --checkpoint runs/demo --out runs/demo-bundle
+	$(VENV)/bin/ntm-edge run --bundle runs/demo-bundle --prompt 3 --num 16 --guidance 2 --inverse-method sequential --out demo-runtime.png --seed 0
+	@echo "wrote demo.png (torch) and demo-runtime.png (onnxruntime, no torch)"
 
 test: install
 	$(PY) -m pytest -q
@@ -32,4 +37,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) runs demo.png .pytest_cache
+	rm -rf $(VENV) runs demo.png demo-runtime.png .pytest_cache
