@@ -24,7 +24,21 @@ def load_reports(paths) -> list[dict]:
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise NtmError(f"{p} is not an `ntm-edge eval` report ({e.__class__.__name__})") from None
         reports.append(report)
-    return reports
+    return merge_reports(reports)
+
+
+def merge_reports(reports: list[dict]) -> list[dict]:
+    """Reports of one model (same checkpoint, exit, guidance, samples and label) from several `eval`
+    calls become one, rows sorted by step count; the first report's other fields are kept."""
+    merged: dict[tuple, dict] = {}
+    for r in reports:
+        key = (r.get("checkpoint"), r.get("final"), r.get("guidance"), r.get("num_samples"), r.get("label"))
+        if key in merged:
+            rows = {row["steps"]: row for row in merged[key]["rows"] + r["rows"]}
+            merged[key]["rows"] = [rows[k] for k in sorted(rows)]
+        else:
+            merged[key] = {**r, "rows": sorted(r["rows"], key=lambda row: row["steps"])}
+    return list(merged.values())
 
 
 def table_rows(reports: list[dict]) -> list[tuple]:

@@ -22,6 +22,8 @@ def heldout_likelihood(model: NTM, images: np.ndarray, labels: np.ndarray, steps
     """
     steps = steps or model.config.steps
     t_min = model.config.t_min_sample if t_min is None else t_min
+    # the cleanest level must stay below t_1; fine grids (T = 32, 64 for the FM baseline) need a smaller t0
+    t_min = min(t_min, 0.5 * float(schedule.time_grid(steps, 0.0, model.config.shift)[1]))
     g = torch.Generator(device=model.device).manual_seed(seed)
     D = model.config.dims
     total = []

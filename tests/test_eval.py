@@ -59,3 +59,14 @@ def test_compare_rejects_a_non_report(tmp_path):
     bad.write_text("[1, 2]")
     result = runner.invoke(app, ["compare", str(bad)])
     assert result.exit_code == 1 and "not an `ntm-edge eval` report" in result.output
+
+
+def test_compare_merges_one_model_split_across_evals(report):
+    from ntm_edge.compare import merge_reports
+
+    r = json.loads(report.read_text())
+    first, second = {**r, "rows": r["rows"][1:]}, {**r, "rows": r["rows"][:1]}
+    other = {**r, "label": "another model"}
+    merged = merge_reports([first, second, other])
+    assert [m["label"] for m in merged] == ["tiny NTM", "another model"]
+    assert [row["steps"] for row in merged[0]["rows"]] == [4, 8]
