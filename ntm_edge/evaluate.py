@@ -63,6 +63,8 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
     from .exits import sample_images
     from .metrics import load_or_train_classifier, sample_quality
 
+    if not steps or min(steps) < 1:
+        raise ConfigError("--steps must be at least 1")
     model = NTM.from_pretrained(checkpoint, device=device)
     cfg = model.config
     dataset = dataset or trained_on(checkpoint)
