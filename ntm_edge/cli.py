@@ -49,6 +49,7 @@ def train(
     init_from: Annotated[Path | None, typer.Option(help="finetune from this flow-matching checkpoint")] = None,
     align_weight: Annotated[float, typer.Option(help="mean-alignment lambda when finetuning (cosine-decayed)")] = 2.5,
     time_budget: Annotated[float | None, typer.Option(help="stop after this many seconds of training")] = None,
+    x0_mse_weight: Annotated[float | None, typer.Option(help="weight of the hybrid x0-MSE term (default: the preset's)")] = None,
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
@@ -62,8 +63,8 @@ def train(
 
     args = TrainArgs(dataset=dataset, preset=preset, steps=steps, batch_size=batch_size, out=str(out),
                      mode=mode or None, objective=objective, init_from=str(init_from) if init_from else None,
-                     align_weight=align_weight, time_budget=time_budget, lr=lr, device=device, seed=seed,
-                     checkpoint_every=checkpoint_every,
+                     align_weight=align_weight, time_budget=time_budget, x0_mse_weight=x0_mse_weight, lr=lr,
+                     device=device, seed=seed, checkpoint_every=checkpoint_every,
                      eval_images=eval_images)
     run(args, resume=resume, progress=sys.stderr.isatty(), log=_log)
 

@@ -41,6 +41,7 @@ class TrainArgs:
     objective: str = "ntm"  # ntm | gaussian | fm
     init_from: str | None = None  # a flow-matching checkpoint to finetune from (paper 3.6)
     align_weight: float = 2.5  # lambda of the mean-alignment loss when finetuning, cosine-decayed
+    x0_mse_weight: float | None = None  # the hybrid x0-MSE term's weight (None: the preset's)
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 1e-4
@@ -146,6 +147,8 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
     data = load_dataset(args.dataset, "train", image_size=image_size, seed=0)
     if config is None:
         config = preset.with_data(data.channels, data.class_names).for_objective(args.objective)
+        if args.x0_mse_weight is not None:
+            config = dataclasses.replace(config, x0_mse_weight=args.x0_mse_weight)
     if config.prompt.class_names != data.class_names:
         raise ConfigError(f"{args.dataset} has classes {data.class_names}, the model {config.prompt.class_names}")
     mode = args.mode or PRESET_MODES[args.preset]

@@ -111,3 +111,11 @@ def test_corrupt_checkpoint_is_one_clear_error(trained_tiny, tmp_path, damage):
             NTM.from_pretrained(bad)
     assert "\n" not in str(err.value)
     assert str(bad) in str(err.value)
+
+
+def test_x0_mse_weight_overrides_the_preset(tmp_path):
+    out = tmp_path / "w"
+    train(TrainArgs(dataset="digits", preset="small", steps=1, batch_size=2, x0_mse_weight=0.0, out=str(out),
+                    eval_images=0, mode="pairwise"), **quiet())
+    assert get_preset("small").x0_mse_weight == 1.0
+    assert NTM.from_pretrained(out).config.x0_mse_weight == 0.0
