@@ -50,7 +50,9 @@ def test_compare_table_and_plot(report, tmp_path):
     assert result.exit_code == 0, result.output
     lines = table.read_text().splitlines()
     assert lines[0].startswith("| model | bits/dim | Frechet")
-    assert sum("tiny NTM T=4" in line for line in lines) == 2 and "real held-out images" in lines[-1]
+    # the same report twice is one model: merged, one row per step count
+    assert sum("tiny NTM T=4" in line for line in lines) == 1 and "real held-out images" in lines[-1]
+    assert sum("tiny NTM T=8" in line for line in lines) == 1
     assert Image.open(plot).size[0] > 300
 
 
