@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 TRAIN_STEPS = 300  # tiny on digits: enough to beat a uniform 8-bit model clearly (~6.6 bits/dim)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Every model in the suite is tiny: extra intra-op threads only spin-wait (up to 100x slower on
+    a busy machine), so the whole suite runs torch on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -32,15 +32,6 @@ from ntm_edge.transporter import DEFAULT_TOL, Transporter, segment_bounds
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only spin-wait on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(trained_tiny) -> NTM:
     return NTM.from_pretrained(trained_tiny[0]).eval()

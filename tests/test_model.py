@@ -45,15 +45,6 @@ STEPS = 4
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only spin-wait (100x slower on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(image_size=4, channels=1, patch_size=2, backbone="unet", param="v", **overrides) -> NTMConfig:
     """A model small enough that every test runs in well under a second."""
     return NTMConfig(

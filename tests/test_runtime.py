@@ -34,14 +34,6 @@ from ntm_edge.runtime.sampler import NOISE_BATCH, generate
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     return make_tiny_bundle(tmp_path_factory)
