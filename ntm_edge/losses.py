@@ -31,7 +31,7 @@ class Losses:
 
 def draw_t_min(cfg, n: int, g: torch.Generator, device) -> torch.Tensor:
     """t_min ~ U[t_min_low, t_min_max] per example, (n,)."""
-    return cfg.t_min_low + (cfg.t_min_max - cfg.t_min_low) * torch.rand(n, generator=g, device=device)
+    return schedule.t_min_from_uniform(torch.rand(n, generator=g, device=device), cfg.t_min_low, cfg.t_min_max)
 
 
 def teacher_mean(teacher: NTM | None, x_t, t, s, T, ids, mask) -> torch.Tensor | None:

@@ -66,9 +66,15 @@ def time_grids(steps: int, t_min: np.ndarray, shift: float = 0.0) -> np.ndarray:
     return np.concatenate([t_min, np.broadcast_to(upper, (t_min.shape[0], steps))], axis=1)
 
 
+def t_min_from_uniform(uniform, t_min_low: float, t_min_max: float):
+    """Map U[0, 1) draws (numpy or torch, any shape) to t_min ~ U[t_min_low, t_min_max] (DESIGN.md 1;
+    the paper's low end is 0). Training draws the uniforms from its torch.Generator (exact resume)."""
+    return t_min_low + (t_min_max - t_min_low) * uniform
+
+
 def sample_t_min(rng: np.random.Generator, n: int, t_min_max: float, t_min_low: float = 0.0) -> np.ndarray:
-    """t_min ~ U[t_min_low, t_min_max] per example (DESIGN.md 1: the paper's low end is 0), shape (n,)."""
-    return rng.uniform(t_min_low, t_min_max, size=n)
+    """t_min ~ U[t_min_low, t_min_max] per example from a numpy generator, shape (n,)."""
+    return t_min_from_uniform(rng.random(n), t_min_low, t_min_max)
 
 
 # ---------------------------------------------------------------------------------------------
