@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from .. import __version__, schedule
-from ..checkpoint import atomic_write_text, load_info, sha256_file
+from ..checkpoint import load_info
 from ..errors import ConfigError, NtmError
+from ..fileio import atomic_write_text, sha256_file
 from ..model import NTM
 from ..prompts import NULL_ID
 from ..runtime import specs as S

@@ -126,8 +126,8 @@ def evaluate(
     """Held-out bits/dim, Frechet distance, prompt accuracy and images/s of a checkpoint."""
     import json
 
-    from .checkpoint import atomic_write_text
     from .evaluate import evaluate_checkpoint
+    from .fileio import atomic_write_text
 
     if num_samples < 2:
         raise NtmError("--num-samples must be at least 2 (a Frechet distance needs a covariance)")

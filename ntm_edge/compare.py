@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_write, atomic_write_text
 from .errors import NtmError
+from .fileio import atomic_write, atomic_write_text
 
 LABELS = {"ntm": "NTM", "gaussian": "Gaussian", "fm": "FM-Euler"}
 COLUMNS = ("bits/dim", "Frechet", "prompt acc.", "images/s")

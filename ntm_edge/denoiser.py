@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write, atomic_write_text, read_json, sha256_file, trained_on
+from .checkpoint import read_json, trained_on
 from .config import PredictorConfig
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write, atomic_write_text, sha256_file
 from .model import NTM, LabelEncoder, dequantize
 from .predictor import TransformerBackbone
 

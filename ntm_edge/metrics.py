@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_write, atomic_write_text, sha256_file
 from .data import load_dataset
 from .errors import DataError
+from .fileio import atomic_write, atomic_write_text, sha256_file
 
 CACHE_VERSION = 1
 FEATURE_DIM = 128

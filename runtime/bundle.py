@@ -17,9 +17,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import sha256_file
 from ..config import NTMConfig
 from ..errors import ConfigError, NtmError
+from ..fileio import sha256_file
 from ..prompts import LabelVocab
 from .specs import GraphSpec
 

@@ -16,9 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 from ntm_edge import schedule
-from ntm_edge.checkpoint import load_config, sha256_file
+from ntm_edge.checkpoint import load_config
 from ntm_edge.cli import app
 from ntm_edge.errors import ConfigError
+from ntm_edge.fileio import sha256_file
 from ntm_edge.runtime import specs
 from ntm_edge.runtime.bundle import FORMAT_VERSION, MANIFEST, load_bundle
 
