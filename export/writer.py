@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from .. import __version__, schedule
 from ..checkpoint import load_info
 from ..errors import ConfigError, NtmError
-from ..fileio import atomic_write_text, sha256_file
+from ..fileio import atomic_write_text, make_temp_dir, sha256_file
 from ..model import NTM
 from ..prompts import NULL_ID
 from ..runtime import specs as S
@@ -65,9 +64,7 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
     graph_specs = S.graph_specs(cfg, batch, has_denoiser=denoiser is not None)
     modules = graph_modules(model, denoiser)
     manifest = _manifest(checkpoint, model, denoiser, graph_specs, batch, opset)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the bundle is an ordinary directory
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         bar = _progress(progress)
         with bar:
@@ -192,7 +189,7 @@ def _publish(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    old = make_temp_dir(out.parent, out.name)
     os.replace(out, old / out.name)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
