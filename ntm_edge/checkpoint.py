@@ -124,7 +124,7 @@ def load_info(path) -> dict:
     meta = read_json(path / META, "checkpoint")
     version = meta.get("format_version")
     if type(version) is not int or version not in READABLE_VERSIONS:
-        raise CheckpointError(f"{path} has checkpoint format {version}, this ntm-edge reads "
+        raise CheckpointError(f"{path / META} has checkpoint format {version}, this ntm-edge reads "
                               f"{', '.join(map(str, READABLE_VERSIONS))}")
     if version >= 2 and not is_sealed(meta):
         raise CheckpointError(f"{path / META} does not match its recorded sha256: the file is corrupt or was edited")
@@ -162,10 +162,13 @@ def check_tensors(tensors: dict, expected: dict, source) -> None:
                               f"{len(unexpected)} unexpected tensors)")
     for name, ref in expected.items():
         t = tensors[name]
-        if not hasattr(t, "shape") or tuple(t.shape) != tuple(ref.shape) or t.dtype != ref.dtype:
-            got = f"{tuple(t.shape)} {t.dtype}" if hasattr(t, "shape") else type(t).__name__
-            raise CheckpointError(f"{source} does not fit its config: {name} is {got}, the config needs "
-                                  f"{tuple(ref.shape)} {ref.dtype}")
+        if not hasattr(t, "shape") or not hasattr(t, "dtype"):
+            raise CheckpointError(f"{source} does not fit its config: {name} is a {type(t).__name__}, not a tensor")
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source} does not fit its config: {name} has shape {tuple(t.shape)}, "
+                                  f"the config needs {tuple(ref.shape)}")
+        if t.dtype != ref.dtype:
+            raise CheckpointError(f"{source} does not fit its config: {name} is {t.dtype}, the model needs {ref.dtype}")
 
 
 def load_model(path, device: str = "cpu"):

@@ -101,8 +101,11 @@ def load_denoiser(checkpoint, device: str = "cpu") -> Denoiser:
     from safetensors.torch import load_file
 
     path = Path(checkpoint)
-    meta = read_json(path / META, "denoiser")
     retrain = "; retrain it with `ntm-edge train-denoiser`"
+    try:
+        meta = read_json(path / META, "denoiser")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{retrain}") from None
     if meta.get("format_version") != FORMAT_VERSION or not is_sealed(meta):
         raise CheckpointError(f"{path / META} does not match its recorded sha256 (corrupt, edited, or written by "
                               f"an older ntm-edge){retrain}")
