@@ -1,6 +1,7 @@
-"""Small torch-free file helpers shared by the training side and the runtime: atomic writes and
-sha256 hashing. numpy-free and torch-free, so ``ntm_edge.runtime`` imports it without pulling in
-anything of the training side.
+"""Small torch-free file helpers shared by the training side and the runtime: atomic writes (of one
+file, or of several as one save: ``StagedWrites``), sha256 hashing, sealed JSON records (``seal``),
+and the check of an output directory before long work (``output_dir_problem``). numpy-free and
+torch-free, so ``ntm_edge.runtime`` imports it without pulling in anything of the training side.
 
 Atomic write: the content goes to a temporary file next to the target, named
 ``.<name>.<pid>.<random>.tmp`` (a dot-file, so it never passes for a real output), is fsync'ed, then

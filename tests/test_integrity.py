@@ -172,6 +172,25 @@ def test_good_copies_load(source, tmp_path):
     assert load_train_state(ckpt)["step"] == json.loads((ckpt / "checkpoint.json").read_text())["step"]
 
 
+def test_format_1_checkpoint_samples_but_is_not_resumed(source, tmp_path):
+    """checkpoint.json as the previous ntm-edge wrote it (format 1: weights hash only, no seal)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(source, ckpt)
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    old = {k: meta[k] for k in ("step", "weights_sha256", "dataset", "preset", "objective")}
+    (ckpt / "checkpoint.json").write_text(json.dumps({"format_version": 1, **old}))
+    (ckpt / "denoiser.json").unlink()
+    result = runner.invoke(app, ["sample", "--checkpoint", str(ckpt), "--prompt", "3", "--num", "2",
+                                 "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["train", "--dataset", "digits", "--preset", "tiny", "--steps", "400", "--out", str(ckpt),
+                                 "--resume", "--eval-images", "0"])
+    one_error_line(result, "records no sha256 of train_state.pt")
+    flip(ckpt / "model.safetensors", 0.9)  # its weights are still verified
+    result = runner.invoke(app, ["sample", "--checkpoint", str(ckpt), "--prompt", "3", "--out", str(tmp_path / "t.png")])
+    one_error_line(result, "model.safetensors does not match its recorded sha256")
+
+
 def test_a_denoiser_of_other_ntm_weights_is_refused(source, tmp_path):
     """Training the NTM further (--resume) leaves a denoiser of the old weights: it is not used silently."""
     ckpt = tmp_path / "ckpt"
