@@ -184,3 +184,38 @@ def test_sigterm_saves_and_exits_143(tmp_path):
                                                "continue with --resume")
     assert load_train_state(out)["step"] == step and stderr == ""
 
+
+
+_KILLED_DURING_RENAMES = """
+import os, signal, sys
+from ntm_edge import NTM
+from ntm_edge.checkpoint import load_info, load_train_state, save_training_checkpoint
+ckpt, renames = sys.argv[1], int(sys.argv[2])
+state, info = load_train_state(ckpt), load_info(ckpt)
+state["step"] += 1
+replace, done = os.replace, []
+def replace_then_die(src, dst):  # the process is killed (for real) after `renames` renames
+    if len(done) == renames:
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst)
+    done.append(dst)
+os.replace = replace_then_die
+save_training_checkpoint(NTM.from_pretrained(ckpt), ckpt, state, {k: info[k] for k in ("dataset", "preset", "objective")})
+"""
+
+
+@pytest.mark.parametrize("renames", [0, 1, 2, 3])
+def test_a_save_killed_between_its_renames_is_completed_on_the_next_load(trained_tiny, tmp_path, renames):
+    """SIGKILL after all files of a save are written but before all are renamed into place: the next
+    load finishes the renames (the save was complete), rather than finding mismatched hashes."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_tiny[0], ckpt)
+    step = load_train_state(ckpt)["step"]
+    r = subprocess.run([sys.executable, "-c", _KILLED_DURING_RENAMES, str(ckpt), str(renames)], env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert len([p for p in ckpt.iterdir() if p.name.endswith(".tmp")]) == 4 - renames  # what the kill left
+    assert load_train_state(ckpt)["step"] == step + 1  # completed and verified
+    NTM.from_pretrained(ckpt)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint.json", "config.json", "model.safetensors",
+                                                      "train_state.pt"]
