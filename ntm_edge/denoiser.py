@@ -212,6 +212,7 @@ def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: floa
 
     try:
         with stop, bar:
+            log(f"building {trajectories * len(images)} score-denoised targets ({trajectories} per training image)")
             task = bar.add_task("targets", total=trajectories * len(images), info="")
             u0, x_den, ids = build_targets(model, images, labels, dcfg.t0, trajectories, g,
                                            progress=lambda n: (bar.advance(task, n), check_stop()))
