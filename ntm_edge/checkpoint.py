@@ -39,25 +39,25 @@ def is_checkpoint(path) -> bool:
 def save_model(model, path, step: int | None = None, state_dict=None, info: dict | None = None) -> None:
     """Write config.json, model.safetensors (``state_dict`` or the model's own) and checkpoint.json
     (with ``info``: what the model was trained on, for `ntm-edge eval`)."""
-    _save(model, Path(path), step, state_dict, info, train_state=None)
+    _save(model.config, state_dict or model.state_dict(), Path(path), step, info, train_state=None)
 
 
-def save_training_checkpoint(model, path, state: dict, info: dict) -> None:
-    """A training checkpoint: ``model``'s weights (the EMA) for sampling, and ``state`` (see
-    STATE_KEYS) as train_state.pt for --resume, hashed in checkpoint.json like the rest."""
-    _save(model, Path(path), state["step"], None, info, train_state=state)
+def save_training_checkpoint(path, config: NTMConfig, state: dict, info: dict) -> None:
+    """A training checkpoint: ``state`` (see STATE_KEYS; whole tensors) as train_state.pt for --resume,
+    and its EMA weights, the ones to sample from, as model.safetensors; all hashed in checkpoint.json."""
+    _save(config, state["ema"], Path(path), state["step"], info, train_state=state)
 
 
-def _save(model, path: Path, step, state_dict, info, train_state) -> None:
+def _save(config: NTMConfig, state_dict: dict, path: Path, step, info, train_state) -> None:
     from safetensors.torch import save
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     meta = {"format_version": FORMAT_VERSION, "step": step, **(info or {})}
     with StagedWrites() as staged:  # nothing under a real name changes until every file is written
         if train_state is not None:
             tmp = staged.write(path / STATE, lambda tmp: torch_save(train_state, tmp))
             meta["train_state_sha256"] = sha256_file(tmp)
-        tmp = staged.write(path / CONFIG, lambda tmp: Path(tmp).write_text(model.config.to_json()))
+        tmp = staged.write(path / CONFIG, lambda tmp: Path(tmp).write_text(config.to_json()))
         meta["config_sha256"] = sha256_file(tmp)
         weights = save(tensors, metadata={"format": "ntm-edge"})  # bytes: a full disk is an OSError
         tmp = staged.write(path / WEIGHTS, lambda tmp: Path(tmp).write_bytes(weights))

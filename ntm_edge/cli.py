@@ -28,7 +28,8 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except NtmError as e:
-            typer.echo(f"error: {e}", err=True)
+            if not getattr(e, "quiet", False):  # quiet: a torchrun rank other than 0, which reports it
+                typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:  # 130 for Ctrl-C; a run stopped by SIGTERM says 143 (interrupts.py)
             raise typer.Exit(getattr(e, "exit_code", 130)) from None
@@ -56,8 +57,12 @@ def train(
     seed: Annotated[int, typer.Option(help="seed of all training randomness")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
     eval_images: Annotated[int, typer.Option(help="held-out images scored at the end (0: none)")] = 500,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per rank and step (global batch = batch-size x ranks x it)")] = 1,
+    parallel: Annotated[str, typer.Option(help="under torchrun: ddp | fsdp | auto (fsdp for base)")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 (autocast) | auto (bf16 on CUDA)")] = "auto",
 ):
-    """Train an NTM by its exact trajectory likelihood (or a baseline on the same backbone)."""
+    """Train an NTM by its exact trajectory likelihood (or a baseline on the same backbone). Runs
+    unchanged under `torchrun --nproc-per-node N` (data parallel; rank 0 logs and saves)."""
     from .train import TrainArgs
     from .train import train as run
 
@@ -65,7 +70,7 @@ def train(
                      mode=mode or None, objective=objective, init_from=str(init_from) if init_from else None,
                      align_weight=align_weight, time_budget=time_budget, x0_mse_weight=x0_mse_weight, lr=lr,
                      device=device, seed=seed, checkpoint_every=checkpoint_every,
-                     eval_images=eval_images)
+                     eval_images=eval_images, grad_accum=grad_accum, parallel=parallel, precision=precision)
     run(args, resume=resume, progress=sys.stderr.isatty(), log=_log)
 
 
@@ -101,12 +106,15 @@ def train_denoiser(
     trajectories: Annotated[int, typer.Option(help="score-denoised targets per training image")] = 2,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per rank and step (global batch = batch-size x ranks x it)")] = 1,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 (autocast) | auto (bf16 on CUDA)")] = "auto",
 ):
-    """Train the one-pass denoiser g_phi on score-denoised targets of the frozen NTM (paper 3.9)."""
+    """Train the one-pass denoiser g_phi on score-denoised targets of the frozen NTM (paper 3.9).
+    Runs unchanged under `torchrun --nproc-per-node N`."""
     from .denoiser import train_denoiser as run
 
     run(checkpoint, steps=steps, batch_size=batch_size, lr=lr, trajectories=trajectories, seed=seed,
-        device=device, progress=sys.stderr.isatty(), log=_log)
+        device=device, progress=sys.stderr.isatty(), log=_log, grad_accum=grad_accum, precision=precision)
 
 
 @app.command("eval")

@@ -14,9 +14,12 @@ the one the denoiser was trained for. SIGINT / SIGTERM while training stop it wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from torch import nn
 
 from .checkpoint import check_tensors, load_info, read_json, trained_on, verify_file
 from .config import PredictorConfig
+from .distributed import World, accumulate, from_main, join, micro_generator, reporting, wrap
 from .errors import CheckpointError, ConfigError, NtmError
 from .fileio import (
     StagedWrites,
@@ -168,16 +172,10 @@ def build_targets(model: NTM, images, labels, t0: float, trajectories: int, g: t
     return torch.cat(us), torch.cat(targets), torch.cat(all_ids)
 
 
-def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, trajectories: int = 2,
-                   seed: int = 0, device: str = "cpu", progress: bool = True, log=print) -> dict:
-    """Train g_phi for the NTM in ``checkpoint`` and save it there; returns a summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .data import load_dataset
-
-    if steps < 1 or trajectories < 1:
-        raise ConfigError("--steps and --trajectories must be at least 1")
-    model = NTM.from_pretrained(checkpoint, device=device).requires_grad_(False)
+def _open_checkpoint(checkpoint, log) -> tuple[dict, dict, str]:
+    """Rank 0, before any work: the NTM (verified) as (config, weights) and its dataset; what a killed
+    run left in the directory is finished or removed, and the room for a denoiser checked."""
+    model = NTM.from_pretrained(checkpoint)
     cfg = model.config
     if cfg.objective == "fm":
         raise ConfigError("a flow-matching checkpoint has no u-space to denoise; train the denoiser for an NTM")
@@ -188,19 +186,65 @@ def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: floa
     removed = remove_stale_temporaries(checkpoint)
     if removed:
         log(f"removed {len(removed)} temporary file(s) that a killed run left in {checkpoint}")
+    den = Denoiser(_denoiser_config(model))
+    problem = output_dir_problem(Path(checkpoint), 2 * sum(t.numel() * t.element_size() for t in den.state_dict().values()))
+    if problem:
+        raise NtmError(problem)
+    return cfg.to_dict(), model.state_dict(), dataset
+
+
+def _denoiser_config(model: NTM) -> DenoiserConfig:
+    cfg = model.config
+    return DenoiserConfig(image_size=cfg.image_size, channels=cfg.channels, num_prompt_tokens=model.vocab.num_tokens,
+                          t0=cfg.t_min_sample, steps=cfg.steps, prompt_dim=cfg.prompt.dim)
+
+
+def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, trajectories: int = 2,
+                   seed: int = 0, device: str = "cpu", progress: bool = True, log=print, grad_accum: int = 1,
+                   precision: str = "auto") -> dict:
+    """Train g_phi for the NTM in ``checkpoint`` and save it there; returns a summary.
+
+    Under torchrun (distributed.py) the steps are data parallel (DDP; global batch = batch_size x
+    ranks x grad_accum) and rank 0 alone reads the checkpoint, logs and saves; every rank builds the
+    same targets (same seed), so that part does not get faster with more ranks.
+    """
+    world = join(device)
+    with reporting(world):
+        quiet = not world.main
+        return _train_denoiser(world, Path(checkpoint), steps, batch_size, lr, trajectories, seed, grad_accum, precision,
+                               progress and not quiet, (lambda *_: None) if quiet else log)
+
+
+def _train_denoiser(world: World, checkpoint: Path, steps: int, batch_size: int, lr: float, trajectories: int, seed: int,
+                    grad_accum: int, precision: str, progress: bool, log) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .config import NTMConfig
+    from .data import load_dataset
+
+    if steps < 1 or trajectories < 1 or grad_accum < 1 or batch_size < 1:
+        raise ConfigError("--steps, --trajectories, --batch-size and --grad-accum must be at least 1")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"unknown --precision {precision!r}; choose one of: auto, fp32, bf16")
+    if world.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
+    config, weights, dataset = from_main(world, lambda: _open_checkpoint(checkpoint, log))
+    device = torch.device(world.device)
+    model = NTM(NTMConfig.from_dict(config))
+    model.load_state_dict(weights)
+    model = model.to(device).eval().requires_grad_(False)
+    cfg = model.config
     data = load_dataset(dataset, "train", image_size=cfg.image_size, channels=cfg.channels)
     g = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)
     images = torch.from_numpy(data.images).to(device)
     labels = torch.from_numpy(data.labels).to(device)
-    dcfg = DenoiserConfig(image_size=cfg.image_size, channels=cfg.channels, num_prompt_tokens=model.vocab.num_tokens,
-                          t0=cfg.t_min_sample, steps=cfg.steps, prompt_dim=cfg.prompt.dim)
-    den = Denoiser(dcfg).to(device)
-    problem = output_dir_problem(Path(checkpoint), 2 * sum(t.numel() * t.element_size() for t in den.state_dict().values()))
-    if problem:
-        raise NtmError(problem)
+    den = Denoiser(_denoiser_config(model)).to(device)
     den.prompt_encoder.load_state_dict(model.prompt_encoder.state_dict())
+    net = wrap(world, den, shard=False)
     opt = torch.optim.AdamW(den.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
     start = time.time()
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not progress)
@@ -210,28 +254,37 @@ def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: floa
         if stop.requested:
             raise Interrupted(stop.signum, saved=False)
 
+    def micro_batch(step: int, k: int) -> torch.Tensor:  # -> (mse,)
+        gk = micro_generator(g, seed, step, k, device)
+        idx = torch.randint(len(u0), (batch_size,), generator=gk, device=device)
+        drop = torch.rand(batch_size, generator=gk, device=device) < cfg.prompt_dropout
+        b_ids = torch.where(drop[:, None], 0, ids[idx])
+        with autocast():
+            out = net(u0[idx], b_ids, torch.ones_like(b_ids, dtype=torch.bool))
+        return (out.float() - x_den[idx]).pow(2).mean()[None]
+
     try:
         with stop, bar:
             log(f"building {trajectories * len(images)} score-denoised targets ({trajectories} per training image)")
             task = bar.add_task("targets", total=trajectories * len(images), info="")
-            u0, x_den, ids = build_targets(model, images, labels, dcfg.t0, trajectories, g,
+            u0, x_den, ids = build_targets(model, images, labels, den.config.t0, trajectories, g,
                                            progress=lambda n: (bar.advance(task, n), check_stop()))
             log(f"built {len(u0)} score-denoised targets in {time.time() - start:.0f} s")
             task = bar.add_task("denoiser", total=steps, info="")
             loss_avg = None
             for step in range(steps):
-                check_stop()
-                idx = torch.randint(len(u0), (batch_size,), generator=g, device=device)
-                drop = torch.rand(batch_size, generator=g, device=device) < cfg.prompt_dropout
-                b_ids = torch.where(drop[:, None], 0, ids[idx])
-                loss = (den(u0[idx], b_ids, torch.ones_like(b_ids, dtype=torch.bool)) - x_den[idx]).pow(2).mean()
+                if not world.distributed:
+                    check_stop()
+                opt.zero_grad(set_to_none=True)
+                (mse,), (signalled,) = accumulate(world, net, grad_accum, functools.partial(micro_batch, step),
+                                                  (stop.requested,))
+                if signalled:  # every rank agrees, after the same step
+                    raise Interrupted(stop.signum or signal.SIGTERM, saved=False)
                 for group in opt.param_groups:  # warm-up, then cosine decay
                     group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
                 torch.nn.utils.clip_grad_norm_(den.parameters(), 1.0)
                 opt.step()
-                loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+                loss_avg = mse if loss_avg is None else 0.98 * loss_avg + 0.02 * mse
                 bar.update(task, completed=step + 1, info=f"mse {loss_avg:.5f}")
                 if not progress and ((step + 1) % 200 == 0 or step + 1 == steps):
                     log(f"denoiser step {step + 1}/{steps}  mse {loss_avg:.5f}  {time.time() - start:.0f} s")
@@ -240,10 +293,14 @@ def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: floa
             f"{checkpoint} is unchanged")
         raise
     summary = {"steps": steps, "train_mse": loss_avg, "targets": len(u0), "seconds": time.time() - start}
-    try:
-        save_denoiser(den.eval(), checkpoint, {"trained": summary, "dataset": dataset})
-    except OSError as e:
-        raise NtmError(f"cannot save the denoiser into {checkpoint}: {e.strerror or e}; "
-                       "the checkpoint is unchanged") from None
+
+    def write() -> None:
+        try:
+            save_denoiser(den.eval(), checkpoint, {"trained": summary, "dataset": dataset})
+        except OSError as e:
+            raise NtmError(f"cannot save the denoiser into {checkpoint}: {e.strerror or e}; "
+                           "the checkpoint is unchanged") from None
+
+    from_main(world, write)
     log(f"saved the denoiser into {checkpoint} ({summary['seconds']:.0f} s)")
     return summary

@@ -10,14 +10,20 @@ Nothing is lost: the output directory is checked (a directory, writable, room fo
 before step 1; SIGINT and SIGTERM end the current step, save and stop (exit 130 / 143,
 interrupts.py), so an interrupted run resumes exactly as an uninterrupted one continues; a save that
 fails (a full disk) keeps the previous checkpoint and stops the run with one line.
+
+Under torchrun the same loop runs on every rank (distributed.py): DDP, or FSDP2 for the large
+presets, a global batch of --batch-size x ranks x --grad-accum, rank 0 alone logging and saving. On
+GPU the forward and backward run under bf16 autocast; the model's fp32 islands (norms, exp,
+log-dets, the Gaussian NLL) upcast themselves and stay fp32.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import functools
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +40,17 @@ from .checkpoint import (
 )
 from .config import OBJECTIVES, PRESET_MODES, NTMConfig, get_preset
 from .data import load_dataset
+from .distributed import (
+    World,
+    accumulate,
+    from_main,
+    full,
+    join,
+    micro_generator,
+    reporting,
+    shard_like,
+    wrap,
+)
 from .errors import CheckpointError, ConfigError, NtmError
 from .evaluate import heldout_likelihood
 from .fileio import output_dir_problem, remove_stale_temporaries
@@ -43,6 +60,9 @@ from .model import NTM, dequantize
 from .prompts import NULL_ID
 
 MODES = ("end2end", "pairwise")
+PARALLEL = ("auto", "ddp", "fsdp")  # auto: FSDP2 for SHARDED_PRESETS, DDP otherwise (under torchrun)
+SHARDED_PRESETS = ("base",)
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on CPU
 
 
 @dataclass(frozen=True)
@@ -67,6 +87,9 @@ class TrainArgs:
     checkpoint_every: int = 500
     time_budget: float | None = None  # stop after this many seconds of training (equal-budget comparisons)
     eval_images: int = 500  # held-out images scored at the end (0: skip)
+    grad_accum: int = 1  # micro-batches per rank and step: global batch = batch_size x ranks x grad_accum
+    parallel: str = "auto"  # under torchrun: ddp | fsdp | auto (PARALLEL)
+    precision: str = "auto"  # fp32 | bf16 (autocast) | auto (PRECISIONS)
 
     def validate(self) -> TrainArgs:
         if self.mode is not None and self.mode not in MODES:
@@ -75,7 +98,11 @@ class TrainArgs:
             raise ConfigError(f"unknown objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
         if self.init_from and self.objective == "fm":
             raise ConfigError("--init-from finetunes an NTM (or Gaussian) model from flow matching; drop --objective fm")
-        for name in ("steps", "batch_size", "checkpoint_every"):
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"unknown --parallel {self.parallel!r}; choose one of: {', '.join(PARALLEL)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        for name in ("steps", "batch_size", "checkpoint_every", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -105,10 +132,22 @@ def _init_from_fm(model: NTM, fm_dir) -> NTM:
     return teacher
 
 
-def _ema_update(ema: NTM, model: NTM, decay: float) -> None:
+class Objective(torch.nn.Module):
+    """The training loss as a module's forward, which DDP and FSDP wrap: (x0, ids, mask, g) -> Losses.
+    The frozen teacher (finetuning) is held outside the module: it is not trained."""
+
+    def __init__(self, model: NTM, loss_fn, teacher: NTM | None):
+        super().__init__()
+        self.model, self.loss_fn, self._teacher = model, loss_fn, (teacher,)
+
+    def forward(self, x0, ids, mask, g):
+        return self.loss_fn(self.model, x0, ids, mask, g, self._teacher[0])
+
+
+def _ema_update(ema: list[torch.Tensor], model: NTM, decay: float) -> None:
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-            e.lerp_(p, 1.0 - decay)
+        for e, p in zip(ema, model.parameters(), strict=True):
+            e.lerp_(p.detach(), 1.0 - decay)
 
 
 def _lr_at(args: TrainArgs, step: int) -> float:
@@ -128,52 +167,9 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return 5 * weights + (1 << 20)
 
 
-def _save(out: Path, model, ema, opt, g, step, args, history, loss_avg, saved_step) -> int:
-    """Save a checkpoint of ``step``; returns ``step``. An OSError (a full disk) is one NtmError,
-    and the checkpoint of ``saved_step`` stays as it was."""
-    state = {
-        "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-        "generator": g.get_state(), "args": dataclasses.asdict(args), "config": model.config.to_dict(),
-        "history": history, "loss_avg": loss_avg,
-    }
-    info = {"dataset": args.dataset, "preset": args.preset, "objective": model.config.objective}
-    try:
-        save_training_checkpoint(ema, out, state, info)  # the EMA weights are the ones to sample from
-    except OSError as e:
-        kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "nothing was saved"
-        raise NtmError(f"cannot save step {step} to {out}: {e.strerror or e}; {kept}") from None
-    return step
-
-
-def _restore(out: Path, state: dict, model, ema, opt, g) -> None:
-    """Load a train state into the fresh modules; a state that does not fit is one CheckpointError."""
-    check_tensors(state["model"], model.state_dict(), out / "train_state.pt")
-    check_tensors(state["ema"], ema.state_dict(), out / "train_state.pt")
-    model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    try:
-        opt.load_state_dict(state["optimizer"])
-        g.set_state(state["generator"])
-    except (ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{out / 'train_state.pt'} does not fit this model ({str(e).splitlines()[0]})") from None
-
-
-def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
-    old = {**dataclasses.asdict(TrainArgs()), **state["args"]}  # older states lack newer fields
-    for key in ("dataset", "preset", "objective", "init_from"):
-        if old[key] != getattr(args, key):
-            raise ConfigError(f"{out} was trained with --{key.replace('_', '-')} {old[key]!r}; "
-                              f"resume it with the same value (got {getattr(args, key)!r})")
-
-
-def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=print, log_every: int = 100) -> dict:
-    """Run (or continue) a training run; returns a summary (final loss, held-out likelihood).
-
-    With ``progress`` a rich progress bar shows the loss; without it (no terminal: CI, nohup) a
-    plain line is logged every ``log_every`` steps.
-    """
-    args = args.validate()
-    out = Path(args.out)
+def _open_out(out: Path, args: TrainArgs, resume: bool, log) -> dict | None:
+    """Rank 0, before any work: check --out, finish or clean what a killed run left there, and read
+    the train state to resume from (verified), or None."""
     problem = output_dir_problem(out)
     if problem:
         raise NtmError(problem)
@@ -184,9 +180,108 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
     removed = remove_stale_temporaries(out)
     if removed:
         log(f"removed {len(removed)} temporary file(s) that a killed run left in {out}")
-    state = load_train_state(out) if resume else None
-    if state is not None:
-        _check_resume(out, args, state)
+    if not resume:
+        return None
+    state = load_train_state(out)
+    _check_resume(out, args, state)
+    return state
+
+
+def _check_room(out: Path, model: NTM) -> None:
+    problem = output_dir_problem(out, checkpoint_bytes(model))
+    if problem:
+        raise NtmError(problem)
+
+
+def _save(world: World, out: Path, model, ema, opt, g, step, args, history, loss_avg, saved_step) -> int:
+    """Save a checkpoint of ``step`` (rank 0 writes; every rank calls this: gathering FSDP shards is a
+    collective); returns ``step``. An OSError (a full disk) is one NtmError on every rank, and the
+    checkpoint of ``saved_step`` stays as it was."""
+    names = [name for name, _ in model.named_parameters()]
+    state = {
+        "step": step, "model": full(world, model.state_dict()), "ema": dict(zip(names, full(world, ema), strict=True)),
+        "optimizer": full(world, opt.state_dict()), "generator": g.get_state(), "args": dataclasses.asdict(args),
+        "config": model.config.to_dict(), "history": history, "loss_avg": loss_avg, "world_size": world.size,
+    }
+    info = {"dataset": args.dataset, "preset": args.preset, "objective": model.config.objective}
+
+    def write() -> None:
+        try:
+            save_training_checkpoint(out, model.config, state, info)  # the EMA weights are the ones to sample from
+        except OSError as e:
+            kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "nothing was saved"
+            raise NtmError(f"cannot save step {step} to {out}: {e.strerror or e}; {kept}") from None
+
+    from_main(world, write)
+    return step
+
+
+def _restore(out: Path, state: dict, model, ema, opt, g) -> None:
+    """Load a train state (whole tensors) into the fresh, possibly sharded modules; a state that does
+    not fit is one CheckpointError."""
+    check_tensors(state["model"], _shapes(model), out / "train_state.pt")
+    check_tensors(state["ema"], _shapes(model), out / "train_state.pt")
+    model.load_state_dict(shard_like(state["model"], model.state_dict()))
+    for e, (name, _) in zip(ema, model.named_parameters(), strict=True):
+        e.copy_(shard_like(state["ema"][name], e))
+    params = list(model.parameters())
+    template = {"state": {i: {"exp_avg": p, "exp_avg_sq": p} for i, p in enumerate(params)}}
+    try:
+        opt.load_state_dict(shard_like(state["optimizer"], template))
+        g.set_state(state["generator"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{out / 'train_state.pt'} does not fit this model ({str(e).splitlines()[0]})") from None
+
+
+def _shapes(model: NTM) -> dict:
+    """name -> an empty tensor of each weight's whole shape and dtype (a sharded weight's too)."""
+    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()}
+
+
+def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
+    old = {**dataclasses.asdict(TrainArgs()), **state["args"]}  # older states lack newer fields
+    for key in ("dataset", "preset", "objective", "init_from"):
+        if old[key] != getattr(args, key):
+            raise ConfigError(f"{out} was trained with --{key.replace('_', '-')} {old[key]!r}; "
+                              f"resume it with the same value (got {getattr(args, key)!r})")
+
+
+def _draw_batch(images, ids_all, batch_size: int, dropout: float, g: torch.Generator):
+    """One micro-batch from generator ``g``: x0 (B, C, H, W) dequantised, prompt ids and mask (B, 1)."""
+    idx = torch.randint(len(images), (batch_size,), generator=g, device=images.device)
+    x0 = dequantize(images[idx], g)
+    drop = torch.rand(batch_size, generator=g, device=images.device) < dropout
+    ids = torch.where(drop, NULL_ID, ids_all[idx])[:, None]  # (B, 1)
+    return x0, ids, torch.ones_like(ids, dtype=torch.bool)
+
+
+def _micro_batch(objective, images, ids_all, g, args: TrainArgs, config: NTMConfig, autocast, step: int,
+                 k: int) -> torch.Tensor:
+    """Global micro-batch ``k`` of ``step``: its draws, forward and loss -> (loss, main term, x0 MSE)."""
+    gk = micro_generator(g, args.seed, step, k, images.device)
+    x0, ids, mask = _draw_batch(images, ids_all, args.batch_size, config.prompt_dropout, gk)
+    with autocast():
+        losses = objective(x0, ids, mask, gk)
+        loss = losses.total(config.x0_mse_weight, _align_weight_at(args, step))
+    return torch.stack([loss, losses.main.detach(), losses.x0_mse.detach()])
+
+
+def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=print, log_every: int = 100) -> dict:
+    """Run (or continue) a training run; returns a summary (final loss, held-out likelihood).
+
+    With ``progress`` a rich progress bar shows the loss; without it (no terminal: CI, nohup) a
+    plain line is logged every ``log_every`` steps. Under torchrun only rank 0 logs and saves.
+    """
+    world = join(args.device)
+    with reporting(world):
+        args = args.validate()
+        quiet = not world.main
+        return _train(args, world, resume, progress and not quiet, (lambda *_: None) if quiet else log, log_every)
+
+
+def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log_every: int) -> dict:
+    out = Path(args.out)
+    state = from_main(world, lambda: _open_out(out, args, resume, log))
     preset = get_preset(args.preset)
     if state is not None:
         config = NTMConfig.from_dict(state["config"])
@@ -205,10 +300,12 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
     mode = args.mode or PRESET_MODES[args.preset]
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = torch.device(world.device)
     model = NTM(config).to(device).train()
     teacher = _init_from_fm(model, args.init_from) if args.init_from else None
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    shard = args.parallel == "fsdp" or (args.parallel == "auto" and args.preset in SHARDED_PRESETS)
+    objective = wrap(world, Objective(model, loss_function(config.objective, mode), teacher), shard)
+    ema = [p.detach().clone() for p in model.parameters()]  # EMA weights (sharded as the model is)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     g = torch.Generator(device=device).manual_seed(args.seed)
     step, history, loss_avg, saved_step = 0, [], None, None
@@ -219,62 +316,67 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
         log(f"resuming {out} at step {step}")
     if step >= args.steps:
         raise ConfigError(f"{out} is already at step {step}; pass a larger --steps to continue it")
-    problem = output_dir_problem(out, checkpoint_bytes(model))
-    if problem:
-        raise NtmError(problem)
+    from_main(world, lambda: _check_room(out, model))
 
     images = torch.from_numpy(data.images).to(device)  # (N, H, W, C) uint8
     ids_all = torch.from_numpy(data.labels + 1).to(device)  # label k -> prompt id k + 1
-    loss_fn = loss_function(config.objective, mode)
     unit = "mse" if config.objective == "fm" else "nats/dim"
     n_params = sum(p.numel() for p in model.parameters())
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    micro = world.size * args.grad_accum
     log(f"training {args.preset} {config.objective} ({n_params / 1e6:.2f}M params, "
         f"{'velocity MSE' if config.objective == 'fm' else mode}) on {args.dataset} ({len(data)} images) "
-        f"for steps {step}..{args.steps}" + (f", finetuning from {args.init_from}" if args.init_from else ""))
+        f"for steps {step}..{args.steps}" + (f", finetuning from {args.init_from}" if args.init_from else "")
+        + (f"; global batch {micro * args.batch_size} = {args.batch_size} x {world.size} ranks "
+           f"({'FSDP2' if shard else 'DDP'}) x {args.grad_accum} accumulation" if world.distributed else
+           f"; global batch {micro * args.batch_size} = {args.batch_size} x {args.grad_accum} accumulation"
+           if micro > 1 else "")
+        + ("; bf16 autocast" if bf16 else ""))
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeRemainingColumn(), disable=not progress)
     start = time.time()
-    save = functools.partial(_save, out, model, ema, opt, g, args=args, history=history)
-    stop = StopSignals()
+    save = functools.partial(_save, world, out, model, ema, opt, g, args=args, history=history)
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
+    stop, signalled, budget_hit = StopSignals(), False, False
     try:
         with stop, bar:
             task = bar.add_task("train", total=args.steps, completed=step, info="")
-            while step < args.steps and not stop.requested:
-                if args.time_budget is not None and time.time() - start >= args.time_budget:
-                    log(f"time budget of {args.time_budget:.0f} s reached at step {step}")
+            while step < args.steps and not (signalled or budget_hit):
+                budget = args.time_budget is not None and time.time() - start >= args.time_budget
+                if not world.distributed and (stop.requested or budget):  # one process stops before a step
+                    signalled, budget_hit = stop.requested, budget
                     break
-                idx = torch.randint(len(images), (args.batch_size,), generator=g, device=device)
-                x0 = dequantize(images[idx], g)
-                drop = torch.rand(args.batch_size, generator=g, device=device) < config.prompt_dropout
-                ids = torch.where(drop, NULL_ID, ids_all[idx])[:, None]  # (B, 1)
-                mask = torch.ones_like(ids, dtype=torch.bool)
-                losses = loss_fn(model, x0, ids, mask, g, teacher)
-                loss = losses.total(config.x0_mse_weight, _align_weight_at(args, step))
-                if not torch.isfinite(loss):
+                opt.zero_grad(set_to_none=True)
+
+                micro_batch = functools.partial(_micro_batch, objective, images, ids_all, g, args, config, autocast, step)
+                # every rank's micro-batches, then agreement on the loss and on stopping after this step
+                (total, main, x0_mse), agreed = accumulate(world, objective, args.grad_accum, micro_batch,
+                                                           (stop.requested, budget))
+                if not math.isfinite(total):
                     kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "nothing saved"
-                    raise NtmError(f"the loss became {loss.item()} at step {step}; lower --lr ({kept})")
+                    raise NtmError(f"the loss became {total} at step {step}; lower --lr ({kept})")
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(args, step)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 opt.step()
                 _ema_update(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
                 step += 1
-                v = losses.main.item()
-                loss_avg = v if loss_avg is None else 0.98 * loss_avg + 0.02 * v
+                loss_avg = main if loss_avg is None else 0.98 * loss_avg + 0.02 * main
                 if step % 50 == 0 or step == args.steps:
-                    history.append({"step": step, "loss": loss_avg, "x0_mse": losses.x0_mse.item(),
-                                    "seconds": time.time() - start})
+                    history.append({"step": step, "loss": loss_avg, "x0_mse": x0_mse, "seconds": time.time() - start})
                 bar.update(task, completed=step, info=f"loss {loss_avg:.4f} {unit}")
                 if not progress and (step % log_every == 0 or step == args.steps):
                     log(f"step {step}/{args.steps}  loss {loss_avg:.4f} {unit}  {time.time() - start:.0f} s")
-                if step % args.checkpoint_every == 0 and step < args.steps:
+                if world.distributed:
+                    signalled, budget_hit = agreed
+                if step % args.checkpoint_every == 0 and step < args.steps and not (signalled or budget_hit):
                     with stop.hold():
                         saved_step = save(step, loss_avg=loss_avg, saved_step=saved_step)
+            if budget_hit and not signalled:
+                log(f"time budget of {args.time_budget:.0f} s reached at step {step}")
             with stop.hold():
                 if saved_step != step:
                     saved_step = save(step, loss_avg=loss_avg, saved_step=saved_step)
@@ -282,17 +384,22 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
         log(f"stopped by a second {signal_name(e.signum)} at step {step} without saving"
             + (f"; {out} keeps step {saved_step}" if saved_step is not None else ""))
         raise
-    if stop.requested:
-        log(f"interrupted by {signal_name(stop.signum)} at step {step}; checkpoint saved to {out}; "
+    if signalled or (stop.requested and not world.distributed):
+        signum = stop.signum or signal.SIGTERM  # a rank that was not signalled itself stops as if asked to
+        log(f"interrupted by {signal_name(signum)} at step {step}; checkpoint saved to {out}; "
             "continue with --resume")
-        raise Interrupted(stop.signum, saved=True)
+        raise Interrupted(signum, saved=True)
     summary = {"step": step, "mode": mode, "objective": config.objective, "train_loss": loss_avg,
                "seconds": time.time() - start, "params": n_params}
     if args.eval_images > 0:
+        ema_full = dict(zip([n for n, _ in model.named_parameters()], full(world, ema), strict=True))
+    if args.eval_images > 0 and world.main:
+        ema_model = NTM(config).to(device).eval()
+        ema_model.load_state_dict(ema_full)
         test = load_dataset(args.dataset, "test", image_size=image_size, seed=0)
         n = min(args.eval_images, len(test))
-        summary["heldout"] = heldout_likelihood(ema, test.images[:n], test.labels[:n])
-        log(f"held-out ({n} images, T = {ema.config.steps}): "
+        summary["heldout"] = heldout_likelihood(ema_model, test.images[:n], test.labels[:n])
+        log(f"held-out ({n} images, T = {config.steps}): "
             f"{summary['heldout']['bits_per_dim']:.3f} bits/dim (bound), "
             f"trajectory NLL {summary['heldout']['trajectory_nats_per_dim']:.4f} nats/dim")
     log(f"saved {out} at step {step} ({summary['seconds']:.0f} s)")

@@ -175,8 +175,7 @@ def test_sigterm_stops_the_denoiser_cleanly(trained_tiny, tmp_path):
 
 _KILLED_DURING_RENAMES = """
 import os, signal, sys
-from ntm_edge import NTM
-from ntm_edge.checkpoint import load_info, load_train_state, save_training_checkpoint
+from ntm_edge.checkpoint import load_config, load_info, load_train_state, save_training_checkpoint
 ckpt, renames = sys.argv[1], int(sys.argv[2])
 state, info = load_train_state(ckpt), load_info(ckpt)
 state["step"] += 1
@@ -187,7 +186,7 @@ def replace_then_die(src, dst):  # the process is killed (for real) after `renam
     replace(src, dst)
     done.append(dst)
 os.replace = replace_then_die
-save_training_checkpoint(NTM.from_pretrained(ckpt), ckpt, state, {k: info[k] for k in ("dataset", "preset", "objective")})
+save_training_checkpoint(ckpt, load_config(ckpt), state, {k: info[k] for k in ("dataset", "preset", "objective")})
 """
 
 
