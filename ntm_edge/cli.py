@@ -28,7 +28,7 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except NtmError as e:
-            if not getattr(e, "quiet", False):  # quiet: a torchrun rank other than 0, which reports it
+            if not e.quiet:  # quiet: a torchrun rank other than 0, whose rank 0 reports it
                 typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:  # 130 for Ctrl-C; a run stopped by SIGTERM says 143 (interrupts.py)

@@ -184,7 +184,8 @@ def wrap(world: World, module: torch.nn.Module, shard: bool) -> torch.nn.Module:
         for sub in module.modules():
             if isinstance(sub, TransformerLayer | ResBlock):
                 fully_shard(sub)
-        return fully_shard(module)
+        fully_shard(module)  # in place: the module is now an FSDPModule
+        return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [torch.device(world.device).index] if world.device.startswith("cuda") else None
@@ -228,10 +229,13 @@ def shard_like(value, template):
 def no_sync(module: torch.nn.Module, skip: bool):
     """Skip the gradient reduction of an accumulation micro-step (DDP's no_sync, FSDP2's
     set_requires_gradient_sync); wraps the micro-step's forward and backward."""
-    if skip and hasattr(module, "no_sync"):
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if skip and isinstance(module, DistributedDataParallel):
         with module.no_sync():
             yield
-    elif skip and hasattr(module, "set_requires_gradient_sync"):
+    elif skip and isinstance(module, FSDPModule):
         module.set_requires_gradient_sync(False)
         try:
             yield
@@ -250,13 +254,14 @@ def accumulate(world: World, module: torch.nn.Module, accum: int, micro, flags) 
     micro-batch of every rank, and, for each of ``flags`` (this rank's booleans), whether any rank
     raised it: one small all-reduce per step, so that all ranks agree on the loss and on stopping.
     """
-    sums = None
+    sums: torch.Tensor | None = None
     for a in range(accum):
         with no_sync(module, a < accum - 1):
             terms = micro(world.rank * accum + a)
             (terms[0] if accum == 1 else terms[0] / accum).backward()
         terms = terms.detach().double().cpu()
         sums = terms if sums is None else sums + terms
+    assert sums is not None  # accum >= 1
     total = sum_all(world, torch.cat([sums, torch.tensor([float(f) for f in flags], dtype=torch.float64)]))
     n = len(sums)
     return (total[:n] / (world.size * accum)).tolist(), [v > 0 for v in total[n:].tolist()]

@@ -4,6 +4,8 @@
 class NtmError(Exception):
     """Base class: a problem with the user's input, files or environment, not a bug."""
 
+    quiet = False  # True: another process reports it (a torchrun rank other than 0), so do not print it
+
 
 class ConfigError(NtmError):
     """An unknown preset, a bad option value, or a config that does not describe a model."""
