@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from . import schedule
-from .model import NTM, dequantize
+from .model import NTM
+from .numerics import dequantize
 
 
 @torch.no_grad()

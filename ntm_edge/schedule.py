@@ -11,8 +11,8 @@ Conventions: data x0 in [-1, 1], eps ~ N(0, I), time t in [0, 1] with t = 1 pure
 
 This module imports numpy only: the torch-free runtime imports it. The coefficient functions use
 plain arithmetic (``*``, ``/``, ``**``), so they take numpy arrays, Python floats and torch tensors
-alike; the training code calls them on tensors and the runtime on arrays, and both get the same
-numbers.
+alike, and ``forward_trajectory`` picks its namespace from its argument (``numerics.namespace``): the
+training code calls them on tensors and the runtime on arrays, and both get the same numbers.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from .numerics import namespace, standard_normal
 
 STEP_COUNTS = (4, 8, 16)  # T drawn per example in pairwise training (DESIGN.md 2)
 
@@ -124,21 +126,38 @@ def trajectory_covariance(ts) -> np.ndarray:
     return lo**2 * ratio
 
 
-def forward_trajectory(x0: np.ndarray, ts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Draw x_t0, ..., x_tT from the Markov forward process (numpy; the torch twin is in model.py).
+def forward_trajectory(x0, ts, rng):
+    """Draw x_t0, ..., x_tT from the Markov forward process: the marginal (2.1) at t_0, then one
+    step (2.3) per level. The one definition, for numpy (the runtime's audit) and torch (training).
 
-    x0: (B, ...) ; ts: (T + 1,) or (B, T + 1) -> (B, T + 1, ...).
+    x0: (B, ...) ; ts: (T + 1,) or (B, T + 1), in x0's namespace -> (B, T + 1, ...).
+    rng: a numpy Generator (noise float64) or a torch.Generator (noise in x0's dtype and device);
+    the noise is drawn level by level, t_0 first.
     """
-    ts = np.broadcast_to(np.asarray(ts, dtype=np.float64), (x0.shape[0], np.shape(ts)[-1]))
+    xp = namespace(x0)
+    ts = xp.asarray(ts)
+    ts = xp.broadcast_to(ts, (x0.shape[0], ts.shape[-1]))  # (B, K)
     bshape = (x0.shape[0],) + (1,) * (x0.ndim - 1)
     mean, std = marginal_coeffs(ts[:, 0].reshape(bshape))
-    x = mean * x0 + std * rng.standard_normal(x0.shape)
+    x = mean * x0 + std * standard_normal(rng, x0)
     levels = [x]
     for k in range(1, ts.shape[1]):
         a, b = markov_coeffs(ts[:, k - 1].reshape(bshape), ts[:, k].reshape(bshape))
-        x = a * x + b * rng.standard_normal(x0.shape)
+        x = a * x + b * standard_normal(rng, x0)
         levels.append(x)
-    return np.stack(levels, axis=1)
+    return xp.stack(levels, axis=1)
+
+
+def x0_from_velocity(x_t, t, v):
+    """x0-hat = x_t - t v: the clean image that a velocity v = eps - x0 of the straight path (2.1)
+    points back to (the predictor's "v" parametrisation and the flow-matching baseline)."""
+    return x_t - t * v
+
+
+def decoder_mean(x_t0, t0):
+    """x0 ~ x_t0 / (1 - t0): the mean of the decoder p(x0 | x_t0) that leaves the cleanest level
+    (the marginal (2.1) scales x0 by 1 - t0). Arrays, tensors or floats; t0 a float or broadcastable."""
+    return x_t0 / (1.0 - t0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@ refactor (one home for each piece of the algorithm), for fixed seeds.
 
 tests/data/golden/ holds a small trained NTM (the `tiny` preset with a (16, 32) U-Net predictor,
 300 steps on digits) and a small denoiser as float32 weights, and outputs.npz: what the code
-produced on them before the refactor (tests/data/record_golden.py recorded it; see that commit in
-the history). The weights are stored, not retrained here, so the test does not depend on training.
+produced on them before the refactor, recorded by tests/data/record_golden.py in commit 31f08ac
+(the script called the APIs of that commit, so it was removed with them; `git show
+31f08ac:tests/data/record_golden.py`). The weights are stored, not retrained here, so the test does
+not depend on training. Never re-record the arrays to make this test pass: they are the reference.
 
 Tolerances. On this CPU the refactored code reproduces most arrays bit for bit; it is compared with
 tolerances anyway, because float32 kernels differ in their last bits across CPUs (instruction sets,
@@ -165,7 +167,7 @@ def test_torch_likelihood_and_losses(stored, golden):
     from ntm_edge.data import load_dataset
     from ntm_edge.evaluate import heldout_likelihood
     from ntm_edge.losses import end2end_loss, pairwise_loss
-    from ntm_edge.model import dequantize
+    from ntm_edge.numerics import dequantize
 
     model, _ = stored
     test = load_dataset("digits", "test", image_size=8)
@@ -225,12 +227,13 @@ def test_runtime_run(rt, golden, final, method, w, unrolled):
     assert_close(r.x0, golden[f"{name}/x0"], f"{name} x0")
     assert_images(r.images, golden[f"{name}/images"], golden[f"{name}/x0"], name)
     if final == "inverse":
-        assert list(r.passes) == golden[f"{name}/passes"].tolist()
+        assert list(r.report.block_iterations) == golden[f"{name}/passes"].tolist()
 
 
 def test_runtime_likelihoods(rt, stored, golden):
     from ntm_edge.data import load_dataset
-    from ntm_edge.runtime.audit import dequantize, generated_nll, image_bound, trajectory_nll
+    from ntm_edge.numerics import dequantize
+    from ntm_edge.runtime.audit import generated_nll, image_bound, trajectory_nll
 
     model, _ = stored
     test = load_dataset("digits", "test", image_size=8)

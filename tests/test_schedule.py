@@ -55,11 +55,11 @@ def exact_posterior(s: float, t: float) -> tuple[Fraction, Fraction, Fraction]:
     Cov = a s^2 with a = (1-t)/(1-s) (Markov step).  Conditioning on x_t (Schur complement):
     E[x_s | x_t] = (1-s) x0 + (Cov/Var x_t)(x_t - (1-t) x0),  Var = Var x_s - Cov^2 / Var x_t.
     """
-    s, t = Fraction(s), Fraction(t)
-    a = (1 - t) / (1 - s)
-    var_s, var_t, cov = s * s, t * t, a * s * s
+    fs, ft = Fraction(s), Fraction(t)
+    a = (1 - ft) / (1 - fs)
+    var_s, var_t, cov = fs * fs, ft * ft, a * fs * fs
     A = cov / var_t
-    B = (1 - s) - A * (1 - t)
+    B = (1 - fs) - A * (1 - ft)
     C2 = var_s - cov * cov / var_t
     return A, B, C2
 
