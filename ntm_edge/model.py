@@ -20,7 +20,7 @@ from torch import nn
 
 from . import schedule
 from .config import NTMConfig
-from .numerics import gaussian_nll, guided_gaussian
+from .numerics import guided_gaussian
 from .predictor import Predictor
 from .prompts import NULL_ID, LabelVocab
 from .sampling import draw_noise, reverse_levels
@@ -110,7 +110,7 @@ class NTM(nn.Module):
         -> nll (B,), mu (B, C, H, W), x0_hat (B, C, H, W).
         """
         mu, log_sigma, x0_hat = self.predictor(u_t, t, s, T, self.prompt_encoder(ids), mask)
-        return gaussian_nll(u_s, mu, log_sigma) - logdet_s, mu, x0_hat
+        return schedule.step_nll(u_s, logdet_s, mu, log_sigma), mu, x0_hat
 
     def trajectory_terms(self, traj: Trajectory, ids, mask):
         """All T steps of each example in one parallel pass (end-to-end mode).
@@ -123,20 +123,16 @@ class NTM(nn.Module):
         u, logdet = self.transporter(traj.x.reshape(B * K, *shape), traj.t.reshape(B * K), T)
         u, logdet = u.reshape(B, K, *shape), logdet.reshape(B, K)
         rep = lambda v: v.repeat_interleave(T, dim=0)  # noqa: E731  (B, ...) -> (B*T, ...)
-        step_nll, mu, x0_hat = self.step_terms(
-            u[:, :-1].reshape(B * T, *shape),
-            logdet[:, :-1].reshape(B * T),
+        mu, log_sigma, x0_hat = self.predictor(  # step k = 1..T: level k-1 given level k, (B*T, C, H, W)
             u[:, 1:].reshape(B * T, *shape),
-            traj.t[:, :-1].reshape(B * T),
             traj.t[:, 1:].reshape(B * T),
+            traj.t[:, :-1].reshape(B * T),
             torch.full((B * T,), float(T), device=u.device),
-            rep(ids),
+            self.prompt_encoder(rep(ids)),
             rep(mask),
         )
-        # the top level t_T = 1 is N(0, I), and f_T is the identity there (logdet[:, -1] = 0)
-        prior = gaussian_nll(u[:, -1], torch.zeros_like(u[:, -1]), torch.zeros_like(u[:, -1]))
-        nll = prior - logdet[:, -1] + step_nll.reshape(B, T).sum(1)
-        return nll, mu.reshape(B, T, *shape), x0_hat.reshape(B, T, *shape)
+        mu, log_sigma, x0_hat = (v.reshape(B, T, *shape) for v in (mu, log_sigma, x0_hat))
+        return schedule.trajectory_nll(u, logdet, mu, log_sigma), mu, x0_hat
 
     def trajectory_nll(self, traj: Trajectory, prompts) -> torch.Tensor:
         """Exact negative log-likelihood of each trajectory in nats, (B,)."""

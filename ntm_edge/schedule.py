@@ -8,6 +8,9 @@ Conventions: data x0 in [-1, 1], eps ~ N(0, I), time t in [0, 1] with t = 1 pure
     Markov step (2.3)     x_t = a x_s + b eps',  s < t            a = (1 - t)/(1 - s), b^2 = t^2 - a^2 s^2
     posterior (Prop. 2)   q(x_s | x_t, x0) = N(A x_t + B x0, C^2 I)
     covariance (Prop. 3)  Cov(x_ti, x_tj | x0) = S_ij I,  S_ij = min^2 (1 - max) / (1 - min)
+    likelihood (3.4)      -log p(x_t0..x_tT) = -log N(f_T(x_1); 0, I) + sum_k [-log N(f_T(x_s); mu_P, sigma_P^2)
+                                                                        - log|det df_T/dx_s|]
+    bound (DESIGN.md 4)   bits/dim on -log p(x0) from the trajectory NLL (closed-form offset)
 
 This module imports numpy only: the torch-free runtime imports it. The coefficient functions use
 plain arithmetic (``*``, ``/``, ``**``), so they take numpy arrays, Python floats and torch tensors
@@ -21,7 +24,7 @@ import math
 
 import numpy as np
 
-from .numerics import namespace, standard_normal
+from .numerics import gaussian_nll, namespace, standard_normal
 
 STEP_COUNTS = (4, 8, 16)  # T drawn per example in pairwise training (DESIGN.md 2)
 
@@ -161,8 +164,30 @@ def decoder_mean(x_t0, t0):
 
 
 # ---------------------------------------------------------------------------------------------
-# likelihood bookkeeping
+# likelihood bookkeeping (numpy or torch)
 # ---------------------------------------------------------------------------------------------
+
+
+def step_nll(u_s, logdet_s, mu, log_sigma):
+    """Exact -log p(x_s | x_t) of one step (paper 3.2-3.4): -log N(f_T(x_s); mu_P, sigma_P^2) -
+    log|det df_T/dx_s|. u_s (B, ...) = f_T(x_s), logdet_s (B,), mu, log_sigma (B, ...) -> (B,)."""
+    return gaussian_nll(u_s, mu, log_sigma) - logdet_s
+
+
+def trajectory_nll(u, logdet, mu, log_sigma):
+    """Exact -log p(x_t0, ..., x_tT) in nats (paper 3.4): the top level t_T = 1 is N(0, I), then one
+    ``step_nll`` per step k = T .. 1.
+
+    u (B, K, ...): f_T of every level t_0 .. t_T; logdet (B, K); mu, log_sigma (B, T, ...): entry
+    k - 1 is f_P's Gaussian over level k - 1 given level k -> (B,).
+    """
+    xp = namespace(u)
+    B, K = logdet.shape
+    T = K - 1
+    flat = lambda v: v.reshape(B * T, *v.shape[2:])  # noqa: E731  (B, T, ...) -> (B*T, ...)
+    steps = step_nll(flat(u[:, :-1]), logdet[:, :-1].reshape(B * T), flat(mu), flat(log_sigma)).reshape(B, T)
+    top = u[:, -1]
+    return step_nll(top, logdet[:, -1], xp.zeros_like(top), xp.zeros_like(top)) + steps.sum(1)
 
 
 def bound_offset_per_dim(ts) -> np.ndarray:
@@ -186,3 +211,9 @@ def bound_offset_per_dim(ts) -> np.ndarray:
 def bits_per_dim(nats_per_dim, bins: int = 256):
     """Nats per dim of data in [-1, 1] (bin width 2 / bins) -> bits per dim on the 8-bit scale."""
     return (np.asarray(nats_per_dim) + np.log(bins / 2)) / np.log(2)
+
+
+def bound_bits_per_dim(trajectory_nats_per_dim, ts, bins: int = 256):
+    """The variational bound on -log p(x0) in bits/dim on the 8-bit scale (DESIGN.md 4), from the
+    trajectory NLL per dim (nats) on the grid ts: ``bits_per_dim`` of NLL / D + ``bound_offset_per_dim``."""
+    return bits_per_dim(trajectory_nats_per_dim + bound_offset_per_dim(ts), bins)

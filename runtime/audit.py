@@ -2,8 +2,8 @@
 
 - ``trajectory_nll``: the exact -log p(x_t0, ..., x_tT | y) of trajectories in x-space (paper 3.4),
   -log N(f_T(x_1); 0, I) + sum over steps [-log N(f_T(x_s); mu_P, sigma_P^2) - log|det df_T/dx_s|],
-  from the transporter-forward and predictor-step graphs (``NTM.trajectory_nll`` on the bundle's
-  graphs; ``numerics.gaussian_nll`` in float64).
+  from the transporter-forward and predictor-step graphs, assembled by ``schedule.trajectory_nll``
+  (in float64) as ``NTM.trajectory_nll`` assembles it from the torch modules.
 - ``generated_nll``: that NLL for trajectories the sampler drew (every level inverted, then scored).
 - ``image_bound``: the variational bound on -log p(x0) of images in bits/dim on the 8-bit scale,
   averaged over a few forward trajectories (``schedule.forward_trajectory``, ``numerics.dequantize``;
@@ -21,16 +21,11 @@ import numpy as np
 from ntm_edge import schedule
 from ntm_edge.decoding import DEFAULT_METHOD
 from ntm_edge.errors import ConfigError
-from ntm_edge.numerics import dequantize, gaussian_nll
+from ntm_edge.numerics import dequantize
 
 from .inversion import invert
 from .session import Runtime
 from .specs import PREDICTOR_STEP, PROMPT_ENCODER, TRANSPORTER_FORWARD
-
-
-def nll64(x, mu, log_sigma) -> np.ndarray:
-    """``gaussian_nll`` in float64 (it sums hundreds to thousands of terms per example): (B, ...) -> (B,)."""
-    return gaussian_nll(*(np.asarray(v, dtype=np.float64) for v in (x, mu, log_sigma)))
 
 
 def transport(rt: Runtime, x: np.ndarray, t: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,12 +44,10 @@ def trajectory_nll(rt: Runtime, x: np.ndarray, ts: np.ndarray, ids: np.ndarray, 
     u, logdet = zip(*(transport(rt, np.ascontiguousarray(x[:, k], dtype=np.float32), ts[:, k], T)
                       for k in range(K)), strict=True)
     emb = rt[PROMPT_ENCODER](ids=ids)["prompt_emb"]
-    nll = nll64(u[T], np.zeros_like(u[T]), np.zeros_like(u[T])) - logdet[T]  # the top level t_T = 1 is N(0, I)
-    for k in range(1, K):  # step t_k -> t_k-1
-        out = rt[PREDICTOR_STEP](u_t=u[k], t=ts[:, k], s=ts[:, k - 1], steps=np.full(B, T, dtype=np.float32),
-                                 prompt_emb=emb, prompt_mask=mask)
-        nll = nll + nll64(u[k - 1], out["mu"], out["log_sigma"]) - logdet[k - 1]
-    return nll
+    steps = [rt[PREDICTOR_STEP](u_t=u[k], t=ts[:, k], s=ts[:, k - 1], steps=np.full(B, T, dtype=np.float32),
+                                prompt_emb=emb, prompt_mask=mask) for k in range(1, K)]  # step k: level k-1 given k
+    f64 = lambda levels: np.stack(levels, axis=1).astype(np.float64)  # noqa: E731  sums of many terms: float64
+    return schedule.trajectory_nll(f64(u), f64(logdet), f64([o["mu"] for o in steps]), f64([o["log_sigma"] for o in steps]))
 
 
 def generated_nll(rt: Runtime, u: np.ndarray, ts: np.ndarray, ids, mask, method: str = DEFAULT_METHOD,
@@ -91,8 +84,7 @@ def image_bound(rt: Runtime, images: np.ndarray, prompts, steps: int | None = No
             x = schedule.forward_trajectory(x0, ts, rng).astype(np.float32)  # (B, K, C, H, W)
             total[sl] += trajectory_nll(rt, x, ts, ids[sl], mask[sl])
     nats = total / trajectories / cfg.dims
-    offset = float(schedule.bound_offset_per_dim(ts))
-    return {"bits_per_dim": schedule.bits_per_dim(nats + offset), "trajectory_nats_per_dim": nats,
+    return {"bits_per_dim": schedule.bound_bits_per_dim(nats, ts), "trajectory_nats_per_dim": nats,
             "steps": steps, "t_min": t_min, "trajectories": trajectories}
 
 
