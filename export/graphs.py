@@ -112,7 +112,8 @@ class SequentialStepGraph(_BlockGraph):
 
     def forward(self, x_token, position, t, steps, k_cache, v_cache):
         c, gate = self.transporter.conditioning(x_token, t, steps)
-        return self.block.decode_step(x_token, position, c, gate, k_cache, v_cache)
+        mu, alpha, ks, vs = self.block.decode_step(x_token, position, c, gate, k_cache, v_cache)  # one-hot writes
+        return mu, alpha, torch.stack(ks), torch.stack(vs)
 
 
 class DenoiserGraph(nn.Module):

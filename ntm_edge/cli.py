@@ -80,7 +80,7 @@ OutGrid = Annotated[Path, typer.Option(help="PNG grid to write")]
 SaveArray = Annotated[Path | None, typer.Option(help="also write uint8 (N, H, W, C) .npy")]
 InverseMethod = Annotated[str, typer.Option(help=(
     "transporter inversion, both exact: jacobi (parallel fixed-point passes) | sequential (token by token). "
-    "Default jacobi: measured 10.8x faster than sequential at batch 1 on `small` (CPU), as fast at batch 64"))]
+    "Default jacobi: the faster one at batch 1 (over 10x on `small`, CPU; README, Benchmarks), as fast at batch 64"))]
 
 
 @app.command()

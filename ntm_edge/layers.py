@@ -4,7 +4,8 @@ plain arithmetic: ``ntm_edge.numerics``.)
 
 Every module here is a pure function of its inputs: caches are tensors passed in and returned,
 never state on the module (TarFlow's list caches and mode flags do not export to ONNX), and the
-cache keeps its size (a one-hot write and masked attention, no in-place slice writes).
+cache keeps its size (attention masked to the slots written so far; the write into the new token's
+slot is a function the caller passes: a one-hot select in an exported graph, in place in a loop).
 """
 
 from __future__ import annotations
@@ -61,16 +62,15 @@ class Attention(nn.Module):
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N)
         return self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal))
 
-    def decode(self, h: torch.Tensor, write: torch.Tensor, visible: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor):
+    def decode(self, h: torch.Tensor, visible: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, write):
         """One new token attending to the tokens before it and itself, with a fixed-size cache.
 
-        h (B, 1, W); write (1, 1, N, 1) bool, one-hot on the new token's slot; visible (1, 1, 1, N)
-        bool, the slots up to it; caches (B, heads, N, hd) -> out (B, 1, W), caches with the new
-        token's key and value in its slot.
+        h (B, 1, W); visible (1, 1, 1, N) bool, the slots up to the new token's; caches (B, heads, N, hd);
+        write(cache, new (B, heads, 1, hd)) -> the cache with ``new`` in the token's slot
+        -> out (B, 1, W), and the caches with the new token's key and value written.
         """
         q, k, v = self.split_heads(h)  # (B, heads, 1, hd) each
-        k_cache, v_cache = torch.where(write, k, k_cache), torch.where(write, v, v_cache)  # (B, heads, N, hd)
+        k_cache, v_cache = write(k_cache, k), write(v_cache, v)  # (B, heads, N, hd)
         return self.merge_heads(F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)), k_cache, v_cache
 
 
@@ -90,8 +90,8 @@ class TransformerLayer(nn.Module):
         h = h + self.attn(self.norm1(h), causal=causal, key_mask=key_mask)
         return h + self.mlp(self.norm2(h))
 
-    def decode(self, h, write, visible, k_cache, v_cache):
+    def decode(self, h, visible, k_cache, v_cache, write):
         """The layer for one new token with a fixed-size KV cache (``Attention.decode``)."""
-        a, k_cache, v_cache = self.attn.decode(self.norm1(h), write, visible, k_cache, v_cache)
+        a, k_cache, v_cache = self.attn.decode(self.norm1(h), visible, k_cache, v_cache, write)
         h = h + a
         return h + self.mlp(self.norm2(h)), k_cache, v_cache

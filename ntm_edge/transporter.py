@@ -83,28 +83,33 @@ class TarFlowBlock(nn.Module):
         u = affine_forward(xs, mu, alpha)
         return self.scan_order(u), -alpha.sum(dim=(1, 2))
 
-    def decode_step(self, x_token, position, c, gate, k_cache, v_cache):
-        """One step of sequential decoding with the KV cache in fixed-size buffers (a pure function:
-        the graph that export traces as ``transporter_step_<i>``).
+    def decode_step(self, x_token, position, c, gate, k_cache, v_cache, write=None):
+        """One step of sequential decoding with the KV cache in fixed-size buffers (traced by export as
+        ``transporter_step_<i>``, driven N - 1 times by ``inverse``).
 
         x_token (B, D): token n in scan order; position (1,) int64: n; c (B, W), gate (B, 1, 1);
-        k_cache, v_cache (L, B, heads, N, hd): keys/values of tokens < n in slots < n (the rest unused)
+        k_cache, v_cache: per layer (B, heads, N, hd) (a list, or an (L, ...) tensor), keys/values of
+        tokens < n in slots < n (the rest unused); write(cache, new) -> the cache with ``new``
+        (B, heads, 1, hd) in slot n: by default a one-hot select (a pure function, for export);
+        ``inverse`` writes in place into its own buffers instead, which saves copying the caches
         -> mu, alpha (B, D): the affine parameters of token n + 1 (x_{n+1} = mu + exp(alpha) u_{n+1}),
-           and the caches with token n written into slot n (one-hot select, attention masked to <= n).
+           and the per-layer caches (lists) with token n written into slot n. Attention is masked to <= n.
         """
         N = self.pos.shape[1]
         slots = torch.arange(N, device=x_token.device)  # (N,)
-        write = (slots == position).view(1, 1, N, 1)  # one-hot over the cache slots
+        if write is None:
+            one_hot = (slots == position).view(1, 1, N, 1)  # the new token's slot
+            write = lambda cache, new: torch.where(one_hot, new, cache)  # noqa: E731
         visible = (slots <= position).view(1, 1, 1, N)  # attend to tokens 0..n
         pos = torch.index_select(self.pos[0], 0, position)[None]  # (1, 1, W)
         h = self.in_proj(x_token[:, None]) + pos + self.cond(c)[:, None]  # (B, 1, W)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            h, k, v = layer.decode(h, write, visible, k_cache[i], v_cache[i])  # (B, 1, W), (B, heads, N, hd)
+            h, k, v = layer.decode(h, visible, k_cache[i], v_cache[i], write)  # (B, 1, W), (B, heads, N, hd)
             ks.append(k)
             vs.append(v)
         mu, alpha = self.affine(h, gate)  # (B, 1, D), fp32 island
-        return mu[:, 0], alpha[:, 0], torch.stack(ks), torch.stack(vs)
+        return mu[:, 0], alpha[:, 0], ks, vs
 
     def cache_shape(self, batch: int) -> tuple[int, ...]:
         """(L, B, heads, N, hd) of the decoding caches."""
@@ -113,14 +118,15 @@ class TarFlowBlock(nn.Module):
     def inverse(self, u: torch.Tensor, c: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Sequential exact inverse: u (B, N, D) -> x (B, N, D), one token per ``decode_step``."""
         us = self.scan_order(u)
-        empty = us.new_zeros(self.cache_shape(us.shape[0]))
+        caches = us.new_zeros(self.cache_shape(us.shape[0])), us.new_zeros(self.cache_shape(us.shape[0]))
 
         def step(x_token, n, caches):
             position = torch.tensor([n], device=us.device)
-            mu, alpha, k, v = self.decode_step(x_token, position, c, gate, *caches)
-            return mu, alpha, (k, v)
+            write = lambda cache, new: cache.index_copy_(2, position, new)  # noqa: E731  in place, in our buffers
+            mu, alpha, _, _ = self.decode_step(x_token, position, c, gate, *caches, write=write)
+            return mu, alpha, caches
 
-        return self.scan_order(decode_tokens(step, us, (empty, empty)))
+        return self.scan_order(decode_tokens(step, us, caches))
 
     def jacobi_step(self, xs: torch.Tensor, us: torch.Tensor, c: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """One Jacobi pass in scan order, a pure function (export traces it as one graph):

@@ -491,9 +491,10 @@ def test_kv_cache_decoding_matches_causal_pass():
         outs = []
         for n in range(N):
             x = h[:, n : n + 1]
-            write, visible = (slots == n).view(1, 1, N, 1), (slots <= n).view(1, 1, 1, N)
+            one_hot, visible = (slots == n).view(1, 1, N, 1), (slots <= n).view(1, 1, 1, N)
+            write = lambda cache, new: torch.where(one_hot, new, cache)  # noqa: B023, E731  (as exported)
             for i, layer in enumerate(layers):
-                x, k, v = layer.decode(x, write, visible, *caches[i])
+                x, k, v = layer.decode(x, visible, *caches[i], write)
                 assert k.shape == v.shape == (B, heads, N, width // heads)
                 assert torch.equal(k[:, :, n + 1 :], garbage[:, :, n + 1 :]), "slots after n must stay untouched"
                 caches[i] = (k, v)
