@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import schedule
-from ..errors import NtmError
-from ..layers import patchify, unpatchify
-from ..model import NTM, Trajectory, dequantize
-from ..runtime import inversion, specs
-from ..runtime.session import NUMPY_DTYPES, Runtime
-from ..runtime.specs import GraphSpec
+from ntm_edge import schedule
+from ntm_edge.errors import NtmError
+from ntm_edge.model import NTM, Trajectory
+from ntm_edge.numerics import dequantize, patchify, unpatchify
+from ntm_edge.runtime import inversion, specs
+from ntm_edge.runtime.session import NUMPY_DTYPES, Runtime
+from ntm_edge.runtime.specs import GraphSpec
 
 
 def random_inputs(spec: GraphSpec, config, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -23,6 +23,7 @@ def random_inputs(spec: GraphSpec, config, batch: int, rng: np.random.Generator)
     transporter's identity gate), s in (0, t), T in {4, 8, 16}, ids over the vocabulary, a decoding
     position inside the sequence, a real time grid; everything else N(0, 1)."""
     out: dict[str, np.ndarray] = {}
+    v: np.ndarray
     num_tokens = len(config.prompt.class_names) + 1
     tc = config.transporter
     for t in spec.inputs:
@@ -66,9 +67,9 @@ def max_abs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, 
 
 def real_trajectories(model: NTM, checkpoint, n: int = 16, seed: int = 0):
     """Trajectories x (n, K, C, H, W) with ts (n, K), prompt ids (n, 1) and where they came from."""
-    from ..checkpoint import trained_on
-    from ..data import load_dataset
-    from ..exits import invert_levels
+    from ntm_edge.checkpoint import trained_on
+    from ntm_edge.data import load_dataset
+    from ntm_edge.exits import invert_levels
 
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
@@ -144,11 +145,11 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
             check(specs.jacobi_graph(i), {"x": np.concatenate([h_out, h_in]), "u": np.concatenate([h_out, h_out]),
                                           "t": t.repeat(2), "steps": steps_all.repeat(2)})
             # the decoding step over a whole sequence: N - 1 graph calls against TarFlowBlock.inverse
-            tr, block = model.transporter, model.transporter.blocks[i]
+            tr, block = model.transporter, model.transporter.block(i)
             c, gate = tr.conditioning(x, t, T)
             ref = block.inverse(patchify(torch.from_numpy(h_out), tr.cfg.patch_size), c, gate)
             ref = unpatchify(ref, tr.cfg.patch_size, *shape).numpy()
-            got, _ = inversion.sequential_block(rt, i, h_out, t.numpy(), steps_all.numpy())
+            got = inversion.sequential_block(rt, i, h_out, t.numpy(), steps_all.numpy())
             result[specs.step_graph(i)] = max_abs({"x": got}, {"x": ref})
     if specs.DENOISER in modules:
         check(specs.DENOISER, {"u": u[:, 0], "ids": ids, "prompt_mask": mask})

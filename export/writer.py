@@ -23,16 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__, schedule
-from ..checkpoint import load_info
-from ..errors import ConfigError, NtmError
-from ..fileio import atomic_write_text, make_temp_dir, sha256_file
-from ..model import NTM
-from ..prompts import NULL_ID
-from ..runtime import specs as S
-from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle
-from ..runtime.sampler import NOISE_BATCH
-from ..runtime.session import Runtime
+from ntm_edge import __version__, schedule
+from ntm_edge.checkpoint import load_info
+from ntm_edge.errors import ConfigError, NtmError
+from ntm_edge.fileio import atomic_write_text, make_temp_dir, sha256_file
+from ntm_edge.model import NTM
+from ntm_edge.prompts import NULL_ID
+from ntm_edge.runtime import specs as S
+from ntm_edge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle
+from ntm_edge.runtime.session import Runtime
+from ntm_edge.sampling import NOISE_BATCH
+
 from .graphs import graph_modules
 from .parity import max_abs, random_inputs, real_parity, real_trajectories, torch_outputs
 
@@ -52,7 +53,7 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
     """Export ``checkpoint`` to the bundle directory ``out``; returns the manifest."""
     import onnx
 
-    from ..denoiser import has_denoiser, load_denoiser
+    from ntm_edge.denoiser import has_denoiser, load_denoiser
 
     out = Path(out)
     _check_options(out, batch, opset, overwrite, onnx.defs.onnx_opset_version())

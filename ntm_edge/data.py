@@ -245,7 +245,7 @@ def _adapt(images: np.ndarray, image_size: int | None, channels: int | None) -> 
         img = Image.fromarray(np.ascontiguousarray(arr[..., 0] if c == 1 else arr))  # uint8: L or RGB
         img = img.convert("L" if c_out == 1 else "RGB")
         if not size_ok:
-            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            img = img.resize((w, h), Image.Resampling.BILINEAR)
         out[i] = np.asarray(img).reshape(out.shape[1:])
     return out
 

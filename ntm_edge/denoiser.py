@@ -24,7 +24,8 @@ from .checkpoint import read_json, trained_on
 from .config import PredictorConfig
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write, atomic_write_text, sha256_file
-from .model import NTM, LabelEncoder, dequantize
+from .model import NTM, LabelEncoder
+from .numerics import dequantize
 from .predictor import TransformerBackbone
 
 WEIGHTS, META = "denoiser.safetensors", "denoiser.json"

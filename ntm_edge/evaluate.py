@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from . import schedule
-from .model import NTM, dequantize
+from .model import NTM
+from .numerics import dequantize
 
 
 @torch.no_grad()
@@ -36,12 +37,11 @@ def heldout_likelihood(model: NTM, images: np.ndarray, labels: np.ndarray, steps
         total.append(model.trajectory_nll(traj, ids).double().cpu())
     model.train(was_training)
     nats = float(torch.cat(total).mean()) / D
-    offset = float(schedule.bound_offset_per_dim(schedule.time_grid(steps, t_min, model.config.shift)))
     return {
         "steps": steps,
         "t_min": t_min,
         "trajectory_nats_per_dim": nats,
-        "bits_per_dim": float(schedule.bits_per_dim(nats + offset)),
+        "bits_per_dim": float(schedule.bound_bits_per_dim(nats, schedule.time_grid(steps, t_min, model.config.shift))),
         "num_images": int(len(images)),
     }
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .decoding import DEFAULT_METHOD
 from .errors import ConfigError
 from .images import save_array, save_grid
 
 
 def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int = 0, guidance: float = 0.0,
-             out="samples.png", save_array_to=None, final: str | None = None, inverse_method: str = "sequential",
+             out="samples.png", save_array_to=None, final: str | None = None, inverse_method: str = DEFAULT_METHOD,
              device: str = "cpu", log=print) -> np.ndarray:
     """final: the exit from u-space (exits.EXITS); default: the denoiser when the checkpoint has one."""
     if num < 1:

@@ -19,7 +19,8 @@ from torch import nn
 
 from . import schedule
 from .config import PredictorConfig
-from .layers import ConditionMLP, TransformerLayer, at_least_fp32, patchify, unpatchify
+from .layers import ConditionMLP, TransformerLayer
+from .numerics import at_least_fp32, patchify, unpatchify
 
 LOG_SCALE_CLAMP = 8.0  # |d| <= 8 (soft): sigma_P within C e^{+-8}
 
@@ -75,8 +76,8 @@ class UNetBackbone(nn.Module):
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
         self.out_norm = nn.GroupNorm(_groups(c_prev), c_prev)
         self.out = nn.Conv2d(c_prev, 2 * channels, 3, padding=1)
-        nn.init.zeros_(self.out.weight)  # raw output 0 and d = 0 at start
-        nn.init.zeros_(self.out.bias)
+        for p in self.out.parameters():  # weight and bias: raw output 0 and d = 0 at start
+            nn.init.zeros_(p)
 
     def forward(self, u_t, times, prompt_emb, prompt_mask):
         """u_t (B, C, H, W); times: (t, s, 1/T) or (t,), each (B,); prompt_emb (B, P, E), mask (B, P)
@@ -134,6 +135,7 @@ class Predictor(nn.Module):
     def __init__(self, cfg: PredictorConfig, channels: int, image_size: int, prompt_dim: int):
         super().__init__()
         self.param, self.grid_conditioning, self.learn_scale = cfg.param, cfg.grid_conditioning, cfg.learn_scale
+        self.backbone: nn.Module
         if cfg.backbone == "unet":
             self.backbone = UNetBackbone(cfg, channels, prompt_dim)
         else:
@@ -148,7 +150,7 @@ class Predictor(nn.Module):
         raw, d = self.backbone(u_t, (t, s, 1.0 / T) if self.grid_conditioning else (t,), prompt_emb, prompt_mask)
         view = (-1, 1, 1, 1)
         t4, s4 = t.view(view), s.view(view)
-        x0_hat = u_t - t4 * raw if self.param == "v" else raw
+        x0_hat = schedule.x0_from_velocity(u_t, t4, raw) if self.param == "v" else raw
         A, B, C = schedule.posterior_coeffs(s4, t4)
         mu = A * u_t + B * x0_hat
         log_C = torch.log(C).expand_as(mu)

@@ -24,7 +24,8 @@ from .data import load_dataset
 from .errors import ConfigError, NtmError
 from .evaluate import heldout_likelihood
 from .losses import loss_function
-from .model import NTM, dequantize
+from .model import NTM
+from .numerics import dequantize
 from .prompts import NULL_ID
 
 MODES = ("end2end", "pairwise")
@@ -224,7 +225,7 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
         log(f"interrupted at step {step}; checkpoint saved to {out}; continue with --resume")
         raise
     _save(out, model, ema, opt, g, step, args, history)
-    summary = {"step": step, "mode": mode, "objective": config.objective, "train_loss": loss_avg,
+    summary: dict = {"step": step, "mode": mode, "objective": config.objective, "train_loss": loss_avg,
                "seconds": time.time() - start, "params": n_params}
     if args.eval_images > 0:
         test = load_dataset(args.dataset, "test", image_size=image_size, seed=0)

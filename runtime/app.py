@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..images import save_array, save_grid
+from ntm_edge.decoding import DEFAULT_METHOD, DEFAULT_TOL
+from ntm_edge.errors import ConfigError
+from ntm_edge.images import save_array, save_grid
+
 from .audit import image_bound, load_images
 from .bundle import NumericsError
-from .inversion import DEFAULT_TOL
 from .sampler import RunResult, StageTimer, generate
 from .session import open_runtime
 
@@ -34,15 +35,17 @@ def latency_table(timer: StageTimer, num_images: int) -> str:
 
 
 def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0, guidance: float = 0.0,
-               final: str | None = None, inverse_method: str = "jacobi", out="samples.png", save_array_to=None,
-               provider: str | None = None, audit: bool = False, unrolled: bool = False, tol: float = DEFAULT_TOL,
-               threads: int | None = None, warmup: bool = True, log=print) -> RunResult:
+               final: str | None = None, inverse_method: str = DEFAULT_METHOD, out="samples.png", save_array_to=None,
+               provider: str | None = None, audit: bool = False, unrolled: bool = False, segments=1,
+               tol=DEFAULT_TOL, max_iters=None, threads: int | None = None, warmup: bool = True,
+               log=print) -> RunResult:
     """`ntm-edge run`: ``num`` images for ``prompt`` on the runtime, written as a PNG grid (and .npy)."""
     if num < 1:
         raise ConfigError("--num must be at least 1")
     rt = open_runtime(bundle, provider, threads)
     rt.bundle.vocab.token_id(prompt)  # an unknown prompt fails here, before any work
-    kw = dict(steps=steps, guidance=guidance, final=final, inverse_method=inverse_method, tol=tol, unrolled=unrolled)
+    kw = dict(steps=steps, guidance=guidance, final=final, inverse_method=inverse_method, segments=segments, tol=tol,
+              max_iters=max_iters, unrolled=unrolled)
     if warmup:  # load the sessions and let the providers allocate: not part of the measured latency
         generate(rt, [prompt], seed=seed, audit=audit, **kw)
     result = generate(rt, [prompt] * num, seed=seed, audit=audit, **kw)
@@ -51,12 +54,13 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
         save_array(result.images, Path(save_array_to))
     log(f"providers: {', '.join(rt.providers)}; bundle {rt.bundle.root}")
     log(latency_table(result.timer, num))
-    if result.passes:
-        log(f"inverse: {inverse_method}, {' + '.join(map(str, result.passes))} passes per block (last batch)")
+    if result.report is not None and result.report.iterations:
+        passes = " + ".join(map(str, result.report.block_iterations))
+        log(f"inverse: {inverse_method}, {passes} passes per block (last batch)")
     if audit:
         D = rt.bundle.config.dims
         log("exact NLL of each generated trajectory (conditional model):")
-        for i, nll in enumerate(result.nll):
+        for i, nll in enumerate(result.nll if result.nll is not None else ()):
             log(f"  sample {i:3d}: {nll:10.2f} nats  ({nll / D:.4f} nats/dim)")
     log(f"wrote {out} ({num} images, {steps} steps, exit {result.final})")
     return result

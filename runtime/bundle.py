@@ -17,10 +17,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import NTMConfig
-from ..errors import ConfigError, NtmError
-from ..fileio import sha256_file
-from ..prompts import LabelVocab
+from ntm_edge.config import NTMConfig
+from ntm_edge.errors import ConfigError, NtmError
+from ntm_edge.fileio import sha256_file
+from ntm_edge.prompts import LabelVocab
+
 from .specs import GraphSpec
 
 FORMAT = "ntm-edge-bundle"

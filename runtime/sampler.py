@@ -1,9 +1,9 @@
 """The four-step sampler on the runtime (Algorithm 2), numpy + onnxruntime.
 
-Same seed, same images as the torch sampler (``ntm_edge.exits.sample_images``): the noise comes from
-``np.random.default_rng(seed)`` in the same order (per chunk of ``NOISE_BATCH`` prompts: u_T, then
-one z per step, each ``standard_normal(shape, dtype=float32)``), the grid is
-``schedule.time_grid(steps, t_min, shift)`` and the guidance is the same formula (paper C.5).
+Same seed, same images as the torch sampler (``ntm_edge.exits.sample_images``): the loop is
+``ntm_edge.sampling.reverse_levels`` with its noise convention (``draw_noise``, per chunk of
+``NOISE_BATCH`` prompts), the grid is ``schedule.time_grid(steps, t_min, shift)`` and the guidance
+is ``numerics.guided_gaussian`` (paper C.5); only the networks are the bundle's graphs.
 
     1. u_T ~ N(0, I)
     2. for k = T .. 1: (mu, sigma) = f_P(u_tk, t_k, t_k-1, y), guided;  u_tk-1 = mu + sigma z
@@ -18,15 +18,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import schedule
-from ..errors import ConfigError
-from ..prompts import NULL_ID
+from ntm_edge import schedule
+from ntm_edge.decoding import DEFAULT_METHOD, DEFAULT_TOL, InverseReport
+from ntm_edge.errors import ConfigError
+from ntm_edge.numerics import guided_gaussian, to_uint8
+from ntm_edge.prompts import NULL_ID
+from ntm_edge.sampling import NOISE_BATCH, draw_noise, reverse_levels
+
 from .bundle import NumericsError
-from .inversion import DEFAULT_TOL, METHODS, invert
+from .inversion import check_settings, invert
 from .session import Runtime
 from .specs import DENOISER, PREDICTOR_STEP, PROMPT_ENCODER, SAMPLER_LOOP
 
-NOISE_BATCH = 256  # prompts per noise draw, = the batch_size default of exits.sample_images (a test pins it)
 FINALS = ("denoiser", "inverse")
 
 
@@ -55,33 +58,13 @@ class RunResult:
     ts: np.ndarray  # float64 (T + 1,)
     final: str
     timer: StageTimer
-    passes: list[int] = field(default_factory=list)  # inverse: passes (or decoding steps) per block, last batch
+    report: InverseReport | None = None  # inverse: passes (or decoding steps) per block and segment, last batch
     nll: np.ndarray | None = None  # exact trajectory NLL in nats (N,), with audit=True
-
-
-def guided_gaussian(mu_c, ls_c, mu_u, ls_u, w: float):
-    """Classifier-free guidance on a Gaussian (paper C.5; ``ntm_edge.model.guided_gaussian``):
-    r = min(sigma_c / sigma_u, 1)^2, sigma = sigma_c / sqrt(1 + w - w r), mu = ((1 + w) mu_c - w r mu_u) / (1 + w - w r)."""
-    w = np.float32(w)
-    r = np.exp(2.0 * np.minimum(ls_c - ls_u, 0.0))
-    denom = 1.0 + w - w * r
-    return ((1.0 + w) * mu_c - w * r * mu_u) / denom, ls_c - 0.5 * np.log(denom)
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Images in [-1, 1] (B, C, H, W) -> uint8 (B, H, W, C) (``ntm_edge.model.to_uint8``)."""
-    x = np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-    return x.transpose(0, 2, 3, 1)
 
 
 def image_shape(rt: Runtime) -> tuple[int, int, int]:
     cfg = rt.bundle.config
     return cfg.channels, cfg.image_size, cfg.image_size
-
-
-def draw_noise(rng: np.random.Generator, n: int, shape: tuple[int, ...], steps: int) -> list[np.ndarray]:
-    """[u_T, z for step T, ..., z for step 1], each float32 (n, C, H, W), in the torch sampler's order."""
-    return [rng.standard_normal((n, *shape), dtype=np.float32) for _ in range(steps + 1)]
 
 
 def encode(rt: Runtime, ids: np.ndarray) -> np.ndarray:
@@ -90,7 +73,9 @@ def encode(rt: Runtime, ids: np.ndarray) -> np.ndarray:
 
 
 def predict(rt: Runtime, u_t, t: float, s: float, steps: int, emb, null_emb, mask, guidance: float):
-    """The guided Gaussian over u_s: u_t (B, C, H, W) -> mu, log_sigma (B, C, H, W) (``NTM.predict``)."""
+    """The guided Gaussian over u_s: u_t (B, C, H, W) -> mu, log_sigma (B, C, H, W), as ``NTM.predict``:
+    guidance 0 is the conditional graph call alone; otherwise one call on the 2B batch (conditional,
+    unconditional) and ``guided_gaussian``."""
     B = u_t.shape[0]
     graph = rt[PREDICTOR_STEP]
 
@@ -110,12 +95,12 @@ def sample_levels(rt: Runtime, emb, null_emb, mask, noise: list[np.ndarray], ts:
                   timer: StageTimer) -> np.ndarray:
     """Steps 1-2 of Algorithm 2 with one predictor graph call per step -> u (B, T + 1, C, H, W), t_0 .. t_T."""
     steps = len(ts) - 1
-    levels = [noise[0]]  # 1. u_T ~ N(0, I)
-    for j, k in enumerate(range(steps, 0, -1)):  # 2. u_{k-1} = mu + sigma z
+
+    def timed_predict(u_t, t, s):
         with timer(f"predictor x {steps}"):
-            mu, log_sigma = predict(rt, levels[-1], ts[k], ts[k - 1], steps, emb, null_emb, mask, guidance)
-            levels.append(mu + np.exp(log_sigma) * noise[j + 1])
-    return np.stack(levels[::-1], axis=1)
+            return predict(rt, u_t, t, s, steps, emb, null_emb, mask, guidance)
+
+    return reverse_levels(timed_predict, noise, ts)
 
 
 def sample_levels_unrolled(rt: Runtime, emb, null_emb, mask, noise: list[np.ndarray], ts: np.ndarray,
@@ -129,15 +114,13 @@ def sample_levels_unrolled(rt: Runtime, emb, null_emb, mask, noise: list[np.ndar
                                 guidance=np.array([guidance], dtype=np.float32))["u_levels"]
 
 
-def check_options(rt: Runtime, steps: int, guidance: float, final: str, inverse_method: str, unrolled: bool) -> None:
+def check_options(rt: Runtime, steps: int, guidance: float, final: str, unrolled: bool) -> None:
     if steps < 1:
         raise ConfigError("--steps must be at least 1")
     if not guidance >= 0:
         raise ConfigError("--guidance must be >= 0")
     if final not in FINALS:
         raise ConfigError(f"unknown exit {final!r}; choose one of: {', '.join(FINALS)}")
-    if inverse_method not in METHODS:
-        raise ConfigError(f"unknown inversion method {inverse_method!r}; choose one of: {', '.join(METHODS)}")
     if final == "denoiser" and not rt.has(DENOISER):
         raise ConfigError("this bundle has no denoiser (train one with `ntm-edge train-denoiser`, re-export), "
                           "or use --final inverse")
@@ -151,23 +134,29 @@ def default_final(rt: Runtime) -> str:
 
 
 def generate(rt: Runtime, prompts, steps: int = 4, seed: int = 0, guidance: float = 0.0, final: str | None = None,
-             inverse_method: str = "jacobi", tol: float = DEFAULT_TOL, unrolled: bool = False,
+             inverse_method: str = DEFAULT_METHOD, segments=1, tol=DEFAULT_TOL, max_iters=None, unrolled: bool = False,
              audit: bool = False, timer: StageTimer | None = None) -> RunResult:
     """One image per prompt -> RunResult (images uint8 (N, H, W, C), the u levels, stage timings; with
-    ``audit`` the exact NLL of every generated trajectory under the conditional model)."""
+    ``audit`` the exact NLL of every generated trajectory under the conditional model).
+
+    inverse_method, segments, tol, max_iters: the transporter inversion, as ``Transporter.inverse``
+    (one value, or one per block)."""
     from .audit import generated_nll
 
     final = final or default_final(rt)
-    check_options(rt, steps, guidance, final, inverse_method, unrolled)
+    check_options(rt, steps, guidance, final, unrolled)
+    inversion = dict(method=inverse_method, segments=segments, tol=tol, max_iters=max_iters)
+    check_settings(rt, **inversion)
     timer = timer or StageTimer()
     vocab, cfg = rt.bundle.vocab, rt.bundle.config
-    t_min = rt.bundle.denoiser["t0"] if final == "denoiser" else cfg.t_min_sample
+    den = rt.bundle.denoiser  # checked above: present when final is "denoiser"
+    t_min = den["t0"] if final == "denoiser" and den else cfg.t_min_sample
     ts = schedule.time_grid(steps, t_min, cfg.shift)  # (T + 1,) float64
     t0 = float(ts[0])
     shape, batch = image_shape(rt), rt.bundle.batch
     rng = np.random.default_rng(seed)
     prompts = list(prompts)
-    images, x0s, us, nlls, passes = [], [], [], [], []
+    images, x0s, us, nlls, report = [], [], [], [], None
     start = time.perf_counter()
     for c in range(0, len(prompts), NOISE_BATCH):
         chunk = prompts[c : c + NOISE_BATCH]
@@ -187,18 +176,18 @@ def generate(rt: Runtime, prompts, steps: int = 4, seed: int = 0, guidance: floa
                     x = rt[DENOISER](u=u[:, 0], ids=ids, prompt_mask=mask)["x0"]
             else:
                 with timer(f"inverse ({inverse_method})"):
-                    x_t0, passes = invert(rt, u[:, 0], t0, steps, inverse_method, tol)
-                    x = x_t0 / np.float32(1.0 - t0)
+                    x_t0, report = invert(rt, u[:, 0], t0, steps, **inversion)
+                    x = schedule.decoder_mean(x_t0, t0)
             if not np.isfinite(x).all():
                 raise NumericsError("the sampler produced NaN or inf values: the bundle's graphs overflow "
                                     f"(prompt {chunk[b]!r}, seed {seed}, guidance {guidance})")
             if audit:
                 with timer("audit"):
-                    nlls.append(generated_nll(rt, u, ts, ids, mask, inverse_method, tol))
+                    nlls.append(generated_nll(rt, u, ts, ids, mask, **inversion))
             images.append(to_uint8(x))
             x0s.append(x)
             us.append(u)
     timer.seconds["total"] = time.perf_counter() - start
     timer.calls["total"] = 1
-    return RunResult(np.concatenate(images), np.concatenate(x0s), np.concatenate(us), ts, final, timer, passes,
+    return RunResult(np.concatenate(images), np.concatenate(x0s), np.concatenate(us), ts, final, timer, report,
                      np.concatenate(nlls) if audit else None)

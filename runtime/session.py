@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ntm_edge.errors import ConfigError
+
 from .bundle import Bundle, BundleError, load_bundle
 from .specs import GraphSpec
 
@@ -104,7 +105,8 @@ class Graph:
         return self.session.get_providers()
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        feed = {name: np.ascontiguousarray(inputs[name], dtype=dtype) for name, dtype in self._dtypes.items()}
+        feed: dict[str, np.ndarray] = {name: np.ascontiguousarray(inputs[name], dtype=dtype)
+                                       for name, dtype in self._dtypes.items()}
         return dict(zip(self.spec.output_names, self.session.run(None, feed), strict=True))
 
 
@@ -123,7 +125,7 @@ class Runtime:
         if name not in self._graphs:
             path = self.bundle.file(name, self.precision)
             spec = self.bundle.graphs[name]
-            providers = list(self.providers)
+            providers: list = list(self.providers)
             if PROVIDERS["tensorrt"] in providers:
                 cache = engine_cache_dir(self.bundle)
                 cache.mkdir(parents=True, exist_ok=True)
