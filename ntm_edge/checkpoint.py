@@ -1,13 +1,16 @@
-"""Checkpoint directories: written atomically, verified on load.
+"""Checkpoint directories: written as one atomic save, every file verified on load.
 
     DIR/config.json         NTMConfig (everything needed to rebuild the model)
     DIR/model.safetensors   the weights used for sampling (the EMA weights in training)
-    DIR/checkpoint.json     format version, training step, sha256 of model.safetensors
     DIR/train_state.pt      raw + EMA weights, optimizer, step, RNG state, run arguments (--resume)
+    DIR/checkpoint.json     format version, training step, what the model was trained on, the
+                            sha256 of each file above and of its own other fields
 
-Every file is written to a temporary name in DIR and renamed into place, so an interrupted save
-never leaves a half-written file under a real name; checkpoint.json is renamed last and its hash
-ties the weights to it, so a mix of two saves is detected on load.
+A save writes every file to a temporary name first and renames them into place only once all are
+written (``fileio.StagedWrites``), checkpoint.json last: a save that fails (a full disk, a signal)
+leaves the previous checkpoint as it was. On load each file must match the sha256 that
+checkpoint.json records, checkpoint.json must match its own, the config must describe a model, and
+every tensor must have the name and shape that the config asks for.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from pathlib import Path
 
 from .config import NTMConfig
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write, atomic_write_text, sha256_file
+from .fileio import StagedWrites, is_sealed, seal, sha256_file
 
-FORMAT_VERSION = 1
+# 2: checkpoint.json is sealed and hashes config.json (and train_state.pt). 1: it hashed the weights only.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG, WEIGHTS, META, STATE = "config.json", "model.safetensors", "checkpoint.json", "train_state.pt"
+STATE_KEYS = ("step", "model", "ema", "optimizer", "generator", "args", "config", "history")
 
 
 def is_checkpoint(path) -> bool:
@@ -31,39 +37,110 @@ def is_checkpoint(path) -> bool:
 def save_model(model, path, step: int | None = None, state_dict=None, info: dict | None = None) -> None:
     """Write config.json, model.safetensors (``state_dict`` or the model's own) and checkpoint.json
     (with ``info``: what the model was trained on, for `ntm-edge eval`)."""
-    from safetensors.torch import save_file
+    _save(model, Path(path), step, state_dict, info, train_state=None)
 
-    path = Path(path)
+
+def save_training_checkpoint(model, path, state: dict, info: dict) -> None:
+    """A training checkpoint: ``model``'s weights (the EMA) for sampling, and ``state`` (see
+    STATE_KEYS) as train_state.pt for --resume, hashed in checkpoint.json like the rest."""
+    _save(model, Path(path), state["step"], None, info, train_state=state)
+
+
+def _save(model, path: Path, step, state_dict, info, train_state) -> None:
+    from safetensors.torch import save
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
-    atomic_write_text(path / CONFIG, model.config.to_json())
-    atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "ntm-edge"}))
-    meta = {"format_version": FORMAT_VERSION, "step": step, "weights_sha256": sha256_file(path / WEIGHTS),
-            **(info or {})}
-    atomic_write_text(path / META, json.dumps(meta, indent=2))
+    meta = {"format_version": FORMAT_VERSION, "step": step, **(info or {})}
+    with StagedWrites() as staged:  # nothing under a real name changes until every file is written
+        if train_state is not None:
+            tmp = staged.write(path / STATE, lambda tmp: torch_save(train_state, tmp))
+            meta["train_state_sha256"] = sha256_file(tmp)
+        tmp = staged.write(path / CONFIG, lambda tmp: Path(tmp).write_text(model.config.to_json()))
+        meta["config_sha256"] = sha256_file(tmp)
+        weights = save(tensors, metadata={"format": "ntm-edge"})  # bytes: a full disk is an OSError
+        tmp = staged.write(path / WEIGHTS, lambda tmp: Path(tmp).write_bytes(weights))
+        meta["weights_sha256"] = sha256_file(tmp)
+        staged.write(path / META, lambda tmp: Path(tmp).write_text(json.dumps(seal(meta), indent=2)))
+
+
+class _Writes:
+    """A file that remembers the OSError of a failed write: torch.save turns it into a RuntimeError
+    without the reason ("unexpected pos ..."), and a full disk should say "No space left on device"."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def torch_save(obj, path) -> None:
+    """torch.save to ``path``; a failed write raises its OSError (ENOSPC, EFBIG, ...)."""
+    import torch
+
+    with open(path, "wb") as f:
+        out = _Writes(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
 
 
 def read_json(path: Path, what: str) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path.parent} holds no {path.name}: it is not an ntm-edge {what}")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is corrupt ({e.__class__.__name__}: {e}); {what} cannot be read") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is corrupt (not a JSON object); {what} cannot be read")
+    return data
 
 
-def load_config(path) -> NTMConfig:
+def verify_file(path: Path, recorded, remedy: str = "") -> None:
+    """``path`` exists and matches its recorded sha256, or a CheckpointError says which it is not."""
+    if not path.exists():
+        raise CheckpointError(f"{path.parent} holds no {path.name}{remedy}")
+    if sha256_file(path) != recorded:
+        raise CheckpointError(f"{path} does not match its recorded sha256: the file is corrupt, truncated "
+                              f"or was edited{remedy}")
+
+
+def load_info(path) -> dict:
+    """checkpoint.json (verified): format version, step, what the model was trained on, file hashes."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
+    meta = read_json(path / META, "checkpoint")
+    version = meta.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path / META} has checkpoint format {version}, this ntm-edge reads "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if version >= 2 and not is_sealed(meta):
+        raise CheckpointError(f"{path / META} does not match its recorded sha256: the file is corrupt or was edited")
+    return meta
+
+
+def load_config(path) -> NTMConfig:
+    """config.json, verified against checkpoint.json and validated."""
+    path = Path(path)
+    meta = load_info(path)
+    if meta["format_version"] >= 2:
+        verify_file(path / CONFIG, meta.get("config_sha256"))
     try:
         return NTMConfig.from_dict(read_json(path / CONFIG, "checkpoint"))
     except ConfigError as e:
         raise CheckpointError(f"{path / CONFIG}: {e}") from None
-
-
-def load_info(path) -> dict:
-    """checkpoint.json: format version, step, weights hash and what the model was trained on."""
-    return read_json(Path(path) / META, "checkpoint")
 
 
 def trained_on(path) -> str | None:
@@ -74,8 +151,28 @@ def trained_on(path) -> str | None:
     return dataset
 
 
+def check_tensors(tensors: dict, expected: dict, source) -> None:
+    """``tensors`` (name -> tensor) has exactly the names, shapes and dtypes of ``expected`` (a
+    module's state_dict); otherwise one CheckpointError that names the first mismatch."""
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        first = f"no tensor {missing[0]!r}" if missing else f"an unknown tensor {unexpected[0]!r}"
+        raise CheckpointError(f"{source} does not fit its config: {first} ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected tensors)")
+    for name, ref in expected.items():
+        t = tensors[name]
+        if not hasattr(t, "shape") or not hasattr(t, "dtype"):
+            raise CheckpointError(f"{source} does not fit its config: {name} is a {type(t).__name__}, not a tensor")
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source} does not fit its config: {name} has shape {tuple(t.shape)}, "
+                                  f"the config needs {tuple(ref.shape)}")
+        if t.dtype != ref.dtype:
+            raise CheckpointError(f"{source} does not fit its config: {name} is {t.dtype}, the model needs {ref.dtype}")
+
+
 def load_model(path, device: str = "cpu"):
-    """Rebuild the model from DIR, verify the weights' hash and names, load them; eval mode."""
+    """Rebuild the model from DIR, verify every file's hash and every tensor's name and shape; eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -84,46 +181,42 @@ def load_model(path, device: str = "cpu"):
     path = Path(path)
     config = load_config(path)
     meta = load_info(path)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {meta.get('format_version')}, this ntm-edge reads {FORMAT_VERSION}")
     weights = path / WEIGHTS
-    if not weights.exists():
-        raise CheckpointError(f"{path} holds no {WEIGHTS}")
-    if sha256_file(weights) != meta.get("weights_sha256"):
-        raise CheckpointError(f"{weights} does not match its recorded sha256: the file is corrupt or truncated")
+    verify_file(weights, meta.get("weights_sha256"))
     try:
         tensors = load_file(weights, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} cannot be read ({e})") from None
     model = NTM(config)
-    missing, unexpected = set(model.state_dict()) - set(tensors), set(tensors) - set(model.state_dict())
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{weights} does not fit its config.json ({len(missing)} missing, {len(unexpected)} unexpected tensors)"
-        )
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise CheckpointError(f"{weights} does not fit its config.json ({str(e).splitlines()[0]})") from None
+    check_tensors(tensors, model.state_dict(), weights)
+    model.load_state_dict(tensors)
     return model.to(device).eval()
 
 
-def save_train_state(path, state: dict) -> None:
-    import torch
-
-    atomic_write(Path(path) / STATE, lambda tmp: torch.save(state, tmp))
-
-
 def load_train_state(path) -> dict:
+    """train_state.pt, verified against checkpoint.json (its sha256 and step) and checked for the
+    entries a resume needs. The tensors' shapes are checked when they are loaded (``check_tensors``)."""
     import pickle
 
     import torch
 
-    p = Path(path) / STATE
+    path = Path(path)
+    p = path / STATE
     if not p.exists():
         raise CheckpointError(f"{path} holds no {STATE}: nothing to resume (train without --resume)")
+    meta = load_info(path)
+    if "train_state_sha256" not in meta:
+        raise CheckpointError(f"{path / META} records no sha256 of {STATE} (written by an older ntm-edge, or "
+                              f"by save_pretrained over a training run): it cannot be verified and is not resumed")
+    verify_file(p, meta["train_state_sha256"])
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        state = torch.load(p, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         raise CheckpointError(f"{p} is corrupt or truncated ({msg})") from None
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise CheckpointError(f"{p} lacks entries that a resume needs ({', '.join(STATE_KEYS)})")
+    if state["step"] != meta.get("step"):
+        raise CheckpointError(f"{p} is at step {state['step']} but {META} says {meta.get('step')}: "
+                              "the two files come from different saves")
+    return state

@@ -31,8 +31,8 @@ def _friendly(fn):
         except NtmError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:  # 130 for Ctrl-C; a run stopped by SIGTERM says 143 (interrupts.py)
+            raise typer.Exit(getattr(e, "exit_code", 130)) from None
 
     return wrapper
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .schedule import shift_time
 
 CONFIG_VERSION = 1
 
@@ -57,6 +59,17 @@ class PromptConfig:
     kind: str = "label"
     class_names: tuple[str, ...] = ()
     dim: int = 64
+
+    def validate(self) -> PromptConfig:
+        if self.kind != "label":
+            raise ConfigError(f"unknown prompt encoder {self.kind!r}; this ntm-edge has 'label'")
+        names = self.class_names
+        if not isinstance(names, tuple) or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ConfigError(f"prompt.class_names must be non-empty strings, got {names!r}")
+        keys = [" ".join(n.lower().split()) for n in names]  # as prompts.normalize_prompt reads them
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"prompt.class_names has names that a prompt cannot tell apart: {names!r}")
+        return self
 
 
 OBJECTIVES = ("ntm", "gaussian", "fm")
@@ -105,9 +118,37 @@ class NTMConfig:
         return dataclasses.replace(self, objective=objective, predictor=pred, transporter=trans, x0_mse_weight=x0_mse_weight)
 
     def validate(self) -> NTMConfig:
+        """Every value a model can be built, trained and sampled with, or one ConfigError naming the
+        field (config.json is user-visible: a value that loads must not crash deep inside later)."""
         t, p = self.transporter, self.predictor
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+        for name in ("image_size", "channels", "steps"):
+            _need_int(name, getattr(self, name), 1)
+        for name, low in (("patch_size", 1), ("num_blocks", 0), ("layers_per_block", 1), ("width", 1),
+                          ("heads", 1), ("mlp_ratio", 1)):
+            _need_int(f"transporter.{name}", getattr(t, name), low)
+        for name in ("blocks_per_level", "patch_size", "width", "depth", "heads", "mlp_ratio"):
+            _need_int(f"predictor.{name}", getattr(p, name), 1)
+        if not isinstance(p.channels, tuple) or not p.channels:
+            raise ConfigError(f"predictor.channels must list at least one width, got {p.channels!r}")
+        for c in p.channels:
+            _need_int("predictor.channels", c, 1)
+        _need_int("prompt.dim", self.prompt.dim, 1)
+        for name in ("shift", "t_min_low", "t_min_max", "t_min_sample", "prompt_dropout", "x0_mse_weight"):
+            _need_number(name, getattr(self, name))
+        _need_number("transporter.alpha_clamp", t.alpha_clamp)
+        for name in ("grid_conditioning", "learn_scale"):
+            if not isinstance(getattr(p, name), bool):
+                raise ConfigError(f"predictor.{name} must be true or false, got {getattr(p, name)!r}")
+        if t.width % t.heads or p.width % p.heads:
+            raise ConfigError("the transporter's and the predictor's width must be divisible by their heads")
+        if t.alpha_clamp <= 0:
+            raise ConfigError(f"transporter.alpha_clamp must be positive, got {t.alpha_clamp}")
+        if not 0.0 <= self.prompt_dropout <= 1.0:
+            raise ConfigError(f"prompt_dropout must lie in [0, 1], got {self.prompt_dropout}")
+        if self.x0_mse_weight < 0:
+            raise ConfigError(f"x0_mse_weight must be >= 0, got {self.x0_mse_weight}")
         if self.image_size % t.patch_size:
             raise ConfigError(f"image size {self.image_size} is not divisible by the transporter patch {t.patch_size}")
         if self.objective == "fm" and (p.grid_conditioning or p.param != "v" or t.num_blocks):
@@ -120,11 +161,17 @@ class NTMConfig:
             raise ConfigError(f"image size {self.image_size} is not divisible by the predictor patch {p.patch_size}")
         if p.backbone == "unet" and self.image_size % (2 ** (len(p.channels) - 1)):
             raise ConfigError(f"image size {self.image_size} cannot be halved {len(p.channels) - 1} times")
-        # t_min must stay below t_1 = 1/16, the first level of the finest trained grid (T = 16)
-        if not 0.0 <= self.t_min_low <= self.t_min_max < 1.0 / 16:
-            raise ConfigError(f"need 0 <= t_min_low <= t_min_max < 1/16, got {self.t_min_low}, {self.t_min_max}")
-        if not 0.0 < self.t_min_sample < 1.0 / self.steps:
-            raise ConfigError(f"t_min_sample must lie in (0, 1/steps), got {self.t_min_sample}")
+        self.prompt.validate()
+        # training draws t_min below t_1 of the finest grid it trains on (T = 16 pairwise, or `steps`);
+        # sampling starts from t_min_sample below t_1 of the model's own grid
+        finest = shift_time(1.0 / max(16, self.steps), self.shift)
+        if not 0.0 <= self.t_min_low <= self.t_min_max < finest:
+            raise ConfigError(f"need 0 <= t_min_low <= t_min_max < t_1 = {finest:.4f} (the finest trained grid), "
+                              f"got {self.t_min_low}, {self.t_min_max}")
+        t1 = shift_time(1.0 / self.steps, self.shift)
+        if not 0.0 < self.t_min_sample < t1:
+            raise ConfigError(f"t_min_sample must lie in (0, t_1 = {t1:.4f}) for {self.steps} steps, "
+                              f"got {self.t_min_sample}")
         return self
 
     # -- serialisation ---------------------------------------------------------------------------
@@ -148,8 +195,18 @@ class NTMConfig:
                 "prompt": _build(PromptConfig, d.pop("prompt")),
             }
             return cls(**d, **sub).validate()
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"config does not describe an NTM model ({e})") from None
+
+
+def _need_int(name: str, value, low: int) -> None:
+    if type(value) is not int or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _need_number(name: str, value) -> None:
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 def _build(cls, d: dict):

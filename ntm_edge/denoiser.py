@@ -5,7 +5,11 @@ the NTM frozen, by MSE to the score-denoised targets (exits.score_denoise) that 
 forward trajectories of the training images: no data beyond the training set.
 
 Stored next to the NTM in its checkpoint directory: denoiser.safetensors and denoiser.json (config,
-sha256 of the weights), written atomically; the NTM's own files are never touched.
+sha256 of the weights and of the NTM weights it was trained for, sealed by the sha256 of its own
+fields), written as one atomic save; the NTM's own files are never touched. On load the config is
+validated, the weights must match their hash and the config's shapes, and the NTM must still be
+the one the denoiser was trained for. SIGINT / SIGTERM while training stop it with nothing saved
+(exit 130 / 143): there is no partial denoiser.
 """
 
 from __future__ import annotations
@@ -20,15 +24,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import read_json, trained_on
+from .checkpoint import check_tensors, load_info, read_json, trained_on, verify_file
 from .config import PredictorConfig
-from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write, atomic_write_text, sha256_file
+from .errors import CheckpointError, ConfigError, NtmError
+from .fileio import StagedWrites, is_sealed, output_dir_problem, remove_stale_temporaries, seal, sha256_file
+from .interrupts import Interrupted, StopSignals, signal_name
 from .model import NTM, LabelEncoder
 from .numerics import dequantize
 from .predictor import TransformerBackbone
 
 WEIGHTS, META = "denoiser.safetensors", "denoiser.json"
+FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,18 @@ class DenoiserConfig:
     width: int = 128
     depth: int = 4
     heads: int = 4
+
+    def validate(self) -> DenoiserConfig:
+        for name in ("image_size", "channels", "num_prompt_tokens", "steps", "prompt_dim", "patch_size", "width",
+                     "depth", "heads"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"denoiser {name} must be an integer >= 1, got {value!r}")
+        if type(self.t0) not in (int, float) or not 0.0 < self.t0 < 1.0:
+            raise ConfigError(f"denoiser t0 must lie in (0, 1), got {self.t0!r}")
+        if self.image_size % self.patch_size or self.width % self.heads:
+            raise ConfigError("denoiser: the image size must be divisible by the patch, the width by the heads")
+        return self
 
 
 class Denoiser(nn.Module):
@@ -67,13 +85,16 @@ def has_denoiser(checkpoint) -> bool:
 
 
 def save_denoiser(den: Denoiser, checkpoint, info: dict) -> None:
-    from safetensors.torch import save_file
+    """denoiser.safetensors and its sealed denoiser.json, tied to the NTM weights in ``checkpoint``."""
+    from safetensors.torch import save
 
     path = Path(checkpoint)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in den.state_dict().items()}
-    atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    meta = {"config": dataclasses.asdict(den.config), "weights_sha256": sha256_file(path / WEIGHTS), **info}
-    atomic_write_text(path / META, json.dumps(meta, indent=2))
+    weights = save({k: v.detach().cpu().contiguous() for k, v in den.state_dict().items()})
+    meta = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(den.config),
+            "ntm_weights_sha256": load_info(path).get("weights_sha256"), **info}
+    with StagedWrites() as staged:
+        meta["weights_sha256"] = sha256_file(staged.write(path / WEIGHTS, lambda tmp: Path(tmp).write_bytes(weights)))
+        staged.write(path / META, lambda tmp: Path(tmp).write_text(json.dumps(seal(meta), indent=2)))
 
 
 def load_denoiser(checkpoint, device: str = "cpu") -> Denoiser:
@@ -81,15 +102,31 @@ def load_denoiser(checkpoint, device: str = "cpu") -> Denoiser:
     from safetensors.torch import load_file
 
     path = Path(checkpoint)
-    meta = read_json(path / META, "denoiser")
-    weights = path / WEIGHTS
-    if not weights.exists() or sha256_file(weights) != meta.get("weights_sha256"):
-        raise CheckpointError(f"{weights} is missing or does not match its recorded sha256; retrain the denoiser")
+    retrain = "; retrain it with `ntm-edge train-denoiser`"
     try:
-        den = Denoiser(DenoiserConfig(**meta["config"]))
-        den.load_state_dict(load_file(weights))
-    except (SafetensorError, KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{weights} cannot be loaded ({str(e).splitlines()[0]})") from None
+        meta = read_json(path / META, "denoiser")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{retrain}") from None
+    if meta.get("format_version") != FORMAT_VERSION or not is_sealed(meta):
+        raise CheckpointError(f"{path / META} does not match its recorded sha256 (corrupt, edited, or written by "
+                              f"an older ntm-edge){retrain}")
+    if meta.get("ntm_weights_sha256") != load_info(path).get("weights_sha256"):
+        raise CheckpointError(f"the denoiser in {path} was trained for other NTM weights (the NTM was trained "
+                              f"further since){retrain}")
+    weights = path / WEIGHTS
+    verify_file(weights, meta.get("weights_sha256"), retrain)
+    try:
+        den = Denoiser(DenoiserConfig(**meta["config"]).validate())
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / META} does not describe a denoiser ({e})") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{path / META}: {e}") from None
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights} cannot be read ({e})") from None
+    check_tensors(tensors, den.state_dict(), weights)
+    den.load_state_dict(tensors)
     return den.to(device).eval()
 
 
@@ -131,6 +168,9 @@ def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: floa
     dataset = trained_on(checkpoint)
     if dataset is None:
         raise ConfigError(f"{checkpoint} does not record its dataset")
+    removed = remove_stale_temporaries(checkpoint)
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) that a killed run left in {checkpoint}")
     data = load_dataset(dataset, "train", image_size=cfg.image_size, channels=cfg.channels)
     g = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)
@@ -139,34 +179,53 @@ def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: floa
     dcfg = DenoiserConfig(image_size=cfg.image_size, channels=cfg.channels, num_prompt_tokens=model.vocab.num_tokens,
                           t0=cfg.t_min_sample, steps=cfg.steps, prompt_dim=cfg.prompt.dim)
     den = Denoiser(dcfg).to(device)
+    problem = output_dir_problem(Path(checkpoint), 2 * sum(t.numel() * t.element_size() for t in den.state_dict().values()))
+    if problem:
+        raise NtmError(problem)
     den.prompt_encoder.load_state_dict(model.prompt_encoder.state_dict())
     opt = torch.optim.AdamW(den.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
     start = time.time()
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not progress)
-    with bar:
-        task = bar.add_task("targets", total=trajectories * len(images), info="")
-        u0, x_den, ids = build_targets(model, images, labels, dcfg.t0, trajectories, g,
-                                       progress=lambda n: bar.advance(task, n))
-        log(f"built {len(u0)} score-denoised targets in {time.time() - start:.0f} s")
-        task = bar.add_task("denoiser", total=steps, info="")
-        loss_avg = None
-        for step in range(steps):
-            idx = torch.randint(len(u0), (batch_size,), generator=g, device=device)
-            drop = torch.rand(batch_size, generator=g, device=device) < cfg.prompt_dropout
-            b_ids = torch.where(drop[:, None], 0, ids[idx])
-            loss = (den(u0[idx], b_ids, torch.ones_like(b_ids, dtype=torch.bool)) - x_den[idx]).pow(2).mean()
-            for group in opt.param_groups:  # warm-up, then cosine decay
-                group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(den.parameters(), 1.0)
-            opt.step()
-            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-            bar.update(task, completed=step + 1, info=f"mse {loss_avg:.5f}")
-            if not progress and ((step + 1) % 200 == 0 or step + 1 == steps):
-                log(f"denoiser step {step + 1}/{steps}  mse {loss_avg:.5f}  {time.time() - start:.0f} s")
+    stop = StopSignals()
+
+    def check_stop() -> None:  # between two batches: nothing is half done, and nothing is saved
+        if stop.requested:
+            raise Interrupted(stop.signum, saved=False)
+
+    try:
+        with stop, bar:
+            task = bar.add_task("targets", total=trajectories * len(images), info="")
+            u0, x_den, ids = build_targets(model, images, labels, dcfg.t0, trajectories, g,
+                                           progress=lambda n: (bar.advance(task, n), check_stop()))
+            log(f"built {len(u0)} score-denoised targets in {time.time() - start:.0f} s")
+            task = bar.add_task("denoiser", total=steps, info="")
+            loss_avg = None
+            for step in range(steps):
+                check_stop()
+                idx = torch.randint(len(u0), (batch_size,), generator=g, device=device)
+                drop = torch.rand(batch_size, generator=g, device=device) < cfg.prompt_dropout
+                b_ids = torch.where(drop[:, None], 0, ids[idx])
+                loss = (den(u0[idx], b_ids, torch.ones_like(b_ids, dtype=torch.bool)) - x_den[idx]).pow(2).mean()
+                for group in opt.param_groups:  # warm-up, then cosine decay
+                    group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(den.parameters(), 1.0)
+                opt.step()
+                loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+                bar.update(task, completed=step + 1, info=f"mse {loss_avg:.5f}")
+                if not progress and ((step + 1) % 200 == 0 or step + 1 == steps):
+                    log(f"denoiser step {step + 1}/{steps}  mse {loss_avg:.5f}  {time.time() - start:.0f} s")
+    except Interrupted as e:
+        log(f"interrupted by {signal_name(e.signum)}: the denoiser was not saved (it has no partial checkpoint); "
+            f"{checkpoint} is unchanged")
+        raise
     summary = {"steps": steps, "train_mse": loss_avg, "targets": len(u0), "seconds": time.time() - start}
-    save_denoiser(den.eval(), checkpoint, {"trained": summary, "dataset": dataset})
+    try:
+        save_denoiser(den.eval(), checkpoint, {"trained": summary, "dataset": dataset})
+    except OSError as e:
+        raise NtmError(f"cannot save the denoiser into {checkpoint}: {e.strerror or e}; "
+                       "the checkpoint is unchanged") from None
     log(f"saved the denoiser into {checkpoint} ({summary['seconds']:.0f} s)")
     return summary

@@ -1,6 +1,7 @@
-"""Small torch-free file helpers shared by the training side and the runtime: atomic writes and
-sha256 hashing. numpy-free and torch-free, so ``ntm_edge.runtime`` imports it without pulling in
-anything of the training side.
+"""Small torch-free file helpers shared by the training side and the runtime: atomic writes (of one
+file, or of several as one save: ``StagedWrites``), sha256 hashing, sealed JSON records (``seal``),
+and the check of an output directory before long work (``output_dir_problem``). numpy-free and
+torch-free, so ``ntm_edge.runtime`` imports it without pulling in anything of the training side.
 
 Atomic write: the content goes to a temporary file next to the target, named
 ``.<name>.<pid>.<random>.tmp`` (a dot-file, so it never passes for a real output), is fsync'ed, then
@@ -13,6 +14,7 @@ temporary; the writer's pid in the name lets the next run in that directory tell
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -20,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+SEAL = "self_sha256"  # the field of a sealed JSON record that hashes its other fields (``seal``)
 # .<name>.<pid>.<random>.tmp, as tempfile.mkstemp / mkdtemp name them with our prefix and suffix
 _TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
 
@@ -82,19 +85,49 @@ def remove_stale_temporaries(directory: Path, name: str | None = None) -> list[P
 
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=TMP_SUFFIX)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
-    try:
+    with StagedWrites() as staged:
+        staged.write(path, write)
+
+
+class StagedWrites:
+    """Files replaced together, as one save (a checkpoint: train state, weights, config and the
+    metadata that hashes them).
+
+    ``write`` puts each file's content in its temporary (fsync'ed) and changes nothing under a real
+    name, so a failure while any content is written (ENOSPC, EFBIG, an exception) leaves the previous
+    files exactly as they were: the temporaries are removed and the error propagates. Leaving the
+    ``with`` block without an error renames them all into place, in the order written; write the file
+    that commits the others (the one holding their hashes) last.
+    """
+
+    def __init__(self):
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, target)
+
+    def write(self, path: Path, write) -> Path:
+        """Stage ``path``: call ``write(tmp_path)``; returns the temporary (to hash it, say)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=TMP_SUFFIX)
+        os.close(fd)
+        tmp = Path(name)
+        self._staged.append((tmp, path))
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp (and some writers) make 0600; give what open() would
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return tmp
+
+    def __enter__(self) -> StagedWrites:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                for tmp, path in self._staged:
+                    os.replace(tmp, path)
+        finally:
+            for tmp, _ in self._staged:
+                tmp.unlink(missing_ok=True)  # every temporary of a failed save; none after a commit
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -107,3 +140,57 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself, or its closest ancestor that exists (where ``path`` would be created)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def output_dir_problem(directory: Path, need_bytes: int = 0) -> str | None:
+    """Why files cannot be written into ``directory`` (None: they can): it is a file, lies under a
+    file, is not writable (checked by creating and removing a temporary, which also catches read-only
+    file systems and a root user's unusual permissions), or its file system has less than
+    ``need_bytes`` free. Nothing is left behind. Meant to run before long work that ends in a save."""
+    directory = Path(directory)
+    if directory.is_symlink() and not directory.exists():
+        return f"{directory} is a broken symbolic link"
+    if directory.exists() and not directory.is_dir():
+        return f"{directory} exists and is not a directory"
+    base = nearest_existing(directory)
+    if not base.is_dir():
+        return f"{directory} cannot be created: {base} is a file"
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=temp_prefix("probe"), suffix=TMP_SUFFIX)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{directory} is not writable ({e.strerror or e} in {base})"
+    free = shutil.disk_usage(base).free
+    if free < need_bytes:
+        return (f"{directory} needs about {_mb(need_bytes)} free for a checkpoint; its file system has "
+                f"{_mb(free)} left")
+    return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def seal(record: dict) -> dict:
+    """``record`` with ``self_sha256``: the sha256 of its other fields (canonical JSON), so that
+    an edited or damaged metadata file is told from a good one (``is_sealed``)."""
+    return {**record, SEAL: _digest(record)}
+
+
+def is_sealed(record: dict) -> bool:
+    """True when ``record`` (parsed JSON) carries a ``self_sha256`` that matches its other fields."""
+    rest = {k: v for k, v in record.items() if k != SEAL}
+    return isinstance(record.get(SEAL), str) and record[SEAL] == _digest(rest)
+
+
+def _digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -39,7 +39,7 @@ from torch import nn
 
 from .data import load_dataset
 from .errors import DataError
-from .fileio import atomic_write, atomic_write_text, sha256_file
+from .fileio import atomic_write, atomic_write_text, remove_stale_temporaries, sha256_file
 
 CACHE_VERSION = 1
 FEATURE_DIM = 128
@@ -187,6 +187,7 @@ def load_or_train_classifier(dataset: str, image_size: int, channels: int, cache
     clf = train_classifier(dataset, image_size, channels, device=device, log=log)
     tensors = {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}
     try:  # weights first, then the json whose sha256 ties them to it
+        remove_stale_temporaries(weights.parent)  # what a killed caching run left
         atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "ntm-edge-eval-classifier"}))
         meta = {"cache_version": CACHE_VERSION, "dataset": str(dataset), "image_size": image_size, "channels": channels,
                 "class_names": list(clf.class_names), "heldout_accuracy": clf.heldout_accuracy,

@@ -5,12 +5,18 @@ AdamW, EMA weights (saved as model.safetensors), gradient clipping, prompt dropo
 classifier-free guidance, atomic periodic checkpoints, an optional wall-clock budget (to compare
 objectives at equal cost), and --resume that continues the same run bit for bit (all randomness
 comes from one torch.Generator whose state is checkpointed). The objectives live in losses.py.
+
+Nothing is lost: the output directory is checked (a directory, writable, room for a checkpoint)
+before step 1; SIGINT and SIGTERM end the current step, save and stop (exit 130 / 143,
+interrupts.py), so an interrupted run resumes exactly as an uninterrupted one continues; a save that
+fails (a full disk) keeps the previous checkpoint and stops the run with one line.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -18,11 +24,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import is_checkpoint, load_config, load_train_state, save_model, save_train_state
+from .checkpoint import check_tensors, is_checkpoint, load_config, load_train_state, save_training_checkpoint
 from .config import OBJECTIVES, PRESET_MODES, NTMConfig, get_preset
 from .data import load_dataset
-from .errors import ConfigError, NtmError
+from .errors import CheckpointError, ConfigError, NtmError
 from .evaluate import heldout_likelihood
+from .fileio import output_dir_problem, remove_stale_temporaries
+from .interrupts import Interrupted, StopSignals, signal_name
 from .losses import loss_function
 from .model import NTM
 from .numerics import dequantize
@@ -106,14 +114,42 @@ def _align_weight_at(args: TrainArgs, step: int) -> float:
     return args.align_weight * 0.5 * (1.0 + math.cos(math.pi * min(step / args.steps, 1.0)))
 
 
-def _save(out: Path, model, ema, opt, g, step, args, history) -> None:
-    save_train_state(out, {
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """What one training checkpoint of ``model`` takes on disk, about: train_state.pt holds the raw
+    weights, the EMA weights and AdamW's two moments, model.safetensors the EMA weights once more; a
+    save writes all of it before the previous files are replaced. Plus 1 MB for the rest."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 5 * weights + (1 << 20)
+
+
+def _save(out: Path, model, ema, opt, g, step, args, history, loss_avg, saved_step) -> int:
+    """Save a checkpoint of ``step``; returns ``step``. An OSError (a full disk) is one NtmError,
+    and the checkpoint of ``saved_step`` stays as it was."""
+    state = {
         "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
         "generator": g.get_state(), "args": dataclasses.asdict(args), "config": model.config.to_dict(),
-        "history": history,
-    })
+        "history": history, "loss_avg": loss_avg,
+    }
     info = {"dataset": args.dataset, "preset": args.preset, "objective": model.config.objective}
-    save_model(ema, out, step=step, info=info)  # the EMA weights are the ones to sample from
+    try:
+        save_training_checkpoint(ema, out, state, info)  # the EMA weights are the ones to sample from
+    except OSError as e:
+        kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "nothing was saved"
+        raise NtmError(f"cannot save step {step} to {out}: {e.strerror or e}; {kept}") from None
+    return step
+
+
+def _restore(out: Path, state: dict, model, ema, opt, g) -> None:
+    """Load a train state into the fresh modules; a state that does not fit is one CheckpointError."""
+    check_tensors(state["model"], model.state_dict(), out / "train_state.pt")
+    check_tensors(state["ema"], ema.state_dict(), out / "train_state.pt")
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    try:
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["generator"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{out / 'train_state.pt'} does not fit this model ({str(e).splitlines()[0]})") from None
 
 
 def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
@@ -132,8 +168,14 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
     """
     args = args.validate()
     out = Path(args.out)
+    problem = output_dir_problem(out)
+    if problem:
+        raise NtmError(problem)
     if is_checkpoint(out) and not resume:
         raise NtmError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    removed = remove_stale_temporaries(out)
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) that a killed run left in {out}")
     state = load_train_state(out) if resume else None
     if state is not None:
         _check_resume(out, args, state)
@@ -161,16 +203,17 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    step, history = 0, []
+    step, history, loss_avg, saved_step = 0, [], None, None
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        g.set_state(state["generator"])
-        step, history = state["step"], state["history"]
+        _restore(out, state, model, ema, opt, g)
+        step, history, loss_avg = state["step"], state["history"], state.get("loss_avg")
+        saved_step = step
         log(f"resuming {out} at step {step}")
     if step >= args.steps:
         raise ConfigError(f"{out} is already at step {step}; pass a larger --steps to continue it")
+    problem = output_dir_problem(out, checkpoint_bytes(model))
+    if problem:
+        raise NtmError(problem)
 
     images = torch.from_numpy(data.images).to(device)  # (N, H, W, C) uint8
     ids_all = torch.from_numpy(data.labels + 1).to(device)  # label k -> prompt id k + 1
@@ -185,11 +228,13 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
 
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeRemainingColumn(), disable=not progress)
-    start, loss_avg = time.time(), None
+    start = time.time()
+    save = functools.partial(_save, out, model, ema, opt, g, args=args, history=history)
+    stop = StopSignals()
     try:
-        with bar:
+        with stop, bar:
             task = bar.add_task("train", total=args.steps, completed=step, info="")
-            while step < args.steps:
+            while step < args.steps and not stop.requested:
                 if args.time_budget is not None and time.time() - start >= args.time_budget:
                     log(f"time budget of {args.time_budget:.0f} s reached at step {step}")
                     break
@@ -201,7 +246,8 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
                 losses = loss_fn(model, x0, ids, mask, g, teacher)
                 loss = losses.total(config.x0_mse_weight, _align_weight_at(args, step))
                 if not torch.isfinite(loss):
-                    raise NtmError(f"the loss became {loss.item()} at step {step}; lower --lr (last checkpoint kept)")
+                    kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "nothing saved"
+                    raise NtmError(f"the loss became {loss.item()} at step {step}; lower --lr ({kept})")
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(args, step)
                 opt.zero_grad(set_to_none=True)
@@ -219,12 +265,19 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
                 if not progress and (step % log_every == 0 or step == args.steps):
                     log(f"step {step}/{args.steps}  loss {loss_avg:.4f} {unit}  {time.time() - start:.0f} s")
                 if step % args.checkpoint_every == 0 and step < args.steps:
-                    _save(out, model, ema, opt, g, step, args, history)
-    except KeyboardInterrupt:
-        _save(out, model, ema, opt, g, step, args, history)
-        log(f"interrupted at step {step}; checkpoint saved to {out}; continue with --resume")
+                    with stop.hold():
+                        saved_step = save(step, loss_avg=loss_avg, saved_step=saved_step)
+            with stop.hold():
+                if saved_step != step:
+                    saved_step = save(step, loss_avg=loss_avg, saved_step=saved_step)
+    except Interrupted as e:  # a second signal, mid-step: nothing of this step is saved
+        log(f"stopped by a second {signal_name(e.signum)} at step {step} without saving"
+            + (f"; {out} keeps step {saved_step}" if saved_step is not None else ""))
         raise
-    _save(out, model, ema, opt, g, step, args, history)
+    if stop.requested:
+        log(f"interrupted by {signal_name(stop.signum)} at step {step}; checkpoint saved to {out}; "
+            "continue with --resume")
+        raise Interrupted(stop.signum, saved=True)
     summary: dict = {"step": step, "mode": mode, "objective": config.objective, "train_loss": loss_avg,
                "seconds": time.time() - start, "params": n_params}
     if args.eval_images > 0:
