@@ -1,4 +1,4 @@
-"""One pure function per exported graph (DESIGN.md 5): thin ``nn.Module`` wrappers around the model's
+"""One pure function per exported graph (docs/design.md 5): thin ``nn.Module`` wrappers around the model's
 own layers, with the inputs and outputs of ``ntm_edge.runtime.specs`` in that order.
 
 Pure means: no state on the modules, no mode flags, no value-dependent Python branches, no in-place

@@ -9,8 +9,9 @@
    needs onnxscript), dynamic batch axis, and verify the file with ``onnx.checker`` (full check).
 3. Parity: onnxruntime against torch on random inputs and on real trajectories (export/parity.py).
 4. Write manifest.json (format version, config, schedule, vocabulary, graphs, opset, versions,
-   parity, sha256 of every file, and the sha256 of its own content: ``bundle.seal``) last, into a temporary directory that is then renamed into place:
-   a bundle is complete or absent, never half-written.
+   parity, sha256 of every file, and the sha256 of its own content: ``bundle.seal``) last, into a
+   temporary directory that is then renamed into place: a bundle is complete or absent, never
+   half-written.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def _manifest(checkpoint, model: NTM, denoiser, graph_specs: dict, batch: int, o
     source = {"checkpoint": str(Path(checkpoint).resolve()), "weights_sha256": load_info(checkpoint).get("weights_sha256"),
               "denoiser_sha256": sha256_file(Path(checkpoint) / "denoiser.safetensors") if denoiser is not None else None}
     options = {"batch": batch, "opset": opset, "precisions": [PRECISION]}
-    # content key (STYLE 7): the weights, the export options and the versions that produced the files
+    # content key: the weights, the export options and the versions that produced the files
     key = hashlib.sha256(json.dumps({"source": {k: v for k, v in source.items() if k != "checkpoint"},
                                      "options": options, "versions": versions}, sort_keys=True).encode()).hexdigest()
     blocks = list(tr.blocks)

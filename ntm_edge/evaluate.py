@@ -1,4 +1,4 @@
-"""Evaluation: held-out likelihood (exact trajectory NLL and the bits/dim bound, DESIGN.md 4), and the
+"""Evaluation: held-out likelihood (exact trajectory NLL and the bits/dim bound, docs/design.md 4), and the
 report of `ntm-edge eval` (likelihood, sample quality under the evaluation classifier, speed)."""
 
 from __future__ import annotations

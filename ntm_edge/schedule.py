@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-STEP_COUNTS = (4, 8, 16)  # T drawn per example in pairwise training (DESIGN.md 2)
+STEP_COUNTS = (4, 8, 16)  # T drawn per example in pairwise training (docs/design.md 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def time_grids(steps: int, t_min: np.ndarray, shift: float = 0.0) -> np.ndarray:
 
 
 def t_min_from_uniform(uniform, t_min_low: float, t_min_max: float):
-    """Map U[0, 1) draws (numpy or torch, any shape) to t_min ~ U[t_min_low, t_min_max] (DESIGN.md 1;
+    """Map U[0, 1) draws (numpy or torch, any shape) to t_min ~ U[t_min_low, t_min_max] (docs/design.md 1;
     the paper's low end is 0). Training draws the uniforms from its torch.Generator (exact resume)."""
     return t_min_low + (t_min_max - t_min_low) * uniform
 
@@ -147,7 +147,7 @@ def forward_trajectory(x0: np.ndarray, ts: np.ndarray, rng: np.random.Generator)
 
 
 def bound_offset_per_dim(ts) -> np.ndarray:
-    """Turn a trajectory NLL into a variational bound on -log p(x0) (DESIGN.md 4), per dimension.
+    """Turn a trajectory NLL into a variational bound on -log p(x0) (docs/design.md 4), per dimension.
 
     With the Markov forward process as q and the decoder p(x0 | x_t0) = N(x_t0 / (1 - t0),
     (t0 / (1 - t0))^2 I), -log p(x0) <= E_q[-log p(x0 | x_t0) - log p(x_t0..x_tT) + log q(x_t0..x_tT | x0)],

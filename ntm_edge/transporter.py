@@ -14,7 +14,7 @@ by side in each block:
 
 - ``inverse``: sequential decoding, one token per pass with a KV cache held in explicit tensors
   (N - 1 passes of one token each).
-- ``inverse_jacobi``: fixed-point decoding (DESIGN.md 3a; GS-Jacobi, arXiv 2505.12849). The inverse
+- ``inverse_jacobi``: fixed-point decoding (docs/design.md 3a; GS-Jacobi, arXiv 2505.12849). The inverse
   is the fixed point of x = mu(x_<n) + exp(alpha(x_<n)) u, and ``jacobi_step`` (one parallel pass,
   a pure function: the graph that export traces) iterates it. The tokens are split into G segments
   solved in scan order (Gauss-Seidel over segments, Jacobi inside each); a segment's pass runs on

@@ -1,4 +1,4 @@
-"""The likelihood audit on the runtime (DESIGN.md 4), numpy + onnxruntime.
+"""The likelihood audit on the runtime (docs/design.md 4), numpy + onnxruntime.
 
 - ``trajectory_nll``: the exact -log p(x_t0, ..., x_tT | y) of trajectories in x-space (paper 3.4),
   -log N(f_T(x_1); 0, I) + sum over steps [-log N(f_T(x_s); mu_P, sigma_P^2) - log|det df_T/dx_s|],

@@ -12,8 +12,8 @@ Every expectation is computed here in a different way than the library does it:
    triangular in scan order (the self-exclusive, autoregressive structure).
 3. The trajectory NLL against a step-by-step recomputation with ``torch.distributions.Normal``.
 4. With f_T = identity and a fresh predictor, the trajectory NLL against the closed-form Gaussian
-   NLL of the posterior chain (DESIGN.md Prop. 2), written in numpy.
-5. Classifier-free guidance: w = 0 is the conditional model; w > 0 follows DESIGN.md C.5.
+   NLL of the posterior chain (docs/design.md Prop. 2), written in numpy.
+5. Classifier-free guidance: w = 0 is the conditional model; w > 0 follows docs/design.md C.5.
 6. The sampler: dtype, shape, seeding, and the one-line ``PromptError`` for an unknown prompt.
 7. Both predictor backbones: output shapes, and a fresh model is the Gaussian posterior step.
 8. Layers: patchify order and round trip; the KV-cache decoding path equals the causal pass.
@@ -341,7 +341,7 @@ def test_nll_with_identity_transporter_is_the_gaussian_chain():
 
 
 def cfg_formula(mu_c, ls_c, mu_u, ls_u, w):
-    """DESIGN.md C.5 in numpy float64."""
+    """docs/design.md C.5 in numpy float64."""
     sc, su = np.exp(ls_c), np.exp(ls_u)
     r = np.minimum(sc / su, 1.0) ** 2
     denom = 1 + w - w * r
