@@ -1,4 +1,4 @@
-"""One pure function per exported graph (DESIGN.md 5): thin ``nn.Module`` wrappers that call the
+"""One pure function per exported graph (docs/design.md 5): thin ``nn.Module`` wrappers that call the
 model's own functions, with the inputs and outputs of ``ntm_edge.runtime.specs`` in that order.
 Nothing is written here twice: the sampler loop is ``sampling.reverse_levels`` with the guided
 predictor, the decoding step is ``TarFlowBlock.decode_step``, the Jacobi pass ``TarFlowBlock.jacobi_step``.

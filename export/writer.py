@@ -1,13 +1,17 @@
 """`ntm-edge export`: checkpoint -> bundle directory (manifest.json + one ONNX file per graph).
 
+0. Refuse what can be refused before any work (``_check_options``): the options, an ``--out`` that
+   overlaps the checkpoint, and an existing ``--out`` that is not an ntm-edge bundle of its own files
+   (``--overwrite`` replaces only such a bundle). Remove the temporaries of a killed export there.
 1. Load the checkpoint (and its denoiser, when it has one) and list the graphs with their IO specs
    (``runtime.specs.graph_specs``).
 2. Trace each graph's pure module with the TorchScript exporter (``dynamo=False``: the dynamo exporter
    needs onnxscript), dynamic batch axis, and verify the file with ``onnx.checker`` (full check).
 3. Parity: onnxruntime against torch on random inputs and on real trajectories (export/parity.py).
 4. Write manifest.json (format version, config, schedule, vocabulary, graphs, opset, versions,
-   parity, sha256 of every file) last, into a temporary directory that is then renamed into place:
-   a bundle is complete or absent, never half-written.
+   parity, sha256 of every file, and the sha256 of its own content: ``bundle.seal``) last, into a
+   temporary directory that is then renamed into place: a bundle is complete or absent, never
+   half-written.
 """
 
 from __future__ import annotations
@@ -23,14 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ntm_edge import __version__, schedule
+from ntm_edge import __version__, schedule, validate
 from ntm_edge.checkpoint import load_info
 from ntm_edge.errors import ConfigError, NtmError
-from ntm_edge.fileio import atomic_write_text, make_temp_dir, sha256_file
+from ntm_edge.fileio import atomic_write_text, make_temp_dir, remove_stale_temporaries, sha256_file
 from ntm_edge.model import NTM
 from ntm_edge.prompts import NULL_ID
 from ntm_edge.runtime import specs as S
-from ntm_edge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle
+from ntm_edge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, is_bundle, owned_files, seal
 from ntm_edge.runtime.session import Runtime
 from ntm_edge.sampling import NOISE_BATCH
 
@@ -51,16 +55,17 @@ class ExportError(NtmError):
 def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, overwrite: bool = False,
                   parity: bool = True, seed: int = 0, progress: bool = False, log=print) -> dict:
     """Export ``checkpoint`` to the bundle directory ``out``; returns the manifest."""
-    import onnx
-
     from ntm_edge.denoiser import has_denoiser, load_denoiser
 
     out = Path(out)
-    _check_options(out, batch, opset, overwrite, onnx.defs.onnx_opset_version())
+    _check_options(out, Path(checkpoint), batch, opset, overwrite)
+    remove_stale_temporaries(out.parent, out.name)  # what a killed export left next to ``out``
     model = NTM.from_pretrained(checkpoint).requires_grad_(False)
     cfg = model.config
     if cfg.objective == "fm":
         raise ConfigError("a flow-matching checkpoint has no u-space sampler to export; export an NTM (or gaussian) model")
+    # the traced example inputs alone (the sampler loop's noise is the largest), before any tracing
+    validate.fits_in_memory(4 * 2 * batch * (cfg.steps + 2) * cfg.dims, f"--batch {batch}")
     denoiser = load_denoiser(checkpoint).requires_grad_(False) if has_denoiser(checkpoint) else None
     graph_specs = S.graph_specs(cfg, batch, has_denoiser=denoiser is not None)
     modules = graph_modules(model, denoiser)
@@ -79,7 +84,7 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
         if parity:
             manifest["parity"] = check_parity(bundle, model, modules, checkpoint, seed, log)
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.onnx"))}
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+        atomic_write_text(tmp / MANIFEST, json.dumps(seal(manifest), indent=2))
         (tmp / MANIFEST).chmod(0o644)
         _publish(tmp, out)
     finally:
@@ -89,15 +94,38 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
     return manifest
 
 
-def _check_options(out: Path, batch: int, opset: int, overwrite: bool, max_opset: int) -> None:
-    if batch < 1:
-        raise ConfigError("--batch must be at least 1")
-    if not MIN_OPSET <= opset <= max_opset:
-        raise ConfigError(f"--opset must lie in [{MIN_OPSET}, {max_opset}] (this onnx), got {opset}")
+def supported_opsets() -> tuple[int, int]:
+    """[lowest, highest] opset: scaled_dot_product_attention needs MIN_OPSET; the top is the lower of what
+    this torch's exporter and this onnx support (opsets past torch's refuse to export)."""
+    import onnx
+
+    torch_max = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", 20)
+    return MIN_OPSET, min(torch_max, onnx.defs.onnx_opset_version())
+
+
+def _check_options(out: Path, checkpoint: Path, batch: int, opset: int, overwrite: bool) -> None:
+    """Everything that can be refused before any work: the options, and ``out``. ``--overwrite`` replaces
+    only a directory that is an ntm-edge bundle and holds nothing else; ``out`` and the checkpoint never
+    contain one another."""
+    validate.count(batch, "--batch")
+    validate.opset(opset, *supported_opsets())
+    target, source = out.resolve(), checkpoint.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise ConfigError(f"--out {out} and --checkpoint {checkpoint} overlap; write the bundle to a directory "
+                          f"outside the checkpoint (and not containing it)")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_bundle(out):
+            raise ConfigError(f"{out} already exists and is not an ntm-edge bundle (no manifest.json of format "
+                              f"{FORMAT!r}); --overwrite replaces only a bundle: choose another --out")
+        if not overwrite:
+            raise ConfigError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in owned_files(out))
+        if foreign:
+            raise ConfigError(f"{out} is a bundle but also holds {len(foreign)} file(s) that are not part of it "
+                              f"(e.g. {foreign[0]!r}); --overwrite will not delete them: move them or choose another --out")
+    validate.writable_parent(out, "--out")
 
 
 def _progress(enabled: bool):
@@ -157,7 +185,7 @@ def _manifest(checkpoint, model: NTM, denoiser, graph_specs: dict, batch: int, o
     source = {"checkpoint": str(Path(checkpoint).resolve()), "weights_sha256": load_info(checkpoint).get("weights_sha256"),
               "denoiser_sha256": sha256_file(Path(checkpoint) / "denoiser.safetensors") if denoiser is not None else None}
     options = {"batch": batch, "opset": opset, "precisions": [PRECISION]}
-    # content key (STYLE 7): the weights, the export options and the versions that produced the files
+    # content key: the weights, the export options and the versions that produced the files
     key = hashlib.sha256(json.dumps({"source": {k: v for k, v in source.items() if k != "checkpoint"},
                                      "options": options, "versions": versions}, sort_keys=True).encode()).hexdigest()
     blocks = list(tr.blocks)

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from . import validate
 from .decoding import DEFAULT_METHOD
 from .errors import NtmError
 
@@ -19,6 +20,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 def _log(message: str) -> None:
     print(message, flush=True)  # flushed: a run under nohup or CI is followed through its log file
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+_THREADS = ("CPU threads per graph, at most the cores this process may use; 0: onnxruntime's choice (one per "
+            "physical core), -1: every core; default: $OMP_NUM_THREADS, else onnxruntime's choice")
+_DEVICE = "cpu | cuda | cuda:N"
+_STEPS = "coarse steps T (at most 39 at the default t_min 0.025: t_1 = 1/T must stay above t_0)"
+_GRID = ("image grid to write, in the format its suffix names: .png, .jpg, .jpeg, .webp, .bmp "
+         "(at most 16.8 megapixels: the first images of a larger --num)")
+_ARRAY = "also write every image as uint8 (N, H, W, C) to this .npy"
+_DEFAULT_EXIT = "the denoiser if there is one and it was trained for --steps, else inverse"
 
 
 def _friendly(fn):
@@ -53,12 +68,15 @@ def train(
     x0_mse_weight: Annotated[float | None, typer.Option(help="weight of the hybrid x0-MSE term (default: the preset's)")] = None,
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
     seed: Annotated[int, typer.Option(help="seed of all training randomness")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
     eval_images: Annotated[int, typer.Option(help="held-out images scored at the end (0: none)")] = 500,
 ):
     """Train an NTM by its exact trajectory likelihood (or a baseline on the same backbone)."""
+    validate.learning_rate(lr)
+    validate.seed(seed)
+    device = validate.torch_device(device)
     from .train import TrainArgs
     from .train import train as run
 
@@ -73,11 +91,11 @@ def train(
 # Options of both `sample` (torch) and `run` (the runtime): one definition, one help text each.
 Prompt = Annotated[str, typer.Option(help="class name, e.g. '3' or 'three'; '' for unconditional")]
 NumImages = Annotated[int, typer.Option(help="number of images")]
-Steps = Annotated[int, typer.Option(help="coarse steps T")]
+Steps = Annotated[int, typer.Option(help=_STEPS)]
 Seed = Annotated[int, typer.Option(help="noise seed (the same seed draws the same images in `sample` and `run`)")]
 Guidance = Annotated[float, typer.Option(help="classifier-free guidance weight w (0: off)")]
-OutGrid = Annotated[Path, typer.Option(help="PNG grid to write")]
-SaveArray = Annotated[Path | None, typer.Option(help="also write uint8 (N, H, W, C) .npy")]
+OutGrid = Annotated[Path, typer.Option(help=_GRID)]
+SaveArray = Annotated[Path | None, typer.Option(help=_ARRAY)]
 InverseMethod = Annotated[str, typer.Option(help=(
     "transporter inversion, both exact: jacobi (parallel fixed-point passes) | sequential (token by token). "
     "Default jacobi: the faster one at batch 1 (over 10x on `small`, CPU; README, Benchmarks), as fast at batch 64"))]
@@ -94,15 +112,16 @@ def sample(
     guidance: Guidance = 0.0,
     out: OutGrid = Path("samples.png"),
     save_array: SaveArray = None,
-    final: Annotated[str, typer.Option(help="inverse | inverse+score | denoiser (default: denoiser if trained)")] = "",
+    final: Annotated[str, typer.Option(help="inverse | inverse+score | denoiser (default: " + _DEFAULT_EXIT + ")")] = "",
     inverse_method: InverseMethod = DEFAULT_METHOD,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
 ):
     """Generate images with the four-step sampler (Algorithm 2) and an exit from u-space."""
     from .generate import generate
 
     generate(checkpoint, prompt, num=num, steps=steps, seed=seed, guidance=guidance, out=out,
-             save_array_to=save_array, final=final or None, inverse_method=inverse_method, device=device, log=_log)
+             save_array_to=save_array, final=final or None, inverse_method=inverse_method, device=device, log=_log,
+             warn=_warn)
 
 
 @app.command("train-denoiser")
@@ -114,9 +133,15 @@ def train_denoiser(
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
     trajectories: Annotated[int, typer.Option(help="score-denoised targets per training image")] = 2,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
 ):
     """Train the one-pass denoiser g_phi on score-denoised targets of the frozen NTM (paper 3.9)."""
+    validate.count(steps, "--steps")
+    validate.count(batch_size, "--batch-size")
+    validate.count(trajectories, "--trajectories")
+    validate.learning_rate(lr)
+    validate.seed(seed)
+    device = validate.torch_device(device)
     from .denoiser import train_denoiser as run
 
     run(checkpoint, steps=steps, batch_size=batch_size, lr=lr, trajectories=trajectories, seed=seed,
@@ -127,7 +152,7 @@ def train_denoiser(
 @_friendly
 def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint directory")],
-    steps: Annotated[list[int] | None, typer.Option(help="step counts to evaluate (repeatable)")] = None,
+    steps: Annotated[list[int] | None, typer.Option(help="step counts to evaluate (repeatable; " + _STEPS + ")")] = None,
     num_samples: Annotated[int, typer.Option(help="images generated per step count")] = 500,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance weight")] = 0.0,
     seed: Annotated[int, typer.Option(help="seed of the trajectories and the sampling noise")] = 0,
@@ -135,7 +160,7 @@ def evaluate(
     label: Annotated[str, typer.Option(help="name of this model in `compare` tables")] = "",
     final: Annotated[str, typer.Option(help="exit from u-space: inverse | inverse+score | denoiser")] = "inverse",
     out: Annotated[Path, typer.Option(help="JSON report to write")] = Path("report.json"),
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
 ):
     """Held-out bits/dim, Frechet distance, prompt accuracy and images/s of a checkpoint."""
     import json
@@ -143,8 +168,7 @@ def evaluate(
     from .evaluate import evaluate_checkpoint
     from .fileio import atomic_write_text
 
-    if num_samples < 2:
-        raise NtmError("--num-samples must be at least 2 (a Frechet distance needs a covariance)")
+    validate.output_file(out, "--out")  # before the work, not after it
     report = evaluate_checkpoint(checkpoint, steps=steps or [4], num_samples=num_samples, guidance=guidance,
                                  seed=seed, dataset=dataset or None, final=final, device=device, log=_log)
     if label:
@@ -211,14 +235,14 @@ def run_bundle(
     steps: Steps = 4,
     seed: Seed = 0,
     guidance: Guidance = 0.0,
-    final: Annotated[str, typer.Option(help="denoiser | inverse (default: denoiser if the bundle has one)")] = "",
+    final: Annotated[str, typer.Option(help="denoiser | inverse (default: " + _DEFAULT_EXIT + ")")] = "",
     inverse_method: InverseMethod = DEFAULT_METHOD,
     out: OutGrid = Path("samples.png"),
     save_array: SaveArray = None,
     provider: Annotated[str, typer.Option(help="auto (tensorrt > cuda > cpu) | tensorrt | cuda | cpu")] = "auto",
     audit: Annotated[bool, typer.Option(help="print the exact NLL of every generated trajectory")] = False,
     unrolled: Annotated[bool, typer.Option(help="run the four steps as the one unrolled sampler graph")] = False,
-    threads: Annotated[int | None, typer.Option(help="CPU threads per graph (default: $OMP_NUM_THREADS, else all)")] = None,
+    threads: Annotated[int | None, typer.Option(help=_THREADS)] = None,
 ):
     """Generate images on the torch-free runtime (numpy + onnxruntime) and print per-stage latency."""
     if bundle is None:
@@ -227,7 +251,7 @@ def run_bundle(
 
     run_prompt(bundle, prompt, num=num, steps=steps, seed=seed, guidance=guidance, final=final or None,
                inverse_method=inverse_method, out=out, save_array_to=save_array, provider=provider, audit=audit,
-               unrolled=unrolled, threads=threads, log=_log)
+               unrolled=unrolled, threads=threads, log=_log, warn=_warn)
 
 
 @app.command("audit")
@@ -236,19 +260,20 @@ def audit_image(
     image: Annotated[Path, typer.Option(help="PNG of one image, or .npy of uint8 images (N, H, W, C)")],
     prompt: Annotated[str, typer.Option(help="the class to score the image(s) under; '' for unconditional")],
     bundle: Annotated[Path | None, typer.Option(help="bundle directory written by `ntm-edge export` (required)")] = None,
-    steps: Annotated[int | None, typer.Option(help="coarse steps T of the trajectories (default: the model's)")] = None,
+    steps: Annotated[int | None, typer.Option(help="coarse steps T of the trajectories (default: the model's; "
+                                                  "at most 39 at t_min 0.025)")] = None,
     trajectories: Annotated[int, typer.Option(help="forward trajectories averaged per image")] = 4,
     seed: Annotated[int, typer.Option(help="seed of the dequantisation and trajectory noise")] = 0,
     provider: Annotated[str, typer.Option(help="execution provider: auto | tensorrt | cuda | cpu")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="CPU threads per graph")] = None,
+    threads: Annotated[int | None, typer.Option(help=_THREADS)] = None,
 ):
-    """Bits/dim bound on -log p(image | prompt), on the runtime (the variational bound of DESIGN.md 4)."""
+    """Bits/dim bound on -log p(image | prompt), on the runtime (the variational bound of docs/design.md 4)."""
     if bundle is None:
         raise NtmError(_NO_BUNDLE)
     from .runtime.app import audit_images
 
     audit_images(bundle, image, prompt, steps=steps, trajectories=trajectories, seed=seed, provider=provider,
-                 threads=threads, log=_log)
+                 threads=threads, log=_log, warn=_warn)
 
 
 def main() -> None:

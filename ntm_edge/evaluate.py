@@ -1,4 +1,4 @@
-"""Evaluation: held-out likelihood (exact trajectory NLL and the bits/dim bound, DESIGN.md 4), and the
+"""Evaluation: held-out likelihood (exact trajectory NLL and the bits/dim bound, docs/design.md 4), and the
 report of `ntm-edge eval` (likelihood, sample quality under the evaluation classifier, speed)."""
 
 from __future__ import annotations
@@ -56,29 +56,44 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
                         dataset: str | None = None, final: str = "inverse", device: str = "cpu", log=print) -> dict:
     """The report of `ntm-edge eval`: per step count, held-out bits/dim (exact trajectory NLL and the
     bound), Frechet distance and prompt accuracy under the evaluation classifier, and images/s."""
+    from . import validate
     from .checkpoint import trained_on
     from .data import load_dataset
     from .denoiser import load_denoiser
     from .errors import ConfigError
-    from .exits import sample_images
+    from .exits import EXITS, sample_images
     from .metrics import load_or_train_classifier, sample_quality
 
-    if not steps or min(steps) < 1:
-        raise ConfigError("--steps must be at least 1")
+    if not steps:
+        raise ConfigError("--steps must be given at least once")
+    for T in steps:
+        validate.count(T, "--steps")
+    validate.count(num_samples, "--num-samples", 2)  # a Frechet distance needs a covariance
+    guidance = validate.guidance(guidance)
+    validate.seed(seed)
+    validate.choice(final, EXITS, "--final")
+    device = validate.torch_device(device)
     model = NTM.from_pretrained(checkpoint, device=device)
     cfg = model.config
+    denoiser = load_denoiser(checkpoint, device=device) if final == "denoiser" else None
+    for T in steps:  # the sampler's grid (flow matching samples with Euler at any T)
+        validate.exit_for_steps(final, T, denoiser.config.steps if denoiser else None)
+        if cfg.objective != "fm":
+            validate.steps(T, denoiser.config.t0 if denoiser else cfg.t_min_sample, cfg.shift)
     dataset = dataset or trained_on(checkpoint)
     if dataset is None:
         raise ConfigError(f"{checkpoint} does not record its dataset; pass --dataset")
     test = load_dataset(dataset, "test", image_size=cfg.image_size, channels=cfg.channels)
     if tuple(test.class_names) != tuple(cfg.prompt.class_names):
         raise ConfigError(f"{dataset} has classes {test.class_names}, the model {cfg.prompt.class_names}")
-    denoiser = load_denoiser(checkpoint, device=device) if final == "denoiser" else None
     clf = load_or_train_classifier(dataset, cfg.image_size, cfg.channels, device=device, log=log)
     prompts, labels = balanced_prompts(cfg.prompt.class_names, num_samples)
     rows = []
     for T in steps:
-        row = {"steps": int(T), **heldout_likelihood(model, test.images, test.labels, steps=T, seed=seed)}
+        # memory grows with the batch times the T + 1 levels: past T = 64 the batch shrinks to keep it there
+        batch = max(1, min(250, 250 * 65 // (T + 1)))
+        row = {"steps": int(T), **heldout_likelihood(model, test.images, test.labels, steps=T, seed=seed,
+                                                     batch_size=batch)}
         kw = dict(steps=T, seed=seed, guidance=guidance, final=final, denoiser=denoiser)
         sample_images(model, prompts[:2], **kw)  # warm-up
         start = time.perf_counter()

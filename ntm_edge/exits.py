@@ -1,5 +1,5 @@
 """Images from a torch model: ``sample_images`` (the one torch sampling entry point: Algorithm 2 in
-u-space, then an exit) and the ways out of u-space after the four steps (DESIGN.md 3):
+u-space, then an exit) and the ways out of u-space after the four steps (docs/design.md 3):
 
 - ``inverse``: x_t0 = f_T^-1(u_t0), then x0 ~ x_t0 / (1 - t0). Exact.
 - ``inverse+score``: trajectory score denoising (paper 3.5, Algorithm 3). Invert every level

@@ -1,4 +1,4 @@
-"""The predictor f_P: a Gaussian over u_s given u_t (paper 3.2, DESIGN.md 2).
+"""The predictor f_P: a Gaussian over u_s given u_t (paper 3.2, docs/design.md 2).
 
 The backbone knows nothing about the schedule. It maps (u_t, t, s, T, prompt) to a raw output
 (velocity v or x0-hat) and a log-scale residual d; ``Predictor`` turns that into the posterior

@@ -10,7 +10,7 @@ Conventions: data x0 in [-1, 1], eps ~ N(0, I), time t in [0, 1] with t = 1 pure
     covariance (Prop. 3)  Cov(x_ti, x_tj | x0) = S_ij I,  S_ij = min^2 (1 - max) / (1 - min)
     likelihood (3.4)      -log p(x_t0..x_tT) = -log N(f_T(x_1); 0, I) + sum_k [-log N(f_T(x_s); mu_P, sigma_P^2)
                                                                         - log|det df_T/dx_s|]
-    bound (DESIGN.md 4)   bits/dim on -log p(x0) from the trajectory NLL (closed-form offset)
+    bound (docs/design.md 4)   bits/dim on -log p(x0) from the trajectory NLL (closed-form offset)
 
 This module imports numpy only: the torch-free runtime imports it. The coefficient functions use
 plain arithmetic (``*``, ``/``, ``**``), so they take numpy arrays, Python floats and torch tensors
@@ -26,7 +26,7 @@ import numpy as np
 
 from .numerics import gaussian_nll, namespace, standard_normal
 
-STEP_COUNTS = (4, 8, 16)  # T drawn per example in pairwise training (DESIGN.md 2)
+STEP_COUNTS = (4, 8, 16)  # T drawn per example in pairwise training (docs/design.md 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def time_grids(steps: int, t_min: np.ndarray, shift: float = 0.0) -> np.ndarray:
 
 
 def t_min_from_uniform(uniform, t_min_low: float, t_min_max: float):
-    """Map U[0, 1) draws (numpy or torch, any shape) to t_min ~ U[t_min_low, t_min_max] (DESIGN.md 1;
+    """Map U[0, 1) draws (numpy or torch, any shape) to t_min ~ U[t_min_low, t_min_max] (docs/design.md 1;
     the paper's low end is 0). Training draws the uniforms from its torch.Generator (exact resume)."""
     return t_min_low + (t_min_max - t_min_low) * uniform
 
@@ -191,7 +191,7 @@ def trajectory_nll(u, logdet, mu, log_sigma):
 
 
 def bound_offset_per_dim(ts) -> np.ndarray:
-    """Turn a trajectory NLL into a variational bound on -log p(x0) (DESIGN.md 4), per dimension.
+    """Turn a trajectory NLL into a variational bound on -log p(x0) (docs/design.md 4), per dimension.
 
     With the Markov forward process as q and the decoder p(x0 | x_t0) = N(x_t0 / (1 - t0),
     (t0 / (1 - t0))^2 I), -log p(x0) <= E_q[-log p(x0 | x_t0) - log p(x_t0..x_tT) + log q(x_t0..x_tT | x0)],
@@ -214,6 +214,6 @@ def bits_per_dim(nats_per_dim, bins: int = 256):
 
 
 def bound_bits_per_dim(trajectory_nats_per_dim, ts, bins: int = 256):
-    """The variational bound on -log p(x0) in bits/dim on the 8-bit scale (DESIGN.md 4), from the
+    """The variational bound on -log p(x0) in bits/dim on the 8-bit scale (docs/design.md 4), from the
     trajectory NLL per dim (nats) on the grid ts: ``bits_per_dim`` of NLL / D + ``bound_offset_per_dim``."""
     return bits_per_dim(trajectory_nats_per_dim + bound_offset_per_dim(ts), bins)

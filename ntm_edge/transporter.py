@@ -14,7 +14,7 @@ by side in each block, each a step function driven by the one driver in ``ntm_ed
 
 - ``inverse``: sequential decoding, N - 1 calls of ``decode_step`` (one token, the KV cache in
   fixed-size tensors: the graph that export traces for the runtime's sequential decoding).
-- ``inverse_jacobi``: (Gauss-Seidel-)Jacobi fixed-point decoding (DESIGN.md 3a) by ``jacobi_step``
+- ``inverse_jacobi``: (Gauss-Seidel-)Jacobi fixed-point decoding (docs/design.md 3a) by ``jacobi_step``
   (one parallel pass, a pure function: the graph that export traces). Exact after at most (segment
   length) passes; the iteration stops earlier once the relative change drops below tol.
 

@@ -7,18 +7,18 @@ NLL per sample with ``audit``, and the bits/dim bound per image for `audit`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from ntm_edge.decoding import DEFAULT_METHOD, DEFAULT_TOL
+from ntm_edge import validate
+from ntm_edge.decoding import DEFAULT_METHOD, DEFAULT_TOL, METHODS
 from ntm_edge.errors import ConfigError
-from ntm_edge.images import save_array, save_grid
+from ntm_edge.images import save_images
 
 from .audit import image_bound, load_images
 from .bundle import NumericsError
-from .sampler import RunResult, StageTimer, generate
+from .sampler import FINALS, RunResult, StageTimer, check_options, generate
 from .session import open_runtime
+from .specs import DENOISER
 
 
 def latency_table(timer: StageTimer, num_images: int) -> str:
@@ -38,20 +38,39 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
                final: str | None = None, inverse_method: str = DEFAULT_METHOD, out="samples.png", save_array_to=None,
                provider: str | None = None, audit: bool = False, unrolled: bool = False, segments=1,
                tol=DEFAULT_TOL, max_iters=None, threads: int | None = None, warmup: bool = True,
-               log=print) -> RunResult:
-    """`ntm-edge run`: ``num`` images for ``prompt`` on the runtime, written as a PNG grid (and .npy)."""
-    if num < 1:
-        raise ConfigError("--num must be at least 1")
+               log=print, warn=None) -> RunResult:
+    """`ntm-edge run`: ``num`` images for ``prompt`` on the runtime, written as an image grid (and .npy).
+
+    Every option, output path and the bundle are checked before the sampler runs; warnings (``warn``,
+    default: a ``warning:`` line through ``log``) come after all checks have passed.
+    """
+    notes: list[str] = []
+    validate.count(num, "--num")
+    validate.count(steps, "--steps")
+    validate.seed(seed)
+    guidance = validate.guidance(guidance)
+    if final:
+        validate.choice(final, FINALS, "--final")
+    validate.choice(inverse_method, METHODS, "--inverse-method")
+    out = validate.image_path(out)
+    if save_array_to:
+        save_array_to = validate.array_path(save_array_to)
+    threads = validate.threads(threads, warn=notes.append)
     rt = open_runtime(bundle, provider, threads)
     rt.bundle.vocab.token_id(prompt)  # an unknown prompt fails here, before any work
+    cfg, den = rt.bundle.config, rt.bundle.denoiser if rt.has(DENOISER) else None
+    final = validate.exit_for_steps(final, steps, den["steps"] if den else None, notes.append)
+    validate.steps(steps, den["t0"] if final == "denoiser" and den else cfg.t_min_sample, cfg.shift)
+    check_options(rt, steps, guidance, final, unrolled)
+    # what the result keeps: uint8 images, float32 x0 and the T + 1 float32 levels of every trajectory
+    validate.fits_in_memory(num * cfg.dims * (1 + 4 + 4 * (steps + 1)), f"--num {num} at --steps {steps}")
+    validate.flush(notes, warn, log)
     kw = dict(steps=steps, guidance=guidance, final=final, inverse_method=inverse_method, segments=segments, tol=tol,
               max_iters=max_iters, unrolled=unrolled)
     if warmup:  # load the sessions and let the providers allocate: not part of the measured latency
         generate(rt, [prompt], seed=seed, audit=audit, **kw)
     result = generate(rt, [prompt] * num, seed=seed, audit=audit, **kw)
-    save_grid(result.images, Path(out))
-    if save_array_to:
-        save_array(result.images, Path(save_array_to))
+    save_images(result.images, out, save_array_to, log)
     log(f"providers: {', '.join(rt.providers)}; bundle {rt.bundle.root}")
     log(latency_table(result.timer, num))
     if result.report is not None and result.report.iterations:
@@ -67,15 +86,24 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
 
 
 def audit_images(bundle, image, prompt: str, steps: int | None = None, trajectories: int = 4, seed: int = 0,
-                 provider: str | None = None, threads: int | None = None, log=print) -> dict:
-    """`ntm-edge audit`: the bits/dim bound on -log p(x0 | prompt) of the image(s) in ``image``."""
+                 provider: str | None = None, threads: int | None = None, log=print, warn=None) -> dict:
+    """`ntm-edge audit`: the bits/dim bound on -log p(x0 | prompt) of the image(s) in ``image``.
+    ``steps``: None is the model's T; any other value is checked against the schedule's limit."""
+    notes: list[str] = []
+    validate.count(trajectories, "--trajectories")
+    validate.seed(seed)
+    if steps is not None:
+        validate.count(steps, "--steps")
+    threads = validate.threads(threads, warn=notes.append)
     rt = open_runtime(bundle, provider, threads)
     rt.bundle.vocab.token_id(prompt)
     cfg = rt.bundle.config
+    steps = cfg.steps if steps is None else validate.steps(steps, cfg.t_min_sample, cfg.shift)
     images = load_images(image, cfg.channels)
     if images.shape[1:3] != (cfg.image_size, cfg.image_size):
         raise ConfigError(f"{image} is {images.shape[2]}x{images.shape[1]}; this model scores {cfg.image_size}x"
                           f"{cfg.image_size} images (for a grid from `run`, audit its --save-array .npy instead)")
+    validate.flush(notes, warn, log)
     report = image_bound(rt, images, [prompt] * len(images), steps, trajectories, seed)
     bits = report["bits_per_dim"]
     if not np.isfinite(bits).all():

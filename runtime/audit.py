@@ -1,4 +1,4 @@
-"""The likelihood audit on the runtime (DESIGN.md 4), numpy + onnxruntime.
+"""The likelihood audit on the runtime (docs/design.md 4), numpy + onnxruntime.
 
 - ``trajectory_nll``: the exact -log p(x_t0, ..., x_tT | y) of trajectories in x-space (paper 3.4),
   -log N(f_T(x_1); 0, I) + sum over steps [-log N(f_T(x_s); mu_P, sigma_P^2) - log|det df_T/dx_s|],
@@ -64,10 +64,10 @@ def image_bound(rt: Runtime, images: np.ndarray, prompts, steps: int | None = No
     """Bits/dim bound on -log p(x0 | y) of uint8 images (N, H, W, C), averaged over ``trajectories``
     forward trajectories per image (``evaluate.heldout_likelihood``) -> {"bits_per_dim" (N,), ...}."""
     cfg = rt.bundle.config
-    steps = steps or cfg.steps
+    steps = cfg.steps if steps is None else steps  # 0 is an error below, not the default
     t_min = cfg.t_min_sample if t_min is None else t_min
     if trajectories < 1 or steps < 1:
-        raise ConfigError("--trajectories and --steps must be at least 1")
+        raise ConfigError(f"--trajectories and --steps must be at least 1, got {trajectories} and {steps}")
     want = (cfg.image_size, cfg.image_size, cfg.channels)
     if images.ndim != 4 or images.shape[1:] != want or images.dtype != np.uint8:
         raise ConfigError(f"the model scores uint8 images of shape (H, W, C) = {want}, got {images.dtype} "
@@ -94,12 +94,12 @@ def load_images(path, channels: int) -> np.ndarray:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"image file {path} does not exist")
+        raise ConfigError(f"{path} is a directory, not an image file" if path.is_dir() else f"image file {path} does not exist")
     if path.suffix.lower() == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"{path} is not a readable .npy array ({e})") from None
+        except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
+            raise ConfigError(f"{path} is not a readable .npy array ({str(e) or e.__class__.__name__})") from None
         if arr.dtype != np.uint8:
             raise ConfigError(f"{path} holds {arr.dtype}; the audit scores uint8 images (as `run --save-array` writes)")
         if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == channels and arr.shape[0] != channels):
@@ -107,10 +107,12 @@ def load_images(path, channels: int) -> np.ndarray:
         arr = arr[..., None] if arr.ndim == 3 else arr  # (N, H, W) -> (N, H, W, 1)
         if arr.ndim != 4:
             raise ConfigError(f"{path} has shape {arr.shape}; expected (N, H, W, C), (N, H, W) or (H, W, C)")
+        if arr.size == 0:
+            raise ConfigError(f"{path} holds no images (shape {arr.shape})")
         return arr
     try:
         img = Image.open(path).convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ConfigError(f"{path} is not a readable image ({e.__class__.__name__})") from None
     arr = np.asarray(img, dtype=np.uint8)
     return (arr[..., None] if arr.ndim == 2 else arr)[None]

@@ -6,13 +6,27 @@
     BUNDLE/<graph>.<precision>.onnx         e.g. predictor_step.fp32.onnx
 
 A graph entry holds its IO spec once and a ``variants`` map, precision -> file, so FP16 and INT8
-builds of the same graph join the bundle without changing its layout. Loading checks the format and
-its version, then the sha256 of every listed file; any mismatch is one ``BundleError`` sentence.
-The exporter (``ntm_edge.export``) writes bundles; this module only reads them (numpy-free, torch-free).
+builds of the same graph join the bundle without changing its layout.
+
+Loading checks, in order, each failure one ``BundleError`` sentence:
+
+1. the format and its version;
+2. the manifest's own content: ``content_sha256`` is the sha256 of the manifest without that field
+   (canonical JSON, ``content_digest``), so an edited value (``transporter.num_blocks``) is refused;
+3. the values: the config, and every field the runtime reads (batch, transporter layout, prompts,
+   schedule, denoiser) against what the config implies, and every graph's IO spec against the specs
+   the config gives (``specs.graph_specs``), naming the first mismatch;
+4. the sha256 of every listed file (the ``.onnx`` graphs; ``session.Graph`` then checks each loaded
+   graph's inputs and outputs against its spec).
+
+Whoever writes or changes a manifest calls ``seal`` last. The exporter (``ntm_edge.export``) writes
+bundles; this module only reads them (numpy-free, torch-free). ``is_bundle`` tells the exporter's
+``--overwrite`` whether a directory is one of ours.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +34,14 @@ from pathlib import Path
 from ntm_edge.config import NTMConfig
 from ntm_edge.errors import ConfigError, NtmError
 from ntm_edge.fileio import sha256_file
-from ntm_edge.prompts import LabelVocab
+from ntm_edge.prompts import NULL_ID, LabelVocab
 
-from .specs import GraphSpec
+from .specs import DENOISER, GraphSpec, graph_specs
 
 FORMAT = "ntm-edge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries the sha256 of its own content
 MANIFEST = "manifest.json"
+CONTENT_KEY = "content_sha256"
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -73,6 +88,39 @@ class Bundle:
         return int(self.manifest["batch"])
 
 
+def content_digest(manifest: dict) -> str:
+    """sha256 of the manifest without its ``content_sha256`` field, as canonical JSON (sorted keys)."""
+    body = {k: v for k, v in manifest.items() if k != CONTENT_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(manifest: dict) -> dict:
+    """Record the manifest's content hash in it (the last change before it is written)."""
+    manifest[CONTENT_KEY] = content_digest(manifest)
+    return manifest
+
+
+def is_bundle(root: Path) -> bool:
+    """Whether ``root`` is a directory whose manifest says it is an ntm-edge bundle (any version)."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def owned_files(root: Path) -> set[str]:
+    """The names in a bundle directory that the bundle accounts for: the manifest and every file it lists."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST).read_text())
+        files = set(manifest.get("files") or {})
+        for entry in (manifest.get("graphs") or {}).values():
+            files |= {v.get("file") for v in entry.get("variants", {}).values()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
+    return {MANIFEST} | {f for f in files if isinstance(f, str)}
+
+
 def read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not root.is_dir():
@@ -89,6 +137,10 @@ def read_manifest(root: Path) -> dict:
     if version != FORMAT_VERSION:
         raise BundleError(f"{root} has bundle format version {version!r}, this ntm-edge reads {FORMAT_VERSION}; "
                           f"re-export it with this version")
+    if not isinstance(manifest.get(CONTENT_KEY), str):
+        raise BundleError(f"{path} carries no content hash ({CONTENT_KEY}); re-export the bundle")
+    if manifest[CONTENT_KEY] != content_digest(manifest):
+        raise BundleError(f"{path} does not match its own content hash: it was edited or is corrupt; re-export the bundle")
     return manifest
 
 
@@ -121,6 +173,7 @@ def load_bundle(path, verify: bool = True) -> Bundle:
         graphs = {name: GraphSpec.from_dict(name, d) for name, d in manifest["graphs"].items()}
         for key in ("prompts", "schedule", "transporter", "batch"):
             manifest[key]  # noqa: B018  (a KeyError here means an incomplete manifest)
+        check_values(root, manifest, config, graphs)
     except ConfigError as e:
         raise BundleError(f"{root / MANIFEST}: {e}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -129,3 +182,70 @@ def load_bundle(path, verify: bool = True) -> Bundle:
     if verify:
         verify_files(root, manifest)
     return Bundle(root, manifest, config, graphs)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_values(root: Path, manifest: dict, config: NTMConfig, graphs: dict[str, GraphSpec]) -> None:
+    """Every manifest field that the runtime reads, against the config (and its own rules): a value that
+    would crash deep inside (``batch: 0``) or silently change a result is refused here, by name."""
+
+    def refuse(field: str, got, want: str):
+        raise BundleError(f"{root / MANIFEST}: {field} is {got!r}, but {want}; re-export the bundle")
+
+    if config.objective == "fm":
+        refuse("config.objective", config.objective, "a flow-matching model has no bundle")
+    batch = manifest["batch"]
+    if not _integer(batch) or batch < 1:
+        refuse("batch", batch, "it must be an integer >= 1")
+    tc, C, S = config.transporter, config.channels, config.image_size
+    tr = manifest["transporter"]
+    implied = {"num_blocks": tc.num_blocks, "patch_size": tc.patch_size, "num_tokens": (S // tc.patch_size) ** 2,
+               "token_dim": C * tc.patch_size**2, "layers": tc.layers_per_block, "heads": tc.heads,
+               "head_dim": tc.width // tc.heads}
+    for key, want in implied.items():
+        if tr.get(key) != want or not _integer(tr.get(key)):
+            refuse(f"transporter.{key}", tr.get(key), f"the config gives {want}")
+    flip = tr.get("flip")
+    if not isinstance(flip, list) or len(flip) != tc.num_blocks or not all(isinstance(f, bool) for f in flip):
+        refuse("transporter.flip", flip, f"it must list {tc.num_blocks} true/false values, one per block")
+    prompts = manifest["prompts"]
+    names = list(config.prompt.class_names)
+    implied = {"kind": config.prompt.kind, "class_names": names, "num_tokens": len(names) + 1, "null_id": NULL_ID,
+               "prefix_tokens": 1}
+    for key, want in implied.items():
+        if prompts.get(key) != want:
+            refuse(f"prompts.{key}", prompts.get(key), f"the config gives {want!r}")
+    sched = manifest["schedule"]
+    for key, want in (("steps", config.steps), ("shift", config.shift), ("t_min_sample", config.t_min_sample)):
+        if sched.get(key) != want:
+            refuse(f"schedule.{key}", sched.get(key), f"the config gives {want!r}")
+    levels = sched.get("levels_t")
+    if (not isinstance(levels, list) or len(levels) != config.steps + 1
+            or not all(isinstance(t, float | int) and not isinstance(t, bool) for t in levels)
+            or any(not a < b for a, b in zip(levels, levels[1:], strict=False)) or levels[-1] != 1):
+        refuse("schedule.levels_t", levels, f"it must rise through {config.steps + 1} levels to 1")
+    den = manifest.get("denoiser")
+    if (DENOISER in graphs) != (den is not None):
+        refuse("denoiser", den, "it must be given exactly when the bundle has a denoiser graph")
+    if den is not None:
+        t0, steps = den.get("t0"), den.get("steps")
+        if not _integer(steps) or steps < 1:
+            refuse("denoiser.steps", steps, "it must be an integer >= 1")
+        if not isinstance(t0, float | int) or isinstance(t0, bool) or not 0 < t0 < 1:
+            refuse("denoiser.t0", t0, "it must lie in (0, 1)")
+    for name, want in graph_specs(config, batch, has_denoiser=den is not None).items():
+        got = graphs.get(name)
+        if got is None:
+            raise BundleError(f"{root / MANIFEST} lists no graph {name!r}, which its config needs; re-export the bundle")
+        if got.dims != want.dims:
+            refuse(f"graphs.{name}.dims", got.dims, f"batch {batch} and the config give {want.dims}")
+        for kind, have, need in (("inputs", got.inputs, want.inputs), ("outputs", got.outputs, want.outputs)):
+            if [t.name for t in have] != [t.name for t in need]:
+                refuse(f"graphs.{name}.{kind}", [t.name for t in have], f"the config gives {[t.name for t in need]}")
+            for a, b in zip(have, need, strict=True):
+                if (a.dtype, a.shape) != (b.dtype, b.shape):
+                    refuse(f"graphs.{name}.{kind}.{a.name}", f"{a.dtype} {list(a.shape)}",
+                           f"the config gives {b.dtype} {list(b.shape)}")

@@ -1,4 +1,4 @@
-"""Exact inversion of the transporter on the runtime: x = f_T^-1(u, t, T) (DESIGN.md 3a), numpy only.
+"""Exact inversion of the transporter on the runtime: x = f_T^-1(u, t, T) (docs/design.md 3a), numpy only.
 
 The blocks are inverted in reverse order, each by the drivers of ``ntm_edge.decoding`` (the same ones
 the torch transporter runs), here over the bundle's graphs:

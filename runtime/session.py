@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ntm_edge import validate
 from ntm_edge.errors import ConfigError
 
 from .bundle import Bundle, BundleError, load_bundle
@@ -73,9 +74,10 @@ def engine_cache_dir(bundle: Bundle) -> Path:
 
 
 def default_threads() -> int | None:
-    """Intra-op threads: $OMP_NUM_THREADS when set (onnxruntime itself ignores it), else onnxruntime's own."""
+    """Intra-op threads: $OMP_NUM_THREADS when set (onnxruntime itself ignores it), bounded by the cores
+    this process may use, else None (onnxruntime's own choice: one thread per physical core)."""
     value = os.environ.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
+    return min(int(value), validate.cpu_count()) if value.isdigit() and int(value) > 0 else None
 
 
 class Graph:
@@ -98,6 +100,9 @@ class Graph:
         names = [i.name for i in self.session.get_inputs()]
         if names != spec.input_names or [o.name for o in self.session.get_outputs()] != spec.output_names:
             raise BundleError(f"{path} does not have the inputs and outputs its manifest entry lists; re-export the bundle")
+        for arg, tensor in zip((*self.session.get_inputs(), *self.session.get_outputs()), (*spec.inputs, *spec.outputs),
+                               strict=True):
+            _check_io(path, arg, tensor)
         self._dtypes = {t.name: NUMPY_DTYPES[t.dtype] for t in spec.inputs}
 
     @property
@@ -110,6 +115,20 @@ class Graph:
         return dict(zip(self.spec.output_names, self.session.run(None, feed), strict=True))
 
 
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "bool": "tensor(bool)"}
+
+
+def _check_io(path, arg, tensor) -> None:
+    """One input or output of a loaded graph against its IO spec: dtype, rank and every size the graph
+    fixes (a symbolic size in the graph fits anything; a fixed one must be the spec's static size)."""
+    shape = list(arg.shape)
+    fits = len(shape) == len(tensor.shape) and all(
+        not isinstance(got, int) or got == want for got, want in zip(shape, tensor.shape, strict=True))
+    if arg.type != ORT_TYPES[tensor.dtype] or not fits:
+        raise BundleError(f"{path}: {tensor.name} is {arg.type} {shape} in the graph, but the manifest's IO spec says "
+                          f"{tensor.dtype} {list(tensor.shape)}; re-export the bundle")
+
+
 class Runtime:
     """A loaded bundle and its graphs (``runtime[name]``), each session created on first use with the
     chosen providers, thread count and precision. Everything else in the runtime is a function of it."""
@@ -118,6 +137,7 @@ class Runtime:
                  precision: str = "fp32"):
         self.bundle, self.precision = bundle, precision
         self.providers = choose_providers(provider)
+        threads = validate.threads(threads)  # -1: all cores; more than the cores: bounded
         self.threads = default_threads() if threads is None else (threads or None)
         self._graphs: dict[str, Graph] = {}
 

@@ -1,4 +1,4 @@
-"""The IO spec of every exported graph, as data (STYLE: one place that export, calibration, engine
+"""The IO spec of every exported graph, as data (one place that export, calibration, engine
 build and the runtime all read). Pure Python: no torch, no onnxruntime.
 
 A ``GraphSpec`` names a graph's inputs and outputs, their dtypes and shapes; a shape entry is an int
@@ -7,7 +7,7 @@ A ``GraphSpec`` names a graph's inputs and outputs, their dtypes and shapes; a s
 them for one model; the exporter traces each graph with exactly these names, writes them into
 ``manifest.json``, and the runtime reads them back from there (it never rebuilds them).
 
-Graphs (DESIGN.md 5), all with a dynamic batch axis, float32 unless noted:
+Graphs (docs/design.md 5), all with a dynamic batch axis, float32 unless noted:
 
     prompt_encoder          ids int64 (B, P)                                   -> prompt_emb (B, P, E)
     predictor_step          u_t (B, C, H, W), t, s, steps (B,), prompt_emb, prompt_mask bool (B, P)

@@ -12,7 +12,7 @@ Every expectation is computed here in a different way than the library does it:
    triangular in scan order (the self-exclusive, autoregressive structure).
 3. The trajectory NLL against a step-by-step recomputation with ``torch.distributions.Normal``.
 4. With f_T = identity and a fresh predictor, the trajectory NLL against the closed-form Gaussian
-   NLL of the posterior chain (DESIGN.md Prop. 2), written in numpy.
+   NLL of the posterior chain (docs/design.md Prop. 2), written in numpy.
 5. Classifier-free guidance: w = 0 is the conditional model alone; w > 0 runs both halves through
    ``numerics.guided_gaussian`` (whose formula tests/test_numerics.py checks by quadrature).
 6. The sampler: dtype, shape, seeding, and the one-line ``PromptError`` for an unknown prompt.

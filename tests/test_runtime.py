@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from ntm_edge.cli import app
 from ntm_edge.errors import ConfigError, PromptError
 from ntm_edge.runtime import BundleError, open_runtime
-from ntm_edge.runtime.bundle import MANIFEST
+from ntm_edge.runtime.bundle import FORMAT_VERSION, MANIFEST, seal
 from ntm_edge.runtime.sampler import generate
 from ntm_edge.sampling import NOISE_BATCH
 
@@ -208,9 +208,9 @@ def test_option_errors(tiny_bundle, tmp_path):
     _one_line_error(runner.invoke(app, ["run", "--prompt", "3", *out]), "--bundle is required")
     _one_line_error(runner.invoke(app, ["audit", "--prompt", "3", "--image", "x.png"]), "--bundle is required")
     _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "giraffe", *out]), "unknown prompt 'giraffe'")
-    _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "3", "--final", "x", *out]), "unknown exit")
+    _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "3", "--final", "x", *out]), "unknown --final")
     _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "3", "--inverse-method", "newton", *out]),
-                    "unknown inversion method")
+                    "unknown --inverse-method")
     _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "3", "--provider", "tpu", *out]),
                     "unknown provider")
     _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "3", "--steps", "8", "--unrolled", *out]),
@@ -273,13 +273,13 @@ def test_manifest_version_and_corruption(tiny_bundle, tmp_path):
     b = _copy(tiny_bundle[1], tmp_path)
     manifest = json.loads((b / MANIFEST).read_text())
     (b / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(BundleError, match="format version 99, this ntm-edge reads 1"):
+    with pytest.raises(BundleError, match=f"format version 99, this ntm-edge reads {FORMAT_VERSION}"):
         open_runtime(b)
     line = _one_line_error(runner.invoke(app, ["audit", "--bundle", str(b), "--prompt", "3", "--image", "x.png"]), "")
     assert "format version" in line
     files = dict(manifest["files"])
     files.pop("denoiser.fp32.onnx")
-    (b / MANIFEST).write_text(json.dumps({**manifest, "files": files}))
+    (b / MANIFEST).write_text(json.dumps(seal({**manifest, "files": files})))  # re-sealed: past the content hash
     with pytest.raises(BundleError, match="graph 'denoiser' has no sha256"):
         open_runtime(b)
     (b / MANIFEST).write_text("{not json")

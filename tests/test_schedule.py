@@ -12,7 +12,7 @@ What is checked, always against numbers produced here in a different way than th
 4. ``time_grid`` / ``time_grids`` / ``shift_time`` / ``shift_for_length`` shape and value rules.
 5. The coefficient functions give the same numbers on float64 torch tensors as on numpy arrays.
 6. Markov coefficients: b^2 == t^2 - a^2 s^2 (textbook form).
-7. The bound offset (DESIGN.md 4) against a Monte Carlo estimate of E_q[-log p(x0 | x_t0) + log q],
+7. The bound offset (docs/design.md 4) against a Monte Carlo estimate of E_q[-log p(x0 | x_t0) + log q],
    and the 8-bit scale of bits_per_dim against two densities whose bits are known.
 
 Tolerances.  Monte Carlo checks use Z_MAX = 5 standard errors, where the standard error is the
@@ -409,7 +409,7 @@ def test_markov_step_from_clean_data():
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. the likelihood bound (DESIGN.md 4) and the 8-bit scale
+# 7. the likelihood bound (docs/design.md 4) and the 8-bit scale
 # ---------------------------------------------------------------------------------------------
 
 
