@@ -81,7 +81,7 @@ def test_export_overwrites_only_a_bundle_of_its_own_files(tiny, tmp_path):
 
 
 def test_export_removes_what_a_killed_export_left(tiny, tmp_path):
-    dead = subprocess.run(["true"]).args and subprocess.Popen(["true"])
+    dead = subprocess.Popen(["true"])
     dead.wait()  # its pid no longer runs
     stale = tmp_path / f".bundle.{dead.pid}.abcd1234.tmp"
     stale.mkdir()
