@@ -21,12 +21,16 @@ from .validate import image_format
 MAX_GRID_PIXELS = 1 << 24  # 16.8 megapixels: a 4096 x 4096 grid, far below Pillow's bomb limit (89 Mpx)
 
 
+def _layout(n: int, h: int, w: int, ncols: int | None, scale: int | None, pad: int) -> tuple[int, int, int]:
+    """(columns, rows, scale) of a grid of n cells of h x w pixels."""
+    ncols = ncols or math.ceil(math.sqrt(n))
+    return ncols, math.ceil(n / ncols), scale or max(1, 64 // max(h, w))
+
+
 def make_grid(images: np.ndarray, ncols: int | None = None, scale: int | None = None, pad: int = 1) -> np.ndarray:
     """uint8 (N, H, W, C) -> one uint8 (rows, cols, C) grid, each cell scaled up to >= 64 pixels."""
     n, h, w, c = images.shape
-    ncols = ncols or math.ceil(math.sqrt(n))
-    nrows = math.ceil(n / ncols)
-    scale = scale or max(1, 64 // max(h, w))
+    ncols, nrows, scale = _layout(n, h, w, ncols, scale, pad)
     cells = images.repeat(scale, axis=1).repeat(scale, axis=2)  # (N, h s, w s, C)
     H, W = h * scale + pad, w * scale + pad
     grid = np.zeros((nrows * H + pad, ncols * W + pad, c), dtype=np.uint8)
@@ -36,16 +40,26 @@ def make_grid(images: np.ndarray, ncols: int | None = None, scale: int | None = 
     return grid
 
 
-def grid_capacity(images: np.ndarray, scale: int | None = None, pad: int = 1) -> int:
+def grid_capacity(images: np.ndarray, ncols: int | None = None, scale: int | None = None, pad: int = 1) -> int:
     """How many of ``images`` (N, H, W, C) a grid of at most MAX_GRID_PIXELS pixels shows (at least one)."""
-    _, h, w, _ = images.shape
-    scale = scale or max(1, 64 // max(h, w))
-    return max(1, MAX_GRID_PIXELS // ((h * scale + pad) * (w * scale + pad)))
+    n, h, w, _ = images.shape
+
+    def pixels(k: int) -> int:
+        cols, rows, s = _layout(k, h, w, ncols, scale, pad)
+        return (rows * (h * s + pad) + pad) * (cols * (w * s + pad) + pad)
+
+    if pixels(n) <= MAX_GRID_PIXELS:
+        return n
+    lo, hi = 1, n  # pixels(k) grows with k: the largest k that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if pixels(mid) <= MAX_GRID_PIXELS else (lo, mid - 1)
+    return lo
 
 
 def save_grid(images: np.ndarray, path, **kw) -> int:
     """The first ``grid_capacity`` images as one grid, in the format the suffix names -> images shown."""
-    shown = min(len(images), grid_capacity(images, kw.get("scale"), kw.get("pad", 1)))
+    shown = grid_capacity(images, **kw)
     grid = make_grid(images[:shown], **kw)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     _write(Path(path), lambda tmp: img.save(tmp, format=image_format(path)))

@@ -176,7 +176,7 @@ def load_bundle(path, verify: bool = True) -> Bundle:
         check_values(root, manifest, config, graphs)
     except ConfigError as e:
         raise BundleError(f"{root / MANIFEST}: {e}") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, IndexError) as e:
         raise BundleError(f"{root / MANIFEST} is incomplete or malformed ({e.__class__.__name__}: {e}); "
                           f"re-export the bundle") from None
     if verify:
@@ -247,5 +247,5 @@ def check_values(root: Path, manifest: dict, config: NTMConfig, graphs: dict[str
                 refuse(f"graphs.{name}.{kind}", [t.name for t in have], f"the config gives {[t.name for t in need]}")
             for a, b in zip(have, need, strict=True):
                 if (a.dtype, a.shape) != (b.dtype, b.shape):
-                    refuse(f"graphs.{name}.{kind}.{a.name}", f"{a.dtype} {list(a.shape)}",
-                           f"the config gives {b.dtype} {list(b.shape)}")
+                    raise BundleError(f"{root / MANIFEST}: graphs.{name}.{kind}.{a.name} is {a.dtype} {list(a.shape)}, "
+                                      f"but the config gives {b.dtype} {list(b.shape)}; re-export the bundle")
