@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import IO, cast
 
 from .config import NTMConfig
 from .errors import CheckpointError, ConfigError
@@ -88,7 +89,7 @@ def torch_save(obj, path) -> None:
     with open(path, "wb") as f:
         out = _Writes(f)
         try:
-            torch.save(obj, out)
+            torch.save(obj, cast(IO[bytes], out))
         except RuntimeError:
             if out.error is not None:
                 raise out.error from None

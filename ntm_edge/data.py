@@ -144,7 +144,7 @@ def _load_folder(root: Path, split: str, image_size: int | None, channels: int |
         labels += [label] * len(found)
     # Headers of every image (both splits; cheap): unreadable files fail whichever split is asked for.
     first = _open(files[0], decode=False)
-    grey = {True: None, False: None}  # one file of each kind: greyscale, colour
+    grey: dict[bool, Path | None] = {True: None, False: None}  # one file of each kind: greyscale, colour
     for f in files:
         header = _open(f, decode=False)
         grey[header.mode in _GRAY_MODES] = grey[header.mode in _GRAY_MODES] or f

@@ -191,13 +191,16 @@ def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: floa
 
     def check_stop() -> None:  # between two batches: nothing is half done, and nothing is saved
         if stop.requested:
-            raise Interrupted(stop.signum, saved=False)
+            raise Interrupted(stop.received, saved=False)
 
     try:
         with stop, bar:
             task = bar.add_task("targets", total=trajectories * len(images), info="")
-            u0, x_den, ids = build_targets(model, images, labels, dcfg.t0, trajectories, g,
-                                           progress=lambda n: (bar.advance(task, n), check_stop()))
+            def built(n: int) -> None:
+                bar.advance(task, n)
+                check_stop()
+
+            u0, x_den, ids = build_targets(model, images, labels, dcfg.t0, trajectories, g, progress=built)
             log(f"built {len(u0)} score-denoised targets in {time.time() - start:.0f} s")
             task = bar.add_task("denoiser", total=steps, info="")
             loss_avg = None

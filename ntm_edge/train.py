@@ -275,9 +275,9 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
             + (f"; {out} keeps step {saved_step}" if saved_step is not None else ""))
         raise
     if stop.requested:
-        log(f"interrupted by {signal_name(stop.signum)} at step {step}; checkpoint saved to {out}; "
+        log(f"interrupted by {signal_name(stop.received)} at step {step}; checkpoint saved to {out}; "
             "continue with --resume")
-        raise Interrupted(stop.signum, saved=True)
+        raise Interrupted(stop.received, saved=True)
     summary: dict = {"step": step, "mode": mode, "objective": config.objective, "train_loss": loss_avg,
                "seconds": time.time() - start, "params": n_params}
     if args.eval_images > 0:

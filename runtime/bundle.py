@@ -213,15 +213,15 @@ def check_values(root: Path, manifest: dict, config: NTMConfig, graphs: dict[str
         refuse("transporter.flip", flip, f"it must list {tc.num_blocks} true/false values, one per block")
     prompts = manifest["prompts"]
     names = list(config.prompt.class_names)
-    implied = {"kind": config.prompt.kind, "class_names": names, "num_tokens": len(names) + 1, "null_id": NULL_ID,
-               "prefix_tokens": 1}
-    for key, want in implied.items():
-        if prompts.get(key) != want:
-            refuse(f"prompts.{key}", prompts.get(key), f"the config gives {want!r}")
+    prompts_implied: dict[str, object] = {"kind": config.prompt.kind, "class_names": names,
+                                          "num_tokens": len(names) + 1, "null_id": NULL_ID, "prefix_tokens": 1}
+    for key, expected in prompts_implied.items():
+        if prompts.get(key) != expected:
+            refuse(f"prompts.{key}", prompts.get(key), f"the config gives {expected!r}")
     sched = manifest["schedule"]
-    for key, want in (("steps", config.steps), ("shift", config.shift), ("t_min_sample", config.t_min_sample)):
-        if sched.get(key) != want:
-            refuse(f"schedule.{key}", sched.get(key), f"the config gives {want!r}")
+    for key, value in (("steps", config.steps), ("shift", config.shift), ("t_min_sample", config.t_min_sample)):
+        if sched.get(key) != value:
+            refuse(f"schedule.{key}", sched.get(key), f"the config gives {value!r}")
     levels = sched.get("levels_t")
     if (not isinstance(levels, list) or len(levels) != config.steps + 1
             or not all(isinstance(t, float | int) and not isinstance(t, bool) for t in levels)
@@ -236,13 +236,13 @@ def check_values(root: Path, manifest: dict, config: NTMConfig, graphs: dict[str
             refuse("denoiser.steps", steps, "it must be an integer >= 1")
         if not isinstance(t0, float | int) or isinstance(t0, bool) or not 0 < t0 < 1:
             refuse("denoiser.t0", t0, "it must lie in (0, 1)")
-    for name, want in graph_specs(config, batch, has_denoiser=den is not None).items():
+    for name, spec in graph_specs(config, batch, has_denoiser=den is not None).items():
         got = graphs.get(name)
         if got is None:
             raise BundleError(f"{root / MANIFEST} lists no graph {name!r}, which its config needs; re-export the bundle")
-        if got.dims != want.dims:
-            refuse(f"graphs.{name}.dims", got.dims, f"batch {batch} and the config give {want.dims}")
-        for kind, have, need in (("inputs", got.inputs, want.inputs), ("outputs", got.outputs, want.outputs)):
+        if got.dims != spec.dims:
+            refuse(f"graphs.{name}.dims", got.dims, f"batch {batch} and the config give {spec.dims}")
+        for kind, have, need in (("inputs", got.inputs, spec.inputs), ("outputs", got.outputs, spec.outputs)):
             if [t.name for t in have] != [t.name for t in need]:
                 refuse(f"graphs.{name}.{kind}", [t.name for t in have], f"the config gives {[t.name for t in need]}")
             for a, b in zip(have, need, strict=True):
