@@ -129,11 +129,14 @@ class Inputs:
     ts: np.ndarray  # (T + 1,) the sampler's grid
 
 
+_KEEP_ALIVE: list = []  # a temporary directory prepared for the session lives as long as it
+
+
 @functools.cache
 def session_setup() -> tuple[BenchSetup, dict]:
     """The setup of this pytest session and its bundle's manifest (prepared once, at collection)."""
     setup, tmp = setup_from_env()
-    session_setup.tmp = tmp  # keep a prepared temporary directory alive for the session
+    _KEEP_ALIVE.append(tmp)
     return setup, load_bundle(setup.bundle, verify=False).manifest
 
 
@@ -256,6 +259,7 @@ class Harness:
         rt = self.runtime(b)
         inp = self.inputs(batch)
         cfg, t0 = self.cfg, float(self.ts[0])
+        den_flops = flops.denoiser(self.den.config) if self.den is not None else None
         needs = {"text_encoder": [PROMPT_ENCODER], "predictor_step": [PROMPT_ENCODER, PREDICTOR_STEP],
                  "loop": [PROMPT_ENCODER, PREDICTOR_STEP], "audit": [PROMPT_ENCODER, PREDICTOR_STEP, TRANSPORTER_FORWARD],
                  "denoiser": [DENOISER], "e2e_denoiser": [PROMPT_ENCODER, PREDICTOR_STEP, DENOISER],
@@ -288,12 +292,12 @@ class Harness:
             return Prepared(lambda: invert(rt, inp.u0, t0, STEPS, "jacobi", segments=GS_SEGMENTS), None,
                             {"passes": [p if isinstance(p, int) else list(p) for p in passes]})
         if stage == "denoiser":
-            return Prepared(lambda: rt[DENOISER](u=inp.u0, ids=ids, prompt_mask=mask), flops.denoiser(self.den.config))
+            return Prepared(lambda: rt[DENOISER](u=inp.u0, ids=ids, prompt_mask=mask), den_flops)
         if stage == "audit":
             return Prepared(lambda: trajectory_nll(rt, inp.x_traj, self.ts, ids, mask), flops.audit(cfg, STEPS))
         if stage == "e2e_denoiser":
             return Prepared(lambda: generate(rt, inp.prompts, STEPS, seed=0, final="denoiser"),
-                            flops.sampler_loop(cfg, STEPS) + flops.denoiser(self.den.config))
+                            flops.sampler_loop(cfg, STEPS) + (den_flops or 0))
         if stage == "e2e_jacobi":
             passes = generate(rt, inp.prompts, STEPS, seed=0, final="inverse", inverse_method="jacobi").passes
             return Prepared(lambda: generate(rt, inp.prompts, STEPS, seed=0, final="inverse", inverse_method="jacobi"),

@@ -58,7 +58,9 @@ def load(path: Path) -> tuple[list[Row], dict[str, float], dict[str, tuple[str, 
     """pytest-benchmark JSON -> (rows, peak GFLOP/s per device and dtype, probe -> (peak, GFLOP/s), machine_info).
     A peak is the best probe of its device and dtype (over libraries), each at its best round."""
     data = json.loads(Path(path).read_text())
-    rows, peaks, probes = [], {}, {}
+    rows: list[Row] = []
+    peaks: dict[str, float] = {}
+    probes: dict[str, tuple[str, float]] = {}
     for b in data["benchmarks"]:
         info, median = dict(b["extra_info"]), b["stats"]["median"]
         if info.get("stage") == "peak":  # the best round: what the machine can do
@@ -229,7 +231,7 @@ def plot(rows: list[Row], peaks: dict[str, float], path: Path) -> None:
     batches = sorted({r.batch for r in rows})
     labels = list(dict.fromkeys(r.label for r in rows))
     backends = sorted({r.backend for r in rows}, key=_backend_key)
-    by = defaultdict(dict)
+    by: dict[tuple[int, str], dict[str, Row]] = defaultdict(dict)
     for r in rows:
         by[(r.batch, r.backend)][r.label] = r
     fig, axes = plt.subplots(2, len(batches), figsize=(5.2 * len(batches), 2.0 + 0.45 * len(labels) * 2), squeeze=False,

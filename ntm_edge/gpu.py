@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -36,13 +37,14 @@ from torch import nn
 from .errors import ConfigError
 from .layers import patchify, unpatchify
 from .model import NTM, to_uint8
-from .transporter import DEFAULT_TOL
+from .transporter import DEFAULT_TOL, TarFlowBlock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ISLAND_MODULES = (nn.LayerNorm, nn.GroupNorm)  # norms run in fp32 (DESIGN.md 6)
 # Jacobi stops at this relative change per autocast dtype: one pass's rounding noise must stay below it
 # (fp16 ~1e-3, transporter.DEFAULT_TOL's note; bf16 has 3 fewer mantissa bits).
 JACOBI_TOL = {torch.float32: DEFAULT_TOL, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+M = TypeVar("M", bound=nn.Module)
 NOISE_CHUNK = 256  # = the batch_size default of exits.sample_images: prompts per noise draw
 GRAPH_EXITS = ("denoiser", "inverse")
 
@@ -69,7 +71,7 @@ def _upcast_input(module, args):
     return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
-def with_fp32_islands(module: nn.Module) -> nn.Module:
+def with_fp32_islands(module: M) -> M:
     """Make every norm of ``module`` run in fp32 under autocast (its input upcast by a pre-hook; the
     norm's weights are fp32 already). Returns ``module``; meant for the sampler's own copy."""
     for m in module.modules():
@@ -115,7 +117,7 @@ class StaticGraph:
 
     def __call__(self, *values) -> tuple[torch.Tensor, ...]:
         for buf, v in zip(self.inputs, values, strict=True):
-            buf.copy_(torch.as_tensor(v), non_blocking=True)
+            buf.copy_(torch.as_tensor(v))
         return self.replay()
 
 
@@ -142,7 +144,7 @@ def jacobi_fixed(model: NTM, u: torch.Tensor, t: torch.Tensor, steps: torch.Tens
     h = patchify(u, p)  # (B, N, D)
     changes = [u.new_zeros((), dtype=torch.float32)] * len(tr.blocks)
     for i in reversed(range(len(tr.blocks))):  # f_T = blocks[-1] o ... o blocks[0]
-        block = tr.blocks[i]
+        block = cast(TarFlowBlock, tr.blocks[i])
         us = block.scan_order(h)
         xs = us  # exact for token 0, and for every token if the block is the identity
         for _ in range(passes[i]):
