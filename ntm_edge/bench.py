@@ -237,7 +237,7 @@ def run_bench(out, checkpoint=None, bundle=None, preset: str = "small", quick: b
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "command": _command(out, checkpoint, bundle, preset, quick, threads),
-                    "setup": dataclasses.asdict(setup), "preset": preset if checkpoint is None else None,
+                    "setup": dataclasses.asdict(setup), "preset": preset if checkpoint is None and bundle is None else None,
                     "note": note, "suite_seconds": round(seconds, 1)}
         write_report(work, manifest, skipped)
         manifest["files"] = sorted(p.name for p in work.iterdir() if p.name != MANIFEST)
