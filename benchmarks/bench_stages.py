@@ -22,13 +22,17 @@ ORDER = [*harness.STAGES, *harness.END_TO_END]  # the report's row order
 
 
 def pytest_generate_tests(metafunc):
+    """(stage, batch, backend) in that nesting: the backends of one stage and batch run one after the
+    other, so the ratios between them are taken seconds apart, under the same machine load."""
     if "backend" not in metafunc.fixturenames:
         return
     _, manifest = harness.session_setup()
     e2e = metafunc.function.__name__ == "test_end_to_end"
-    pairs = [(b, batch) for b in harness.backends(manifest)
-             for batch in harness.BATCHES + (harness.GPU_BATCHES if e2e and b.kind == "graph" else ())]
-    metafunc.parametrize(("backend", "batch"), pairs, ids=[f"{b.name}-b{batch}" for b, batch in pairs])
+    stages = harness.END_TO_END if e2e else harness.STAGES
+    backends = harness.backends(manifest)
+    cases = [(stage, batch, b) for stage in stages for batch in harness.BATCHES + (harness.GPU_BATCHES if e2e else ())
+             for b in backends if batch not in harness.GPU_BATCHES or b.kind == "graph"]
+    metafunc.parametrize(("stage", "batch", "backend"), cases, ids=[f"{b.name}-b{batch}-{stage}" for stage, batch, b in cases])
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +62,9 @@ def _stage(benchmark, bench, backend, stage, batch, label):
               "peak": backend.peak, "order": ORDER.index(stage), **prepared.info})
 
 
-@pytest.mark.parametrize("stage", list(harness.STAGES))
 def test_stage(benchmark, bench, backend, stage, batch):
     _stage(benchmark, bench, backend, stage, batch, harness.STAGES[stage])
 
 
-@pytest.mark.parametrize("stage", list(harness.END_TO_END))
 def test_end_to_end(benchmark, bench, backend, stage, batch):
     _stage(benchmark, bench, backend, stage, batch, harness.END_TO_END[stage])

@@ -189,8 +189,6 @@ class Harness:
             pytest.skip(reason)
         if b.kind == "graph" and stage not in GRAPH_STAGES:
             pytest.skip("not on the GPU path (it captures the sampler loop, the Jacobi inversion and the denoiser)")
-        if batch in GPU_BATCHES and b.kind != "graph":
-            pytest.skip(f"batch {batch} is timed on the GPU path only")
         if stage in ("denoiser", "e2e_denoiser") and self.den is None:
             pytest.skip("the checkpoint has no denoiser (ntm-edge train-denoiser)")
         prepare = {"torch": self._torch, "graph": self._graph, "ort": self._ort}[b.kind]

@@ -36,6 +36,7 @@ class Row:
     backend: str
     batch: int
     median_s: float
+    min_s: float
     rounds: int
     flops_per_image: int | None
     peak: str
@@ -69,7 +70,7 @@ def load(path: Path) -> tuple[list[Row], dict[str, float], dict[str, tuple[str, 
         fields = {k: info.pop(k) for k in ("stage", "stage_label", "order", "backend", "batch", "flops_per_image",
                                            "peak")}
         rows.append(Row(fields["stage"], fields["stage_label"], fields["order"], fields["backend"], fields["batch"],
-                        median, b["stats"]["rounds"], fields["flops_per_image"], fields["peak"], info))
+                        median, b["stats"]["min"], b["stats"]["rounds"], fields["flops_per_image"], fields["peak"], info))
     rows.sort(key=lambda r: (r.order, r.batch, _backend_key(r.backend)))
     for peak, gflops in probes.values():
         peaks[peak] = max(peaks.get(peak, 0.0), gflops)
@@ -124,8 +125,8 @@ def ratio_table(rows: list[Row], reference: str, backends: list[str]) -> list[st
 
 
 def stage_table(rows: list[Row], peaks: dict[str, float]) -> list[str]:
-    out = ["| stage | backend | batch | ms | images/s | MFLOP/image | GFLOP/s | % of peak | rounds | notes |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = ["| stage | backend | batch | ms | min ms | images/s | MFLOP/image | GFLOP/s | % of peak | rounds | notes |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         mflop = None if r.flops_per_image is None else r.flops_per_image / 1e6
         notes = []
@@ -133,7 +134,8 @@ def stage_table(rows: list[Row], peaks: dict[str, float]) -> list[str]:
             notes.append(f"passes per block {r.info['passes']}")
         if r.info.get("cuda_graph") is False:
             notes.append("not captured")
-        out.append(f"| {r.label} | {r.backend} | {r.batch} | {_num(r.ms)} | {_num(r.images_per_s)} | {_num(mflop)} | "
+        out.append(f"| {r.label} | {r.backend} | {r.batch} | {_num(r.ms)} | {_num(1e3 * r.min_s)} | {_num(r.images_per_s)} | "
+                   f"{_num(mflop)} | "
                    f"{_num(r.gflops)} | {_pct(peak_fraction(r, peaks))} | {r.rounds} | {'; '.join(notes)} |")
     return out
 
@@ -191,7 +193,8 @@ def markdown(rows: list[Row], peaks: dict[str, float], probes: dict, machine: di
     backends = sorted({r.backend for r in rows}, key=_backend_key)
     others = [b for b in backends if b != REFERENCE]
     lines += [f"## Speed against torch eager ({REFERENCE}, CPU fp32), measured side by side in this run", "",
-              "Each cell: torch eager's median time over the backend's, same stage, batch and inputs (> 1: faster).", ""]
+              "Each cell: torch eager's median time over the backend's, same stage, batch and inputs (> 1: faster). "
+              "The backends of one row run back to back, seconds apart.", ""]
     lines += ratio_table(rows, REFERENCE, others) + [""]
     cuda_others = [b for b in others if b.startswith(("torch-cuda-fp32", "torch-cuda-bf16", "ort-cuda", "ort-tensorrt"))]
     if CUDA_REFERENCE in backends and cuda_others:
@@ -214,7 +217,9 @@ def markdown(rows: list[Row], peaks: dict[str, float], probes: dict, machine: di
               "the best round of the fastest square-matmul probe (CPU fp32; on CUDA the fp32 probe for fp32 rows, the "
               "bf16 probe for 16-bit rows). The peak is what the machine can do, a row's median what it did under the "
               "run's load.",
-              "- images/s = batch / median time. End-to-end rows include the noise draw and the uint8 conversion.", ""]
+              "- ms: the median time per call for the whole batch; min ms: the best round (the gap between the two is "
+              "the run's noise). images/s = batch / median time. End-to-end rows include the noise draw and the uint8 "
+              "conversion.", ""]
     return "\n".join(lines)
 
 
