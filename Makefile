@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 # build when the project's `torch>=2.4` requirement is resolved.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv install demo test lint typecheck clean
+.PHONY: venv install demo test lint typecheck clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,9 @@ typecheck: install
 
 clean:
 	rm -rf $(VENV) runs demo.png demo-runtime.png .pytest_cache .typecheck .mypy_cache
+
+# The latency suites (pytest-benchmark; not part of `make test`). NTM_SMALL_CHECKPOINT=runs/small times a
+# trained model, else the untrained `small` preset. `ntm-edge bench --out DIR` runs bench_stages.py and
+# writes a report (report.md, report.png).
+bench: install
+	$(PY) -m pytest benchmarks -q

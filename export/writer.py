@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from ntm_edge import __version__, schedule, validate
 from ntm_edge.checkpoint import load_info
 from ntm_edge.errors import ConfigError, NtmError
-from ntm_edge.fileio import atomic_write_text, make_temp_dir, remove_stale_temporaries, sha256_file
+from ntm_edge.fileio import atomic_write_text, make_temp_dir, publish_dir, remove_stale_temporaries, sha256_file
 from ntm_edge.model import NTM
 from ntm_edge.prompts import NULL_ID
 from ntm_edge.runtime import specs as S
@@ -86,7 +85,7 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.onnx"))}
         atomic_write_text(tmp / MANIFEST, json.dumps(seal(manifest), indent=2))
         (tmp / MANIFEST).chmod(0o644)
-        _publish(tmp, out)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
@@ -212,13 +211,3 @@ def _manifest(checkpoint, model: NTM, denoiser, graph_specs: dict, batch: int, o
                    for name, spec in graph_specs.items()},
     }
 
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished bundle into place: rename, replacing an existing ``out`` only at the last moment."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = make_temp_dir(out.parent, out.name)
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

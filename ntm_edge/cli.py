@@ -114,7 +114,8 @@ def sample(
     save_array: SaveArray = None,
     final: Annotated[str, typer.Option(help="inverse | inverse+score | denoiser (default: " + _DEFAULT_EXIT + ")")] = "",
     inverse_method: InverseMethod = DEFAULT_METHOD,
-    device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
+    device: Annotated[str, typer.Option(help=_DEVICE + " (cuda: CUDA graphs + bf16 autocast for the denoiser and "
+                                                     "Jacobi exits; untested: no GPU has run it yet)")] = "cpu",
 ):
     """Generate images with the four-step sampler (Algorithm 2) and an exit from u-space."""
     from .generate import generate
@@ -162,7 +163,7 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="JSON report to write")] = Path("report.json"),
     device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
 ):
-    """Held-out bits/dim, Frechet distance, prompt accuracy and images/s of a checkpoint."""
+    """Held-out bits/dim, Frechet distance and prompt accuracy of a checkpoint (speed: `ntm-edge bench`)."""
     import json
 
     from .evaluate import evaluate_checkpoint
@@ -274,6 +275,27 @@ def audit_image(
 
     audit_images(bundle, image, prompt, steps=steps, trajectories=trajectories, seed=seed, provider=provider,
                  threads=threads, log=_log, warn=_warn)
+
+
+@app.command("bench")
+@_friendly
+def bench(
+    out: Annotated[Path, typer.Option(help="report directory (report.md, report.png, benchmark.json); only an "
+                                           "earlier bench report there is ever replaced")],
+    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint to time (default: an untrained --preset model)")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="bundle for the onnxruntime rows (default: exported from "
+                                                     "the checkpoint)")] = None,
+    preset: Annotated[str, typer.Option(help="preset of the untrained model timed when no checkpoint is given")] = "small",
+    quick: Annotated[bool, typer.Option(help="3 rounds per benchmark: a check that everything runs, rough figures")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch and onnxruntime threads (default: $OMP_NUM_THREADS, "
+                                                     "else all cores)")] = None,
+    note: Annotated[str, typer.Option(help="a line for the top of report.md (e.g. the machine's load)")] = "",
+):
+    """Latency per stage, backend and batch size (pytest-benchmark), speed ratios against torch eager and the
+    distance to the machine's peak. GPU rows (CUDA graphs, autocast) run where CUDA exists; untested so far."""
+    from .bench import run_bench
+
+    run_bench(out, checkpoint, bundle, preset, quick, threads, note, progress=sys.stderr.isatty(), log=_log)
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Evaluation: held-out likelihood (exact trajectory NLL and the bits/dim bound, docs/design.md 4), and the
-report of `ntm-edge eval` (likelihood, sample quality under the evaluation classifier, speed)."""
+report of `ntm-edge eval` (likelihood and sample quality under the evaluation classifier). Speed is not
+measured here: a wall-clock figure taken in the middle of an eval is machine-load noise; `ntm-edge bench`
+measures it, side by side."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ def balanced_prompts(class_names, n: int) -> tuple[list[str], np.ndarray]:
 def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance: float = 0.0, seed: int = 0,
                         dataset: str | None = None, final: str = "inverse", device: str = "cpu", log=print) -> dict:
     """The report of `ntm-edge eval`: per step count, held-out bits/dim (exact trajectory NLL and the
-    bound), Frechet distance and prompt accuracy under the evaluation classifier, and images/s."""
+    bound), Frechet distance and prompt accuracy under the evaluation classifier."""
     from . import validate
     from .checkpoint import trained_on
     from .data import load_dataset
@@ -94,14 +94,10 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
         batch = max(1, min(250, 250 * 65 // (T + 1)))
         row = {"steps": int(T), **heldout_likelihood(model, test.images, test.labels, steps=T, seed=seed,
                                                      batch_size=batch)}
-        kw = dict(steps=T, seed=seed, guidance=guidance, final=final, denoiser=denoiser)
-        sample_images(model, prompts[:2], **kw)  # warm-up
-        start = time.perf_counter()
-        images = sample_images(model, prompts, **kw)
-        row["images_per_s"] = num_samples / (time.perf_counter() - start)
+        images = sample_images(model, prompts, steps=T, seed=seed, guidance=guidance, final=final, denoiser=denoiser)
         row.update(sample_quality(clf, images, labels, test.images))
         log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
-            f"prompt accuracy {row['prompt_accuracy']:.3f}, {row['images_per_s']:.1f} images/s")
+            f"prompt accuracy {row['prompt_accuracy']:.3f}")
         rows.append(row)
     train = load_dataset(dataset, "train", image_size=cfg.image_size, channels=cfg.channels)
     floor = sample_quality(clf, train.images[:num_samples], train.labels[:num_samples], test.images)

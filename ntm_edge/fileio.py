@@ -194,3 +194,16 @@ def is_sealed(record: dict) -> bool:
 
 def _digest(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Move the finished directory ``tmp`` to ``out`` by renames; an existing ``out`` (which the caller
+    has checked is one of its own kind) is moved aside first and removed only once ``tmp`` is in place."""
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = make_temp_dir(out.parent, out.name)
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -35,6 +36,11 @@ def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int =
 
     if final:
         validate.choice(final, EXITS, "--final")
+    if device != "cpu":  # the GPU path (ntm_edge/gpu.py): CUDA graphs and autocast
+        from .gpu import require_cuda, sample_images_gpu
+
+        require_cuda(device)
+        sample_images = functools.partial(sample_images_gpu, log=log)
     model = NTM.from_pretrained(checkpoint, device=device)
     cfg = model.config
     model.vocab.token_id(prompt)  # an unknown prompt fails here, before any work
@@ -50,5 +56,5 @@ def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int =
                            denoiser=denoiser if final == "denoiser" else None, inverse_method=inverse_method)
     elapsed = time.perf_counter() - start
     save_images(images, out, save_array_to, log)
-    log(f"wrote {out} ({num} images, {steps} steps, exit {final}, {elapsed:.2f} s, {num / elapsed:.1f} images/s)")
+    log(f"wrote {out} ({num} images, {steps} steps, exit {final}, {elapsed:.2f} s)")
     return images
