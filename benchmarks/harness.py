@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 
 from ntm_edge import flops, schedule
 from ntm_edge.bench import BenchSetup, setup_from_env
+from ntm_edge.decoding import segment_bounds
 from ntm_edge.denoiser import has_denoiser, load_denoiser
 from ntm_edge.exits import sample_images
 from ntm_edge.model import NTM, Trajectory
@@ -38,7 +38,6 @@ from ntm_edge.runtime.inversion import invert
 from ntm_edge.runtime.sampler import StageTimer, draw_noise, encode, generate, predict, sample_levels
 from ntm_edge.runtime.session import PROVIDERS, available_providers, open_runtime
 from ntm_edge.runtime.specs import DENOISER, PREDICTOR_STEP, PROMPT_ENCODER, TRANSPORTER_FORWARD
-from ntm_edge.transporter import segment_bounds
 
 STEPS = 4  # the sampler's T
 GS_SEGMENTS = 2
@@ -91,7 +90,7 @@ class Backend:
     def skip_reason(self) -> str | None:
         if self.device == "cuda" and self.kind != "ort" and not torch.cuda.is_available():
             return NO_CUDA
-        if self.kind == "ort" and self.provider not in available_providers():
+        if self.kind == "ort" and self.provider is not None and self.provider not in available_providers():
             return f"this onnxruntime has no {PROVIDERS[self.provider]}" + (
                 " (TensorRT is not installed)" if self.provider == "tensorrt" else "")
         return None
@@ -280,15 +279,15 @@ class Harness:
         if stage == "inverse_sequential":
             return Prepared(lambda: invert(rt, inp.u0, t0, STEPS, "sequential"), flops.inverse_sequential(cfg))
         if stage == "inverse_jacobi":
-            passes = invert(rt, inp.u0, t0, STEPS, "jacobi")[1]
+            passes = invert(rt, inp.u0, t0, STEPS, "jacobi")[1].block_iterations
             return Prepared(lambda: invert(rt, inp.u0, t0, STEPS, "jacobi"), self._jacobi_flops(passes),
                             {"passes": list(passes)})
         if stage == "inverse_gs_jacobi":
-            if "segments" not in inspect.signature(invert).parameters:
-                pytest.skip("the runtime's inversion has no GS-Jacobi segments")
-            passes = invert(rt, inp.u0, t0, STEPS, "jacobi", segments=GS_SEGMENTS)[1]
-            return Prepared(lambda: invert(rt, inp.u0, t0, STEPS, "jacobi", segments=GS_SEGMENTS), None,
-                            {"passes": [p if isinstance(p, int) else list(p) for p in passes]})
+            its = invert(rt, inp.u0, t0, STEPS, "jacobi", segments=GS_SEGMENTS)[1].iterations
+            bounds = segment_bounds(rt.bundle.transporter["num_tokens"], GS_SEGMENTS)
+            work = [[(end, n) for (_, end), n in zip(bounds, block, strict=True)] for block in its]
+            return Prepared(lambda: invert(rt, inp.u0, t0, STEPS, "jacobi", segments=GS_SEGMENTS),
+                            flops.inverse_jacobi(cfg, work), {"passes": [list(block) for block in its]})
         if stage == "denoiser":
             return Prepared(lambda: rt[DENOISER](u=inp.u0, ids=ids, prompt_mask=mask), den_flops)
         if stage == "audit":
@@ -297,7 +296,8 @@ class Harness:
             return Prepared(lambda: generate(rt, inp.prompts, STEPS, seed=0, final="denoiser"),
                             flops.sampler_loop(cfg, STEPS) + (den_flops or 0))
         if stage == "e2e_jacobi":
-            passes = generate(rt, inp.prompts, STEPS, seed=0, final="inverse", inverse_method="jacobi").passes
+            report = generate(rt, inp.prompts, STEPS, seed=0, final="inverse", inverse_method="jacobi").report
+            passes = report.block_iterations if report is not None else ()
             return Prepared(lambda: generate(rt, inp.prompts, STEPS, seed=0, final="inverse", inverse_method="jacobi"),
                             flops.sampler_loop(cfg, STEPS) + self._jacobi_flops(passes), {"passes": list(passes)})
         raise KeyError(stage)

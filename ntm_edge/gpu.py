@@ -18,7 +18,7 @@ tests/test_gpu.py has the CUDA tests; they skip on machines without CUDA.
   block's last relative change; where it is above tol (a batch that needs more passes than the
   warm-up one) that batch is inverted again eagerly with the adaptive stop, so the result is what
   ``Transporter.inverse(method="jacobi")`` gives, whatever the batch.
-- fp32 islands (DESIGN.md 6): norms (their inputs are upcast by a pre-hook, so they run in fp32 under
+- fp32 islands (docs/design.md 6): norms (their inputs are upcast by a pre-hook, so they run in fp32 under
   CPU and CUDA autocast alike), the exp of log-scales (the model returns log-scales and affine
   parameters in fp32: ``layers.at_least_fp32``), and softmax inside scaled_dot_product_attention,
   whose kernels accumulate in fp32. The sampler state u stays fp32 from step to step.
@@ -34,13 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .decoding import DEFAULT_TOL
 from .errors import ConfigError
-from .layers import patchify, unpatchify
-from .model import NTM, to_uint8
-from .transporter import DEFAULT_TOL, TarFlowBlock
+from .model import NTM
+from .numerics import patchify, to_uint8, unpatchify
+from .transporter import TarFlowBlock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ISLAND_MODULES = (nn.LayerNorm, nn.GroupNorm)  # norms run in fp32 (DESIGN.md 6)
+ISLAND_MODULES = (nn.LayerNorm, nn.GroupNorm)  # norms run in fp32 (an fp32 island)
 # Jacobi stops at this relative change per autocast dtype: one pass's rounding noise must stay below it
 # (fp16 ~1e-3, transporter.DEFAULT_TOL's note; bf16 has 3 fewer mantissa bits).
 JACOBI_TOL = {torch.float32: DEFAULT_TOL, torch.float16: 1e-3, torch.bfloat16: 1e-2}

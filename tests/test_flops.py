@@ -14,9 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ntm_edge import flops
 from ntm_edge.config import get_preset
+from ntm_edge.decoding import segment_bounds
 from ntm_edge.denoiser import Denoiser, DenoiserConfig
 from ntm_edge.model import NTM
-from ntm_edge.transporter import segment_bounds
 
 B, T = 3, 4
 
