@@ -139,14 +139,17 @@ def transporter_forward(cfg: NTMConfig) -> int:
 
 
 def inverse_sequential(cfg: NTMConfig) -> int:
-    """f_T^-1 by sequential decoding: per block, N - 1 one-token steps against a growing KV cache."""
+    """f_T^-1 by sequential decoding: per block, N - 1 one-token steps against the fixed-size KV cache
+    (``TarFlowBlock.decode_step``): attention is masked to the n + 1 filled slots but computed over all
+    N, in torch as in the exported step graph."""
     tc = cfg.transporter
     if not tc.num_blocks:
         return 0
     N, D = _tokens(cfg)
     W = tc.width
-    per_block = linear(W, W) + sum(linear(D, W) + tc.layers_per_block * transformer_layer(1, W, tc.mlp_ratio, keys=n + 1)
-                                   + linear(W, 2 * D) for n in range(N - 1))
+    # every step is the pure step function: it projects the condition (W x W) again, as the step graph must
+    per_block = (N - 1) * (linear(W, W) + linear(D, W) + tc.layers_per_block * transformer_layer(1, W, tc.mlp_ratio, keys=N)
+                           + linear(W, 2 * D))
     return condition_mlp(2, W) + tc.num_blocks * per_block
 
 
