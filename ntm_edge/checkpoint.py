@@ -8,7 +8,8 @@
 
 A save writes every file to a temporary name first and renames them into place only once all are
 written (``fileio.StagedWrites``), checkpoint.json last: a save that fails (a full disk, a signal)
-leaves the previous checkpoint as it was. On load each file must match the sha256 that
+leaves the previous checkpoint as it was, and one whose writer is killed during the renames is
+completed by the next load (``finish_interrupted``). On load each file must match the sha256 that
 checkpoint.json records, checkpoint.json must match its own, the config must describe a model, and
 every tensor must have the name and shape that the config asks for.
 """
@@ -21,12 +22,13 @@ from typing import IO, cast
 
 from .config import NTMConfig
 from .errors import CheckpointError, ConfigError
-from .fileio import StagedWrites, is_sealed, seal, sha256_file
+from .fileio import StagedWrites, finish_interrupted_save, is_sealed, seal, sha256_file
 
 # 2: checkpoint.json is sealed and hashes config.json (and train_state.pt). 1: it hashed the weights only.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CONFIG, WEIGHTS, META, STATE = "config.json", "model.safetensors", "checkpoint.json", "train_state.pt"
+HASHED = {STATE: "train_state_sha256", CONFIG: "config_sha256", WEIGHTS: "weights_sha256"}  # in checkpoint.json
 STATE_KEYS = ("step", "model", "ema", "optimizer", "generator", "args", "config", "history")
 
 
@@ -117,11 +119,21 @@ def verify_file(path: Path, recorded, remedy: str = "") -> None:
                               f"or was edited{remedy}")
 
 
+def finish_interrupted(path) -> bool:
+    """Complete a save that a killed writer left half renamed (fileio.finish_interrupted_save);
+    True when it did. A directory that cannot be written is left as it is."""
+    try:
+        return finish_interrupted_save(Path(path), META, HASHED)
+    except OSError:
+        return False
+
+
 def load_info(path) -> dict:
     """checkpoint.json (verified): format version, step, what the model was trained on, file hashes."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
+    finish_interrupted(path)
     meta = read_json(path / META, "checkpoint")
     version = meta.get("format_version")
     if type(version) is not int or version not in READABLE_VERSIONS:

@@ -27,13 +27,22 @@ from torch import nn
 from .checkpoint import check_tensors, load_info, read_json, trained_on, verify_file
 from .config import PredictorConfig
 from .errors import CheckpointError, ConfigError, NtmError
-from .fileio import StagedWrites, is_sealed, output_dir_problem, remove_stale_temporaries, seal, sha256_file
+from .fileio import (
+    StagedWrites,
+    finish_interrupted_save,
+    is_sealed,
+    output_dir_problem,
+    remove_stale_temporaries,
+    seal,
+    sha256_file,
+)
 from .interrupts import Interrupted, StopSignals, signal_name
 from .model import NTM, LabelEncoder
 from .numerics import dequantize
 from .predictor import TransformerBackbone
 
 WEIGHTS, META = "denoiser.safetensors", "denoiser.json"
+HASHED = {WEIGHTS: "weights_sha256"}  # in denoiser.json
 FORMAT_VERSION = 1
 
 
@@ -97,11 +106,19 @@ def save_denoiser(den: Denoiser, checkpoint, info: dict) -> None:
         staged.write(path / META, lambda tmp: Path(tmp).write_text(json.dumps(seal(meta), indent=2)))
 
 
+def _finish_interrupted(path: Path) -> None:
+    try:
+        finish_interrupted_save(path, META, HASHED)  # a save whose writer was killed while renaming
+    except OSError:
+        pass
+
+
 def load_denoiser(checkpoint, device: str = "cpu") -> Denoiser:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(checkpoint)
+    _finish_interrupted(path)
     retrain = "; retrain it with `ntm-edge train-denoiser`"
     try:
         meta = read_json(path / META, "denoiser")
@@ -168,6 +185,7 @@ def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: floa
     dataset = trained_on(checkpoint)
     if dataset is None:
         raise ConfigError(f"{checkpoint} does not record its dataset")
+    _finish_interrupted(Path(checkpoint))
     removed = remove_stale_temporaries(checkpoint)
     if removed:
         log(f"removed {len(removed)} temporary file(s) that a killed run left in {checkpoint}")
@@ -195,6 +213,7 @@ def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: floa
 
     try:
         with stop, bar:
+            log(f"building {trajectories * len(images)} score-denoised targets ({trajectories} per training image)")
             task = bar.add_task("targets", total=trajectories * len(images), info="")
             def built(n: int) -> None:
                 bar.advance(task, n)

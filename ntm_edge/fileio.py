@@ -59,28 +59,73 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(directory: Path, name: str | None = None) -> list[Path]:
-    """Remove the temporaries that ntm-edge left in ``directory`` from a process that no longer runs
-    (killed mid-write). Only entries named exactly as ``atomic_write`` / ``make_temp_dir`` name them
-    are considered (and only those for the target ``name``, when given); a temporary of a live
-    process is kept. Returns what was removed."""
+def stale_temporaries(directory: Path, name: str | None = None) -> list[tuple[Path, str, int]]:
+    """(path, target name, writer pid) of each temporary in ``directory`` whose writer no longer runs.
+    Only entries named exactly as ``atomic_write`` / ``make_temp_dir`` name them are considered (and
+    only those for the target ``name``, when given)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    removed = []
+    found = []
     for entry in directory.iterdir():
         m = _TMP_NAME.match(entry.name)
         if m is None or (name is not None and m["name"] != name):
             continue
         pid = int(m["pid"])
-        if pid == os.getpid() or _process_alive(pid):
-            continue
+        if pid != os.getpid() and not _process_alive(pid):
+            found.append((entry, m["name"], pid))
+    return found
+
+
+def remove_stale_temporaries(directory: Path, name: str | None = None) -> list[Path]:
+    """Remove the temporaries that ntm-edge left in ``directory`` from a process that no longer runs
+    (killed mid-write); a temporary of a live process is kept. Returns what was removed. Call
+    ``finish_interrupted_save`` first where a staged save may have been cut short."""
+    removed = []
+    for entry, _, _ in stale_temporaries(directory, name):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def finish_interrupted_save(directory: Path, record: str, hashed: dict[str, str]) -> bool:
+    """Complete a ``StagedWrites`` save whose writer was killed while renaming its files into place.
+
+    Such a save has every file written and fsync'ed, some renamed and the rest, the commit record
+    ``record`` among them (staged last), still under a dead process's temporary names. ``record`` is
+    a sealed JSON holding the sha256 of each other file under ``hashed[file name]``. When a dead
+    writer left a sealed record whose every listed file is in place or among its temporaries with
+    that hash, the remaining renames are done, and True returned. Anything less (a save cut short
+    while still writing) is left for ``remove_stale_temporaries``: the previous files stand."""
+    stale = stale_temporaries(directory)
+    directory = Path(directory)
+    for entry, target, pid in stale:
+        if target != record:
+            continue
+        try:
+            meta = json.loads(entry.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict) or not is_sealed(meta):
+            continue
+        moves = []
+        for name, key in hashed.items():
+            if key not in meta:
+                continue
+            temps = [e for e, t, p in stale if t == name and p == pid]
+            source = temps[0] if len(temps) == 1 else directory / name
+            if not source.is_file() or sha256_file(source) != meta[key]:
+                break
+            if temps:
+                moves.append((source, directory / name))
+        else:
+            for source, target_path in [*moves, (entry, directory / record)]:
+                os.replace(source, target_path)
+            return True
+    return False
 
 
 def atomic_write(path: Path, write) -> None:
@@ -97,7 +142,8 @@ class StagedWrites:
     name, so a failure while any content is written (ENOSPC, EFBIG, an exception) leaves the previous
     files exactly as they were: the temporaries are removed and the error propagates. Leaving the
     ``with`` block without an error renames them all into place, in the order written; write the file
-    that commits the others (the one holding their hashes) last.
+    that commits the others (the one holding their hashes) last. A writer killed during those renames
+    leaves a complete save behind, which ``finish_interrupted_save`` puts in place.
     """
 
     def __init__(self):

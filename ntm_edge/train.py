@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_tensors, is_checkpoint, load_config, load_train_state, save_training_checkpoint
+from .checkpoint import (
+    check_tensors,
+    finish_interrupted,
+    is_checkpoint,
+    load_config,
+    load_train_state,
+    save_training_checkpoint,
+)
 from .config import OBJECTIVES, PRESET_MODES, NTMConfig, get_preset
 from .data import load_dataset
 from .errors import CheckpointError, ConfigError, NtmError
@@ -171,6 +178,8 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
     problem = output_dir_problem(out)
     if problem:
         raise NtmError(problem)
+    if finish_interrupted(out):
+        log(f"completed the save that a killed run left half renamed in {out}")
     if is_checkpoint(out) and not resume:
         raise NtmError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
     removed = remove_stale_temporaries(out)
