@@ -16,6 +16,7 @@ import torch
 from . import schedule
 from .errors import ConfigError
 from .model import NTM, Trajectory, to_uint8
+from .runtime.bundle import NumericsError
 
 EXITS = ("inverse", "inverse+score", "denoiser")
 
@@ -77,5 +78,7 @@ def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: 
                     x = denoiser(u, ids, mask)
                 else:
                     x = model.transporter.inverse(u, t0, steps, method=inverse_method) / (1.0 - t0)
+        if not torch.isfinite(x).all():  # NaN would become black pixels: say so, as the runtime does
+            raise NumericsError(f"the sampler produced NaN or inf values (guidance {guidance}, seed {seed})")
         out.append(to_uint8(x))
     return np.concatenate(out)

@@ -126,6 +126,14 @@ def test_guidance_must_be_finite_everywhere(tiny, tmp_path, w):
     assert not list(tmp_path.iterdir())
 
 
+def test_overflowing_guidance_is_an_error_not_black_images(tiny, tmp_path):
+    """A finite but huge w overflows float32 in the guided mean: both samplers say so instead of writing
+    black images (NaN -> 0)."""
+    one_line_error(sample(tiny[0], tmp_path, "--guidance", "1e30", "--final", "inverse"), "NaN or inf")
+    one_line_error(run(tiny[1], tmp_path, "--guidance", "1e30", "--final", "inverse"), "NaN or inf")
+    assert not list(tmp_path.iterdir())
+
+
 def test_audit_input_errors(tiny, tmp_path):
     np.save(tmp_path / "empty.npy", np.zeros((0, 8, 8, 1), np.uint8))
     (tmp_path / "zero.npy").write_bytes(b"")
