@@ -42,8 +42,8 @@ def _friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except NtmError as e:
-            typer.echo(f"error: {e}", err=True)
+        except NtmError as e:  # one line, even where the message quotes a path with a newline in it
+            typer.echo(f"error: {e}".replace("\r", "\\r").replace("\n", "\\n"), err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
