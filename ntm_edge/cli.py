@@ -43,8 +43,8 @@ def _friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except NtmError as e:
-            typer.echo(f"error: {e}", err=True)
+        except NtmError as e:  # one line, even where the message quotes a path with a newline in it
+            typer.echo(f"error: {e}".replace("\r", "\\r").replace("\n", "\\n"), err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:  # 130 for Ctrl-C; a run stopped by SIGTERM says 143 (interrupts.py)
             raise typer.Exit(getattr(e, "exit_code", 130)) from None

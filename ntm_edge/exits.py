@@ -21,6 +21,7 @@ from .decoding import DEFAULT_METHOD
 from .errors import ConfigError
 from .model import NTM, Trajectory
 from .numerics import to_uint8
+from .runtime.bundle import NumericsError
 from .sampling import NOISE_BATCH
 
 EXITS = ("inverse", "inverse+score", "denoiser")
@@ -88,5 +89,7 @@ def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: 
                     x = denoiser(u, ids, mask)
                 else:
                     x = schedule.decoder_mean(model.transporter.inverse(u, t0, steps, method=inverse_method), t0)
+        if not torch.isfinite(x).all():  # NaN would become black pixels: say so, as the runtime does
+            raise NumericsError(f"the sampler produced NaN or inf values (guidance {guidance}, seed {seed})")
         out.append(to_uint8(x))
     return np.concatenate(out)

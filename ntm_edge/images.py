@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import NtmError
-from .fileio import atomic_write
+from .fileio import atomic_write, remove_stale_temporaries
 from .validate import image_format
 
 MAX_GRID_PIXELS = 1 << 24  # 16.8 megapixels: a 4096 x 4096 grid, far below Pillow's bomb limit (89 Mpx)
@@ -77,7 +77,11 @@ def save_array(images: np.ndarray, path) -> None:
 
 def save_images(images: np.ndarray, out, array_to=None, log=print) -> None:
     """What `sample` and `run` write: the grid ``out`` and, with ``array_to``, every image as .npy
-    (both paths checked before the work by ``validate.image_path`` / ``validate.array_path``)."""
+    (both paths checked before the work by ``validate.image_path`` / ``validate.array_path``). The
+    temporaries that a killed earlier write of the same names left are removed first."""
+    for path in (out, array_to):
+        if path:
+            remove_stale_temporaries(Path(path).parent, Path(path).name)
     if array_to:
         save_array(images, Path(array_to))
     shown = save_grid(images, Path(out))

@@ -67,9 +67,11 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
     validate.flush(notes, warn, log)
     kw = dict(steps=steps, guidance=guidance, final=final, inverse_method=inverse_method, segments=segments, tol=tol,
               max_iters=max_iters, unrolled=unrolled)
-    if warmup:  # load the sessions and let the providers allocate: not part of the measured latency
-        generate(rt, [prompt], seed=seed, audit=audit, **kw)
-    result = generate(rt, [prompt] * num, seed=seed, audit=audit, **kw)
+    # overflow (a huge --guidance) is reported once, as a NumericsError from the sampler's own check
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        if warmup:  # load the sessions and let the providers allocate: not part of the measured latency
+            generate(rt, [prompt], seed=seed, audit=audit, **kw)
+        result = generate(rt, [prompt] * num, seed=seed, audit=audit, **kw)
     save_images(result.images, out, save_array_to, log)
     log(f"providers: {', '.join(rt.providers)}; bundle {rt.bundle.root}")
     log(latency_table(result.timer, num))
@@ -104,7 +106,8 @@ def audit_images(bundle, image, prompt: str, steps: int | None = None, trajector
         raise ConfigError(f"{image} is {images.shape[2]}x{images.shape[1]}; this model scores {cfg.image_size}x"
                           f"{cfg.image_size} images (for a grid from `run`, audit its --save-array .npy instead)")
     validate.flush(notes, warn, log)
-    report = image_bound(rt, images, [prompt] * len(images), steps, trajectories, seed)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # non-finite scores are checked below
+        report = image_bound(rt, images, [prompt] * len(images), steps, trajectories, seed)
     bits = report["bits_per_dim"]
     if not np.isfinite(bits).all():
         raise NumericsError(f"the audit gave a non-finite bits/dim for {image}: the bundle's graphs overflow on it")

@@ -14,6 +14,7 @@ Scores are under the conditional model (guidance weight 0): that is the model's 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,14 +95,16 @@ def load_images(path, channels: int) -> np.ndarray:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path} is a directory, not an image file" if path.is_dir() else f"image file {path} does not exist")
+        raise ConfigError(f"{path} is a directory, not an image file" if path.is_dir() else
+                          f"image file {path} does not exist" if not path.exists() else f"{path} is not a regular file")
     if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
+        try:  # memory-mapped first: a header that promises more than the file holds is refused, not allocated
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
             raise ConfigError(f"{path} is not a readable .npy array ({str(e) or e.__class__.__name__})") from None
         if arr.dtype != np.uint8:
             raise ConfigError(f"{path} holds {arr.dtype}; the audit scores uint8 images (as `run --save-array` writes)")
+        arr = np.array(arr)
         if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == channels and arr.shape[0] != channels):
             arr = arr[None]  # one image, (H, W) or (H, W, C)
         arr = arr[..., None] if arr.ndim == 3 else arr  # (N, H, W) -> (N, H, W, 1)
@@ -111,8 +114,11 @@ def load_images(path, channels: int) -> np.ndarray:
             raise ConfigError(f"{path} holds no images (shape {arr.shape})")
         return arr
     try:
-        img = Image.open(path).convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ConfigError(f"{path} is not a readable image ({e.__class__.__name__})") from None
+        with warnings.catch_warnings():  # Pillow's warning about a huge image: an error here, not a second line
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path).convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        too_big = isinstance(e, Image.DecompressionBombError | Image.DecompressionBombWarning)
+        raise ConfigError(f"{path} is not a readable image ({e if too_big else e.__class__.__name__})") from None
     arr = np.asarray(img, dtype=np.uint8)
     return (arr[..., None] if arr.ndim == 2 else arr)[None]

@@ -97,6 +97,16 @@ def test_export_removes_what_a_killed_export_left(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "bundle"]
 
 
+def test_sample_and_run_remove_what_a_killed_write_left(tiny, tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name in ("s.png", "r.png", "a.npy"):
+        (tmp_path / f".{name}.{dead.pid}.k9x2ab.tmp").write_bytes(b"half an image")
+    assert sample(tiny[0], tmp_path).exit_code == 0
+    assert run(tiny[1], tmp_path, "--save-array", str(tmp_path / "a.npy")).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "r.png", "s.png"]
+
+
 def test_export_opset_range_is_what_the_exporter_supports(tiny, tmp_path):
     import onnx
     import torch
@@ -126,6 +136,14 @@ def test_guidance_must_be_finite_everywhere(tiny, tmp_path, w):
     assert not list(tmp_path.iterdir())
 
 
+def test_overflowing_guidance_is_an_error_not_black_images(tiny, tmp_path):
+    """A finite but huge w overflows float32 in the guided mean: both samplers say so instead of writing
+    black images (NaN -> 0)."""
+    one_line_error(sample(tiny[0], tmp_path, "--guidance", "1e30", "--final", "inverse"), "NaN or inf")
+    one_line_error(run(tiny[1], tmp_path, "--guidance", "1e30", "--final", "inverse"), "NaN or inf")
+    assert not list(tmp_path.iterdir())
+
+
 def test_audit_input_errors(tiny, tmp_path):
     np.save(tmp_path / "empty.npy", np.zeros((0, 8, 8, 1), np.uint8))
     (tmp_path / "zero.npy").write_bytes(b"")
@@ -137,6 +155,24 @@ def test_audit_input_errors(tiny, tmp_path):
     a = audit(tiny[1], tmp_path / "two.npy")
     b = audit(tiny[1], tmp_path / "two.npy", "--steps", "4")  # the model's T, given explicitly
     assert a.exit_code == b.exit_code == 0 and a.stdout == b.stdout and "T = 4" in a.stdout
+
+
+def test_audit_hostile_files(tiny, tmp_path):
+    """A .npy header that promises 640 GB, an image past Pillow's size limit, a device file."""
+    from numpy.lib import format as npy_format
+
+    with open(tmp_path / "huge.npy", "wb") as f:
+        npy_format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (10**10, 8, 8, 1)})
+        f.write(bytes(100))
+    one_line_error(audit(tiny[1], tmp_path / "huge.npy"), "is not a readable .npy array")
+    Image.new("L", (10_000, 10_000)).save(tmp_path / "bomb.png")
+    one_line_error(audit(tiny[1], tmp_path / "bomb.png"), "exceeds limit")
+    one_line_error(audit(tiny[1], "/dev/zero"), "is not a regular file")
+
+
+def test_an_error_is_one_line_even_for_a_path_with_a_newline(tiny, tmp_path):
+    line = one_line_error(run(tiny[1], tmp_path, "--out", str(tmp_path / "a\nb" / "x.txt")), "must end in .png")
+    assert "a\\nb" in line
 
 
 def test_denoiser_is_used_only_at_its_step_count(tiny, tmp_path):
