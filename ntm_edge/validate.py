@@ -235,7 +235,24 @@ def writable_parent(path, option: str) -> Path:
         raise ConfigError(f"{option} {path}: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {path}: the directory {ancestor} is not writable")
+    _probe(ancestor, path.name, option, path)
     return parent
+
+
+def _probe(directory: Path, name: str, option: str, path: Path) -> None:
+    """Create and remove a temporary file in ``directory`` (named as fileio's temporaries, so that a kill
+    in between leaves nothing that the next run does not clean): what access() cannot tell, such as
+    /proc, /sys or a read-only mount seen by root, is found here."""
+    import tempfile
+
+    from .fileio import TMP_SUFFIX, temp_prefix
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix(name), suffix=TMP_SUFFIX)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot write in {directory} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def image_path(path, option: str = "--out") -> Path:

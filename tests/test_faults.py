@@ -250,7 +250,8 @@ def test_output_paths_are_checked_before_any_work(tiny, tmp_path):
              (["--out", str(tmp_path / "x.txt")], "must end in .png"),
              (["--out", png, "--save-array", str(tmp_path / "x.png")], "must end in .npy"),
              (["--out", str(tmp_path / "file" / "x.png")], "is a file, not a directory"),
-             (["--out", png, "--save-array", str(tmp_path / "file" / "x.npy")], "is a file, not a directory")]
+             (["--out", png, "--save-array", str(tmp_path / "file" / "x.npy")], "is a file, not a directory"),
+             (["--out", png, "--save-array", "/sys/x.npy"], "cannot write in /sys")]  # unwritable, even for root
     for extra, message in cases:
         one_line_error(sample(tiny[0], tmp_path, *extra), message)
         one_line_error(run(tiny[1], tmp_path, *extra), message)

@@ -176,12 +176,8 @@ def images_written(out: str, array: str | None, num: int):
        guidance=GUIDANCE, out=GRID, array=ARRAY, final=mostly([None, "inverse", "denoiser", "inverse+score"], ["bogus"]),
        method=METHOD, device=DEVICE)
 def test_fuzz_sample(tiny, ckpt, prompt, num, steps, seed, guidance, out, array, final, method, device):
-    ws = workspace(tiny)
-    out_path, array_path = path_in(ws, tiny, out), array and path_in(ws, tiny, array)
-    args = ["sample", "--checkpoint", path_in(ws, tiny, ckpt), "--prompt", prompt, "--num", str(num), "--steps", str(steps),
-            "--seed", str(seed), "--guidance", str(guidance), "--out", out_path, *opt("--save-array", array_path),
-            *opt("--final", final), *opt("--inverse-method", method), *opt("--device", device)]
-    check(tiny, ws, args, {"--out": out_path, "--save-array": array_path}, images_written(out_path, array_path, num))
+    generate(tiny, ["sample", "--checkpoint", ckpt], prompt, num, steps, seed, guidance, out, array,
+             [*opt("--final", final), *opt("--inverse-method", method), *opt("--device", device)])
 
 
 @fuzz(25)
@@ -189,12 +185,17 @@ def test_fuzz_sample(tiny, ckpt, prompt, num, steps, seed, guidance, out, array,
        guidance=GUIDANCE, out=GRID, array=ARRAY, threads=THREADS, final=mostly([None, "inverse", "denoiser"], ["bogus"]),
        method=METHOD, provider=PROVIDER, flags=st.lists(st.sampled_from(["--audit", "--unrolled"]), unique=True))
 def test_fuzz_run(tiny, bundle, prompt, num, steps, seed, guidance, out, array, threads, final, method, provider, flags):
+    generate(tiny, ["run", "--bundle", bundle], prompt, num, steps, seed, guidance, out, array,
+             [*opt("--threads", threads), *opt("--final", final), *opt("--inverse-method", method),
+              *opt("--provider", provider), *flags])
+
+
+def generate(tiny, command, prompt, num, steps, seed, guidance, out, array, extra):
+    """`sample` or `run` (``command``: name, source option, symbolic source) with the options they share."""
     ws = workspace(tiny)
     out_path, array_path = path_in(ws, tiny, out), array and path_in(ws, tiny, array)
-    args = ["run", "--bundle", path_in(ws, tiny, bundle), "--prompt", prompt, "--num", str(num), "--steps", str(steps),
-            "--seed", str(seed), "--guidance", str(guidance), "--out", out_path, *opt("--save-array", array_path),
-            *opt("--threads", threads), *opt("--final", final), *opt("--inverse-method", method),
-            *opt("--provider", provider), *flags]
+    args = [*command[:2], path_in(ws, tiny, command[2]), "--prompt", prompt, "--num", str(num), "--steps", str(steps),
+            "--seed", str(seed), "--guidance", str(guidance), "--out", out_path, *opt("--save-array", array_path), *extra]
     check(tiny, ws, args, {"--out": out_path, "--save-array": array_path}, images_written(out_path, array_path, num))
 
 
