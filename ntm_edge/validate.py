@@ -223,36 +223,17 @@ def output_file(path, option: str, suffixes: tuple[str, ...] | None = None, what
 
 
 def writable_parent(path, option: str) -> Path:
-    """The directory that will hold ``path``: it exists (or can be created) and this process may write there."""
+    """The directory that will hold ``path``: it exists (or can be created) and this process may write
+    there (``fileio.output_dir_problem``: a temporary is created and removed, so /proc, /sys or a
+    read-only mount that access() calls writable are refused too)."""
+    from .fileio import output_dir_problem
+
     path = Path(path)
     parent = path.absolute().parent
-    ancestor = parent
-    while not ancestor.exists():
-        if ancestor.is_symlink():  # a dangling link cannot be made a directory
-            raise ConfigError(f"{option} {path}: {ancestor} is a broken link")
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"{option} {path}: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {path}: the directory {ancestor} is not writable")
-    _probe(ancestor, path.name, option, path)
+    problem = output_dir_problem(parent)
+    if problem:
+        raise ConfigError(f"{option} {path}: {problem}")
     return parent
-
-
-def _probe(directory: Path, name: str, option: str, path: Path) -> None:
-    """Create and remove a temporary file in ``directory`` (named as fileio's temporaries, so that a kill
-    in between leaves nothing that the next run does not clean): what access() cannot tell, such as
-    /proc, /sys or a read-only mount seen by root, is found here."""
-    import tempfile
-
-    from .fileio import TMP_SUFFIX, temp_prefix
-
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix(name), suffix=TMP_SUFFIX)
-    except OSError as e:
-        raise ConfigError(f"{option} {path}: cannot write in {directory} ({e.strerror or e})") from None
-    os.close(fd)
-    os.unlink(tmp)
 
 
 def image_path(path, option: str = "--out") -> Path:

@@ -26,14 +26,13 @@ bundles; this module only reads them (numpy-free, torch-free). ``is_bundle`` tel
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ntm_edge.config import NTMConfig
 from ntm_edge.errors import ConfigError, NtmError
-from ntm_edge.fileio import sha256_file
+from ntm_edge.fileio import canonical_sha256, read_json_object, sha256_file
 from ntm_edge.prompts import NULL_ID, LabelVocab
 
 from .specs import DENOISER, GraphSpec, graph_specs
@@ -90,8 +89,7 @@ class Bundle:
 
 def content_digest(manifest: dict) -> str:
     """sha256 of the manifest without its ``content_sha256`` field, as canonical JSON (sorted keys)."""
-    body = {k: v for k, v in manifest.items() if k != CONTENT_KEY}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return canonical_sha256({k: v for k, v in manifest.items() if k != CONTENT_KEY})
 
 
 def seal(manifest: dict) -> dict:
@@ -128,10 +126,10 @@ def read_manifest(root: Path) -> dict:
     if not path.exists():
         raise BundleError(f"{root} holds no {MANIFEST}: it is not an ntm-edge bundle (write one with `ntm-edge export`)")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is corrupt ({e.__class__.__name__}: {e}); re-export the bundle") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        manifest = read_json_object(path)
+    except ValueError as e:
+        raise BundleError(f"{path} is corrupt ({e}); re-export the bundle") from None
+    if manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not an ntm-edge bundle manifest (format {FORMAT!r} expected)")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:

@@ -108,7 +108,7 @@ def test_output_paths(tmp_path):
     cases = [(validate.image_path, tmp_path / "dir.png", "is a directory"),
              (validate.image_path, tmp_path / "a.txt", "must end in .png, .jpg, .jpeg, .webp, .bmp"),
              (validate.image_path, tmp_path / "a", "must end in"),
-             (validate.image_path, tmp_path / "file" / "a.png", "is a file, not a directory"),
+             (validate.image_path, tmp_path / "file" / "a.png", "is not a directory"),
              (validate.array_path, tmp_path / "a.png", "must end in .npy"),
              (validate.array_path, tmp_path, "is a directory")]
     for check, path, message in cases:
