@@ -37,7 +37,7 @@ from torch import nn
 
 from .config import TransporterConfig
 from .errors import ConfigError
-from .layers import ConditionMLP, TransformerLayer, at_least_fp32, patchify, unpatchify
+from .layers import ConditionMLP, FP32LayerNorm, FP32Linear, TransformerLayer, at_least_fp32, patchify, unpatchify
 
 METHODS = ("sequential", "jacobi")
 # Jacobi stops once max|x_new - x| / max|x| <= tol (per example, worst example of the batch).
@@ -107,8 +107,8 @@ class TarFlowBlock(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers_per_block)
         )
-        self.norm = nn.LayerNorm(cfg.width)
-        self.out = nn.Linear(cfg.width, 2 * token_dim)
+        self.norm = FP32LayerNorm(cfg.width)
+        self.out = FP32Linear(cfg.width, 2 * token_dim)
         nn.init.zeros_(self.out.weight)  # every block starts as the identity
         nn.init.zeros_(self.out.bias)
 
