@@ -3,7 +3,8 @@
 1. Load the checkpoint (and its denoiser, when it has one) and list the graphs with their IO specs
    (``runtime.specs.graph_specs``).
 2. Trace each graph's pure module with the TorchScript exporter (``dynamo=False``: the dynamo exporter
-   needs onnxscript), dynamic batch axis, and verify the file with ``onnx.checker`` (full check).
+   needs onnxscript), dynamic batch axis, and verify the file with ``onnx.checker`` (full check);
+   simplify it with onnxslim (export/simplify.py) and check it again.
 3. Parity: onnxruntime against torch on random inputs and on real trajectories (export/parity.py).
 4. Write manifest.json (format version, config, schedule, vocabulary, graphs, opset, versions,
    parity, sha256 of every file) last, into a temporary directory that is then renamed into place:
@@ -36,6 +37,8 @@ from ..runtime.sampler import NOISE_BATCH
 from ..runtime.session import Runtime
 from .graphs import graph_modules
 from .parity import max_abs, random_inputs, real_parity, real_trajectories, torch_outputs
+from .simplify import simplify_file
+from .simplify import summary as simplify_summary
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product_attention
@@ -73,10 +76,14 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
         with bar:
             task = bar.add_task("export", total=len(graph_specs))
             rng = np.random.default_rng(seed)
+            simplified = {}
             for name, spec in graph_specs.items():
                 example = random_inputs(spec, cfg, batch, rng)
                 _export_graph(modules[name], spec, example, tmp / f"{name}.{PRECISION}.onnx", opset)
+                simplified[name] = simplify_file(tmp / f"{name}.{PRECISION}.onnx")  # before parity and precision passes
                 bar.advance(task)
+        manifest["simplify"] = {"tool": "onnxslim", "graphs": simplified}
+        log(simplify_summary(simplified))
         bundle = Bundle(tmp, manifest, cfg, graph_specs)
         if parity:
             manifest["parity"] = check_parity(bundle, model, modules, checkpoint, seed, log)
@@ -152,10 +159,11 @@ def check_parity(bundle: Bundle, model: NTM, modules: dict, checkpoint, seed: in
 def _manifest(checkpoint, model: NTM, denoiser, graph_specs: dict, batch: int, opset: int) -> dict:
     import onnx
     import onnxruntime
+    import onnxslim
 
     cfg, tr = model.config, model.transporter
     versions = {"ntm_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+                "onnxruntime": onnxruntime.__version__, "onnxslim": onnxslim.__version__, "numpy": np.__version__}
     source = {"checkpoint": str(Path(checkpoint).resolve()), "weights_sha256": load_info(checkpoint).get("weights_sha256"),
               "denoiser_sha256": sha256_file(Path(checkpoint) / "denoiser.safetensors") if denoiser is not None else None}
     options = {"batch": batch, "opset": opset, "precisions": [PRECISION]}
