@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -26,6 +27,10 @@ import numpy as np
 import torch
 
 from .. import __version__, schedule
+from ..calib.build import build_precisions
+from ..calib.build import check_inputs as check_precision_inputs
+from ..calib.policy import PrecisionOptions
+from ..calib.trt_ops import TENSORRT_VERSION
 from ..checkpoint import load_info
 from ..errors import ConfigError, NtmError
 from ..fileio import atomic_write_text, sha256_file
@@ -52,14 +57,18 @@ class ExportError(NtmError):
 
 
 def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, overwrite: bool = False,
-                  parity: bool = True, seed: int = 0, progress: bool = False, log=print) -> dict:
-    """Export ``checkpoint`` to the bundle directory ``out``; returns the manifest."""
+                  parity: bool = True, seed: int = 0, progress: bool = False, log=print,
+                  precisions: PrecisionOptions | None = None) -> dict:
+    """Export ``checkpoint`` to the bundle directory ``out``; returns the manifest. ``precisions``: the
+    fp16/int8 passes, calibration and quality gate (ntm_edge.calib), after the fp32 graphs."""
     import onnx
 
     from ..denoiser import has_denoiser, load_denoiser
 
     out = Path(out)
     _check_options(out, batch, opset, overwrite, onnx.defs.onnx_opset_version())
+    precisions = precisions or PrecisionOptions()
+    check_precision_inputs(checkpoint, precisions)
     model = NTM.from_pretrained(checkpoint).requires_grad_(False)
     cfg = model.config
     if cfg.objective == "fm":
@@ -67,7 +76,7 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
     denoiser = load_denoiser(checkpoint).requires_grad_(False) if has_denoiser(checkpoint) else None
     graph_specs = S.graph_specs(cfg, batch, has_denoiser=denoiser is not None)
     modules = graph_modules(model, denoiser)
-    manifest = _manifest(checkpoint, model, denoiser, graph_specs, batch, opset)
+    manifest = _manifest(checkpoint, model, denoiser, graph_specs, batch, opset, precisions)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the bundle is an ordinary directory
@@ -87,6 +96,8 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
         bundle = Bundle(tmp, manifest, cfg, graph_specs)
         if parity:
             manifest["parity"] = check_parity(bundle, model, modules, checkpoint, seed, log)
+        if precisions.precisions:
+            manifest["precision"] = build_precisions(bundle, model, checkpoint, denoiser, precisions, log)
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.onnx"))}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
         (tmp / MANIFEST).chmod(0o644)
@@ -94,7 +105,7 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
-    log(f"wrote {out} ({len(graph_specs)} graphs, opset {opset}, {PRECISION}, {size:.1f} MiB)")
+    log(f"wrote {out} ({len(graph_specs)} graphs, opset {opset}, {', '.join(manifest['precisions'])}, {size:.1f} MiB)")
     return manifest
 
 
@@ -156,7 +167,8 @@ def check_parity(bundle: Bundle, model: NTM, modules: dict, checkpoint, seed: in
     return report
 
 
-def _manifest(checkpoint, model: NTM, denoiser, graph_specs: dict, batch: int, opset: int) -> dict:
+def _manifest(checkpoint, model: NTM, denoiser, graph_specs: dict, batch: int, opset: int,
+              precisions: PrecisionOptions) -> dict:
     import onnx
     import onnxruntime
     import onnxslim
@@ -164,9 +176,13 @@ def _manifest(checkpoint, model: NTM, denoiser, graph_specs: dict, batch: int, o
     cfg, tr = model.config, model.transporter
     versions = {"ntm_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                 "onnxruntime": onnxruntime.__version__, "onnxslim": onnxslim.__version__, "numpy": np.__version__}
+    if precisions.precisions:
+        versions["tensorrt_op_table"] = TENSORRT_VERSION
     source = {"checkpoint": str(Path(checkpoint).resolve()), "weights_sha256": load_info(checkpoint).get("weights_sha256"),
               "denoiser_sha256": sha256_file(Path(checkpoint) / "denoiser.safetensors") if denoiser is not None else None}
-    options = {"batch": batch, "opset": opset, "precisions": [PRECISION]}
+    options = {"batch": batch, "opset": opset, "precisions": [PRECISION, *precisions.precisions]}
+    if precisions.precisions:  # what the fp16/int8 files depend on
+        options["precision_options"] = {k: v for k, v in dataclasses.asdict(precisions).items() if k != "force"}
     # content key (STYLE 7): the weights, the export options and the versions that produced the files
     key = hashlib.sha256(json.dumps({"source": {k: v for k, v in source.items() if k != "checkpoint"},
                                      "options": options, "versions": versions}, sort_keys=True).encode()).hexdigest()

@@ -176,12 +176,24 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle directory")] = False,
     parity: Annotated[bool, typer.Option(help="check onnxruntime against torch for every graph")] = True,
+    fp16: Annotated[bool, typer.Option("--fp16", help="add FP16 graphs (fp32 islands, IO kept float32)")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="add INT8 Q/DQ graphs calibrated on real trajectories")] = False,
+    calib_method: Annotated[str, typer.Option(help="INT8 ranges: minmax | entropy | percentile")] = "minmax",
+    calib_images: Annotated[int, typer.Option(help="training images whose trajectories calibrate INT8")] = 256,
+    calib_samples: Annotated[int, typer.Option(help="sampler trajectories that calibrate INT8")] = 64,
+    calib_seed: Annotated[int, typer.Option(help="seed of the calibration data and of the quality gate")] = 0,
+    quality_samples: Annotated[int, typer.Option(help="samples per precision in the quality gate")] = 500,
+    force: Annotated[bool, typer.Option("--force", help="keep a precision that fails the quality gate")] = False,
 ):
     """Export a checkpoint to an ONNX bundle for the torch-free runtime (`ntm-edge run`)."""
+    from .calib.policy import PrecisionOptions
     from .export import export_bundle
 
+    precisions = PrecisionOptions(fp16=fp16, int8=int8, calib_method=calib_method, calib_images=calib_images,
+                                  calib_samples=calib_samples, calib_seed=calib_seed, quality_samples=quality_samples,
+                                  force=force)
     export_bundle(checkpoint, out, batch=batch, opset=opset, overwrite=overwrite, parity=parity,
-                  progress=sys.stderr.isatty(), log=_log)
+                  progress=sys.stderr.isatty(), log=_log, precisions=precisions)
 
 
 _NO_BUNDLE = ("--bundle is required for now: write one with `ntm-edge export --checkpoint DIR --out BUNDLE` "
