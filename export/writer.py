@@ -31,7 +31,7 @@ from ..calib.build import build_precisions
 from ..calib.build import check_inputs as check_precision_inputs
 from ..calib.policy import PrecisionOptions
 from ..calib.trt_ops import TENSORRT_VERSION
-from ..checkpoint import load_info
+from ..checkpoint import load_info, trained_on
 from ..errors import ConfigError, NtmError
 from ..fileio import atomic_write_text, sha256_file
 from ..model import NTM
@@ -178,7 +178,8 @@ def _manifest(checkpoint, model: NTM, denoiser, graph_specs: dict, batch: int, o
                 "onnxruntime": onnxruntime.__version__, "onnxslim": onnxslim.__version__, "numpy": np.__version__}
     if precisions.precisions:
         versions["tensorrt_op_table"] = TENSORRT_VERSION
-    source = {"checkpoint": str(Path(checkpoint).resolve()), "weights_sha256": load_info(checkpoint).get("weights_sha256"),
+    source = {"checkpoint": str(Path(checkpoint).resolve()), "dataset": trained_on(checkpoint),
+              "weights_sha256": load_info(checkpoint).get("weights_sha256"),
               "denoiser_sha256": sha256_file(Path(checkpoint) / "denoiser.safetensors") if denoiser is not None else None}
     options = {"batch": batch, "opset": opset, "precisions": [PRECISION, *precisions.precisions]}
     if precisions.precisions:  # what the fp16/int8 files depend on

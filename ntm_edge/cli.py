@@ -112,7 +112,7 @@ def train_denoiser(
 @app.command("eval")
 @_friendly
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="checkpoint directory")],
+    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (or --bundle)")] = None,
     steps: Annotated[list[int] | None, typer.Option(help="step counts to evaluate (repeatable)")] = None,
     num_samples: Annotated[int, typer.Option(help="images generated per step count")] = 500,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance weight")] = 0.0,
@@ -122,8 +122,10 @@ def evaluate(
     final: Annotated[str, typer.Option(help="exit from u-space: inverse | inverse+score | denoiser")] = "inverse",
     out: Annotated[Path, typer.Option(help="JSON report to write")] = Path("report.json"),
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    bundle: Annotated[Path | None, typer.Option(help="judge an exported bundle on the runtime instead")] = None,
+    precision: Annotated[str, typer.Option(help="with --bundle: fp32 | fp16 | int8 | auto")] = "fp32",
 ):
-    """Held-out bits/dim, Frechet distance, prompt accuracy and images/s of a checkpoint."""
+    """Held-out bits/dim, Frechet distance, prompt accuracy and images/s of a checkpoint (or a bundle)."""
     import json
 
     from .evaluate import evaluate_checkpoint
@@ -131,8 +133,16 @@ def evaluate(
 
     if num_samples < 2:
         raise NtmError("--num-samples must be at least 2 (a Frechet distance needs a covariance)")
-    report = evaluate_checkpoint(checkpoint, steps=steps or [4], num_samples=num_samples, guidance=guidance,
-                                 seed=seed, dataset=dataset or None, final=final, device=device, log=_log)
+    if (checkpoint is None) == (bundle is None):
+        raise NtmError("pass exactly one of --checkpoint and --bundle")
+    if bundle is not None:
+        from .evaluate_bundle import evaluate_bundle
+
+        report = evaluate_bundle(bundle, precision, steps=steps or [4], num_samples=num_samples, guidance=guidance,
+                                 seed=seed, dataset=dataset or None, final=final, log=_log)
+    else:
+        report = evaluate_checkpoint(checkpoint, steps=steps or [4], num_samples=num_samples, guidance=guidance,
+                                     seed=seed, dataset=dataset or None, final=final, device=device, log=_log)
     if label:
         report["label"] = label
     atomic_write_text(out, json.dumps(report, indent=2))
@@ -217,6 +227,7 @@ def run_bundle(
     audit: Annotated[bool, typer.Option(help="print the exact NLL of every generated trajectory")] = False,
     unrolled: Annotated[bool, typer.Option(help="run the four steps as the one unrolled sampler graph")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads per graph (default: $OMP_NUM_THREADS, else all)")] = None,
+    precision: Annotated[str, typer.Option(help="auto (best the bundle holds for this provider) | fp32 | fp16 | int8")] = "auto",
 ):
     """Generate images on the torch-free runtime (numpy + onnxruntime) and print per-stage latency."""
     if bundle is None:
@@ -225,7 +236,7 @@ def run_bundle(
 
     run_prompt(bundle, prompt, num=num, steps=steps, seed=seed, guidance=guidance, final=final or None,
                inverse_method=inverse_method, out=out, save_array_to=save_array, provider=provider, audit=audit,
-               unrolled=unrolled, threads=threads, log=_log)
+               unrolled=unrolled, threads=threads, precision=precision, log=_log)
 
 
 @app.command("audit")
@@ -239,6 +250,7 @@ def audit_image(
     seed: Annotated[int, typer.Option(help="seed of the dequantisation and trajectory noise")] = 0,
     provider: Annotated[str, typer.Option(help="execution provider: auto | tensorrt | cuda | cpu")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads per graph")] = None,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8 | auto")] = "fp32",
 ):
     """Bits/dim bound on -log p(image | prompt), on the runtime (the variational bound of DESIGN.md 4)."""
     if bundle is None:
@@ -246,7 +258,7 @@ def audit_image(
     from .runtime.app import audit_images
 
     audit_images(bundle, image, prompt, steps=steps, trajectories=trajectories, seed=seed, provider=provider,
-                 threads=threads, log=_log)
+                 threads=threads, precision=precision, log=_log)
 
 
 def main() -> None:

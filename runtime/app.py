@@ -16,12 +16,13 @@ from ..images import save_array, save_grid
 from .audit import image_bound, load_images
 from .bundle import NumericsError
 from .inversion import DEFAULT_TOL
+from .precision import describe
 from .sampler import RunResult, StageTimer, generate
 from .session import open_runtime
 
 
-def latency_table(timer: StageTimer, num_images: int) -> str:
-    """Per-stage wall-clock time (ms, summed over batches), the pipeline total and images/s."""
+def latency_table(timer: StageTimer, num_images: int, precision: str | None = None) -> str:
+    """Per-stage wall-clock time (ms, summed over batches), the pipeline total, images/s and the precision."""
     rows = [(stage, seconds) for stage, seconds in timer.seconds.items() if stage != "total"]
     total = timer.seconds.get("total", sum(s for _, s in rows))
     width = max([len(r[0]) for r in rows] + [len("pipeline")]) + 2
@@ -30,17 +31,20 @@ def latency_table(timer: StageTimer, num_images: int) -> str:
     lines += [f"| {stage:^{width}} | {1e3 * s:9.2f} ms |" for stage, s in rows]
     lines += [rule, f"| {'pipeline':^{width}} | {1e3 * total:9.2f} ms |", rule,
               f"throughput: {num_images / total:.2f} images/s ({num_images} images)"]
+    if precision:
+        lines.append(precision)
     return "\n".join(lines)
 
 
 def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0, guidance: float = 0.0,
                final: str | None = None, inverse_method: str = "jacobi", out="samples.png", save_array_to=None,
                provider: str | None = None, audit: bool = False, unrolled: bool = False, tol: float = DEFAULT_TOL,
-               threads: int | None = None, warmup: bool = True, log=print) -> RunResult:
-    """`ntm-edge run`: ``num`` images for ``prompt`` on the runtime, written as a PNG grid (and .npy)."""
+               threads: int | None = None, warmup: bool = True, precision: str | None = None, log=print) -> RunResult:
+    """`ntm-edge run`: ``num`` images for ``prompt`` on the runtime, written as a PNG grid (and .npy).
+    ``precision``: fp32 | fp16 | int8, or None for the best the bundle holds for the provider."""
     if num < 1:
         raise ConfigError("--num must be at least 1")
-    rt = open_runtime(bundle, provider, threads)
+    rt = open_runtime(bundle, provider, threads, precision)
     rt.bundle.vocab.token_id(prompt)  # an unknown prompt fails here, before any work
     kw = dict(steps=steps, guidance=guidance, final=final, inverse_method=inverse_method, tol=tol, unrolled=unrolled)
     if warmup:  # load the sessions and let the providers allocate: not part of the measured latency
@@ -50,7 +54,7 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
     if save_array_to:
         save_array(result.images, Path(save_array_to))
     log(f"providers: {', '.join(rt.providers)}; bundle {rt.bundle.root}")
-    log(latency_table(result.timer, num))
+    log(latency_table(result.timer, num, describe(rt.bundle, rt.precision)))
     if result.passes:
         log(f"inverse: {inverse_method}, {' + '.join(map(str, result.passes))} passes per block (last batch)")
     if audit:
@@ -63,9 +67,11 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
 
 
 def audit_images(bundle, image, prompt: str, steps: int | None = None, trajectories: int = 4, seed: int = 0,
-                 provider: str | None = None, threads: int | None = None, log=print) -> dict:
-    """`ntm-edge audit`: the bits/dim bound on -log p(x0 | prompt) of the image(s) in ``image``."""
-    rt = open_runtime(bundle, provider, threads)
+                 provider: str | None = None, threads: int | None = None, precision: str | None = "fp32",
+                 log=print) -> dict:
+    """`ntm-edge audit`: the bits/dim bound on -log p(x0 | prompt) of the image(s) in ``image`` (fp32 unless
+    ``precision`` says otherwise: a likelihood is scored at full precision by default)."""
+    rt = open_runtime(bundle, provider, threads, precision)
     rt.bundle.vocab.token_id(prompt)
     cfg = rt.bundle.config
     images = load_images(image, cfg.channels)

@@ -134,7 +134,18 @@ class Runtime:
     def has(self, name: str) -> bool:
         return self.bundle.has(name, self.precision)
 
+    @property
+    def provider_name(self) -> str:
+        """Short name ("tensorrt", "cuda", "cpu") of the provider the graphs run on first."""
+        return next(short for short, full in PROVIDERS.items() if full == self.providers[0])
 
-def open_runtime(path, provider: str | None = None, threads: int | None = None, precision: str = "fp32") -> Runtime:
-    """Load and verify the bundle at ``path`` (manifest, format version, sha256 of every file)."""
-    return Runtime(load_bundle(path), provider, threads, precision)
+
+def open_runtime(path, provider: str | None = None, threads: int | None = None, precision: str | None = "fp32") -> Runtime:
+    """Load and verify the bundle at ``path`` (manifest, format version, sha256 of every file).
+    ``precision`` None or "auto": the best the bundle holds for the provider (runtime/precision.py)."""
+    from .precision import choose_precision
+
+    bundle = load_bundle(path)
+    rt = Runtime(bundle, provider, threads)
+    rt.precision = choose_precision(bundle, rt.provider_name, precision)
+    return rt

@@ -1,0 +1,70 @@
+"""`ntm-edge eval --bundle B --precision P`: a bundle judged by the same eval as a checkpoint.
+
+The same report as ``evaluate.evaluate_checkpoint`` (held-out bits/dim, Frechet distance and prompt
+accuracy under the same evaluation classifier, images/s), with the samples drawn and the held-out
+images scored by the torch-free runtime at the chosen precision. Held-out bits/dim: one forward
+trajectory per test image (the checkpoint eval draws one too, from torch's generator, so the two
+agree to sampling noise, not bit for bit).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samples: int = 500, guidance: float = 0.0,
+                    seed: int = 0, dataset: str | None = None, final: str = "inverse", provider: str | None = "cpu",
+                    threads: int | None = None, log=print) -> dict:
+    """The eval report of a bundle at one precision (None or "auto": the runtime's default)."""
+    from .data import load_dataset
+    from .evaluate import balanced_prompts
+    from .metrics import load_or_train_classifier, sample_quality
+    from .runtime.audit import image_bound
+    from .runtime.precision import describe
+    from .runtime.sampler import generate
+    from .runtime.session import open_runtime
+
+    if not steps or min(steps) < 1:
+        raise ConfigError("--steps must be at least 1")
+    if final not in ("inverse", "denoiser"):
+        raise ConfigError(f"a bundle leaves u-space by 'inverse' or 'denoiser', not {final!r} (score denoising needs torch)")
+    rt = open_runtime(bundle, provider, threads, precision)
+    cfg = rt.bundle.config
+    dataset = dataset or rt.bundle.manifest["source"].get("dataset")
+    if dataset is None:
+        raise ConfigError(f"{bundle} does not record its dataset; pass --dataset")
+    test = load_dataset(dataset, "test", image_size=cfg.image_size, channels=cfg.channels)
+    if tuple(test.class_names) != tuple(cfg.prompt.class_names):
+        raise ConfigError(f"{dataset} has classes {test.class_names}, the model {cfg.prompt.class_names}")
+    clf = load_or_train_classifier(dataset, cfg.image_size, cfg.channels, log=log)
+    prompts, labels = balanced_prompts(cfg.prompt.class_names, num_samples)
+    test_prompts = [cfg.prompt.class_names[k] for k in test.labels]
+    log(describe(rt.bundle, rt.precision))
+    rows = []
+    for T in steps:
+        bound = image_bound(rt, test.images, test_prompts, steps=T, trajectories=1, seed=seed)
+        row = {"steps": int(T), "bits_per_dim": float(np.mean(bound["bits_per_dim"])),
+               "trajectory_nats_per_dim": float(np.mean(bound["trajectory_nats_per_dim"])), "t_min": bound["t_min"],
+               "num_images": int(len(test.images))}
+        kw = dict(steps=T, seed=seed, guidance=guidance, final=final)
+        generate(rt, prompts[:2], **kw)  # warm-up
+        start = time.perf_counter()
+        images = generate(rt, prompts, **kw).images
+        row["images_per_s"] = num_samples / (time.perf_counter() - start)
+        row.update(sample_quality(clf, images, labels, test.images))
+        log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
+            f"prompt accuracy {row['prompt_accuracy']:.3f}, {row['images_per_s']:.1f} images/s ({rt.precision})")
+        rows.append(row)
+    train = load_dataset(dataset, "train", image_size=cfg.image_size, channels=cfg.channels)
+    floor = sample_quality(clf, train.images[:num_samples], train.labels[:num_samples], test.images)
+    return {
+        "bundle": str(bundle), "precision": rt.precision, "providers": rt.providers, "objective": cfg.objective,
+        "dataset": dataset, "final": final, "num_samples": num_samples, "guidance": guidance, "seed": seed,
+        "classifier_heldout_accuracy": clf.heldout_accuracy,
+        "real_data": {"frechet": floor["frechet"], "prompt_accuracy": floor["prompt_accuracy"]},
+        "rows": rows,
+    }
