@@ -43,10 +43,10 @@ def _trt_type(elem_type: int) -> str:
 
 
 def _types(model) -> dict[str, str]:
-    """Tensor name -> TensorRT type name, after ONNX shape inference (strict)."""
+    """Tensor name -> TensorRT type name, after ONNX shape inference."""
     import onnx
 
-    typed = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    typed = onnx.shape_inference.infer_shapes(model)
     g = typed.graph
     out = {v.name: _trt_type(v.type.tensor_type.elem_type) for v in (*g.input, *g.output, *g.value_info)}
     out.update({t.name: _trt_type(t.data_type) for t in g.initializer})
