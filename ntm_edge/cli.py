@@ -223,7 +223,8 @@ def run_bundle(
     inverse_method: Annotated[str, typer.Option(help="transporter inversion: jacobi | sequential (both exact)")] = "jacobi",
     out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
     save_array: Annotated[Path | None, typer.Option(help="also write uint8 (N, H, W, C) .npy")] = None,
-    provider: Annotated[str, typer.Option(help="auto (tensorrt > cuda > cpu) | tensorrt | cuda | cpu")] = "auto",
+    provider: Annotated[str, typer.Option(help="auto (onnxruntime: tensorrt > cuda > cpu) | tensorrt (native engines, "
+                                                "untested) | ort-tensorrt | cuda | cpu")] = "auto",
     audit: Annotated[bool, typer.Option(help="print the exact NLL of every generated trajectory")] = False,
     unrolled: Annotated[bool, typer.Option(help="run the four steps as the one unrolled sampler graph")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads per graph (default: $OMP_NUM_THREADS, else all)")] = None,
@@ -259,6 +260,20 @@ def audit_image(
 
     audit_images(bundle, image, prompt, steps=steps, trajectories=trajectories, seed=seed, provider=provider,
                  threads=threads, precision=precision, log=_log)
+
+
+@app.command("build-engines")
+@_friendly
+def build_engines(
+    bundle: Annotated[Path, typer.Option(help="bundle directory written by `ntm-edge export`")],
+    precision: Annotated[list[str] | None, typer.Option(help="fp32 | fp16 | int8 (repeatable; default: all it holds)")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="profiles over the spec's min..max batch (default: static)")] = False,
+    workspace_mb: Annotated[int, typer.Option(help="TensorRT builder workspace in MiB")] = 1024,
+):
+    """Build TensorRT engines (strongly typed) from a bundle into BUNDLE/engines/. Untested: no TensorRT here."""
+    from .calib.engines import build_engines as run
+
+    run(bundle, precisions=precision or None, dynamic=dynamic, workspace_mb=workspace_mb, log=_log)
 
 
 def main() -> None:

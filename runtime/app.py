@@ -46,6 +46,8 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
         raise ConfigError("--num must be at least 1")
     rt = open_runtime(bundle, provider, threads, precision)
     rt.bundle.vocab.token_id(prompt)  # an unknown prompt fails here, before any work
+    if rt.native and steps == rt.bundle.config.steps:
+        unrolled = True  # the native TensorRT backend replays the unrolled four steps as one CUDA graph
     kw = dict(steps=steps, guidance=guidance, final=final, inverse_method=inverse_method, tol=tol, unrolled=unrolled)
     if warmup:  # load the sessions and let the providers allocate: not part of the measured latency
         generate(rt, [prompt], seed=seed, audit=audit, **kw)

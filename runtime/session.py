@@ -115,11 +115,26 @@ class Runtime:
     def __init__(self, bundle: Bundle, provider: str | None = None, threads: int | None = None,
                  precision: str = "fp32"):
         self.bundle, self.precision = bundle, precision
-        self.providers = choose_providers(provider)
+        # "tensorrt": the native engines of `ntm-edge build-engines` (runtime/tensorrt_backend.py, untested here);
+        # "ort-tensorrt": onnxruntime's TensorRT execution provider
+        self.native = provider == "tensorrt"
+        if self.native:
+            from .tensorrt_backend import import_tensorrt
+
+            import_tensorrt()  # one clear error line when TensorRT is missing, before any work
+            self.providers = ["TensorRT (native engines)"]
+        else:
+            self.providers = choose_providers("tensorrt" if provider == "ort-tensorrt" else provider)
         self.threads = default_threads() if threads is None else (threads or None)
         self._graphs: dict[str, Graph] = {}
+        self._native_backend = None
 
     def __getitem__(self, name: str) -> Graph:
+        if name not in self._graphs and self.native:
+            from .tensorrt_backend import TensorRTBackend
+
+            self._native_backend = self._native_backend or TensorRTBackend(self.bundle, self.precision)
+            self._graphs[name] = self._native_backend.graph(name)
         if name not in self._graphs:
             path = self.bundle.file(name, self.precision)
             spec = self.bundle.graphs[name]
@@ -137,6 +152,8 @@ class Runtime:
     @property
     def provider_name(self) -> str:
         """Short name ("tensorrt", "cuda", "cpu") of the provider the graphs run on first."""
+        if self.native:
+            return "tensorrt"
         return next(short for short, full in PROVIDERS.items() if full == self.providers[0])
 
 
