@@ -6,19 +6,22 @@ method (minmax | entropy | percentile) on real trajectories (calib/capture.py). 
 (``ntm_edge.islands``) are excluded.
 
 Which nodes: Conv, MatMul and Gemm outside the islands whose data input is an activation computed in
-the graph and read by that node alone (and, for MatMul/Gemm, whose weight is a constant). Two reasons,
-both measured on the `small` predictor (README, "Precisions"):
+the graph and read only by nodes of that kind (and, for MatMul/Gemm, whose weight is a constant). Two
+reasons, both measured on the `small` predictor (README, "Precisions"):
 
 - onnxruntime's quantizer reroutes every reader of a quantized tensor through its DequantizeLinear, so
   an island reading the same tensor (the posterior reading u_t, a norm reading the residual stream)
   would read int8-rounded values;
 - onnxruntime's CPU graph optimizer fuses DequantizeLinear -> Conv -> QuantizeLinear into one
-  QLinearConv only when that DequantizeLinear feeds the Conv alone; a shared one leaves an fp32 Conv
-  between a Q and a DQ, slower than no quantization at all. Quantizing "every op" leaves the norms
-  and activations between the convolutions as Q/DQ round trips with nothing to fuse.
+  QLinearConv only when the DequantizeLinear feeds quantized nodes alone; one shared with an fp32
+  reader leaves an fp32 Conv between a Q and a DQ, slower than no quantization at all. Quantizing
+  "every op" leaves the norms and activations between the convolutions as Q/DQ round trips with
+  nothing to fuse.
 
-In the U-Net this selects both 3x3 convolutions of every residual block (over 90% of its multiply-adds);
-the stem (reads u_t), the strided and 1x1 skip convolutions (read the residual stream) stay fp32.
+In the U-Net this selects both 3x3 convolutions of every residual block (over 90% of its multiply-adds)
+and the FiLM projections of the condition vector (they read it together: small compute, a fifth of the
+weights); the stem (reads u_t), the strided and 1x1 skip convolutions (read the residual stream next to
+a norm or the U-Net's skip concatenation) stay fp32.
 
 ``calibration_cache``: the ranges are cached as JSON (onnxruntime's ``calibration_cache_path``) under
 $NTM_EDGE_CACHE/calib/<key>/, the key being a hash of the checkpoint's weights, the fp32 graph and the
@@ -42,22 +45,18 @@ CAPTURE_VERSION = 1  # bump when calib/capture.py changes what it feeds
 
 def quantizable_nodes(model) -> list[str]:
     """Names of the nodes to quantize in an onnx ModelProto (see the module docstring)."""
-    readers: dict[str, int] = {}
-    for n in model.graph.node:
-        for name in n.input:
-            readers[name] = readers.get(name, 0) + 1
     produced = {o for n in model.graph.node for o in n.output}
     constants = {t.name for t in model.graph.initializer}
-    out = []
+
+    def candidate(n) -> bool:
+        return (n.op_type in QUANTIZED_OPS and island_of(n.op_type, n.name) is None and n.input[0] in produced
+                and (n.op_type == "Conv" or n.input[1] in constants))
+
+    readers: dict[str, list] = {}
     for n in model.graph.node:
-        if n.op_type not in QUANTIZED_OPS or island_of(n.op_type, n.name) is not None:
-            continue
-        if n.input[0] not in produced or readers[n.input[0]] != 1:
-            continue
-        if n.op_type != "Conv" and n.input[1] not in constants:
-            continue
-        out.append(n.name)
-    return out
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    return [n.name for n in model.graph.node if candidate(n) and all(candidate(r) for r in readers[n.input[0]])]
 
 
 class _Reader:
