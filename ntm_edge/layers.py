@@ -52,12 +52,17 @@ class FP32LayerNorm(nn.LayerNorm, FP32Island):
 
 
 class FP32GroupNorm(nn.GroupNorm, FP32Island):
-    """nn.GroupNorm computed in fp32, returned in the input dtype."""
+    """nn.GroupNorm computed in fp32, returned in the input dtype. Over (B, C, H W): the exported graph then
+    reshapes with constant shapes (-1 for the batch) instead of reading the shape of the input, whose
+    only other reader is the int8 convolution in front of it (a second reader stops onnxruntime from
+    fusing that convolution in the unrolled sampler graph)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
         with torch.autocast(x.device.type, enabled=False):
-            y = F.group_norm(at_least_fp32(x), self.num_groups, *_fp32_params(self.weight, self.bias), self.eps)
-        return y.to(x.dtype)
+            h = at_least_fp32(x).reshape(-1, C, H * W)  # (B, C, HW)
+            y = F.group_norm(h, self.num_groups, *_fp32_params(self.weight, self.bias), self.eps)
+        return y.reshape(-1, C, H, W).to(x.dtype)
 
 
 class FP32Linear(nn.Linear, FP32Island):
