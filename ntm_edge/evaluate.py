@@ -61,7 +61,7 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
     from .denoiser import load_denoiser
     from .errors import ConfigError
     from .exits import sample_images
-    from .metrics import load_or_train_classifier, sample_quality
+    from .metrics import load_or_train_classifier
 
     if not steps or min(steps) < 1:
         raise ConfigError("--steps must be at least 1")
@@ -80,20 +80,35 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
     for T in steps:
         row = {"steps": int(T), **heldout_likelihood(model, test.images, test.labels, steps=T, seed=seed)}
         kw = dict(steps=T, seed=seed, guidance=guidance, final=final, denoiser=denoiser)
-        sample_images(model, prompts[:2], **kw)  # warm-up
-        start = time.perf_counter()
-        images = sample_images(model, prompts, **kw)
-        row["images_per_s"] = num_samples / (time.perf_counter() - start)
-        row.update(sample_quality(clf, images, labels, test.images))
+        row.update(timed_quality(lambda p, kw=kw: sample_images(model, p, **kw), prompts, labels, clf, test.images))
         log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
             f"prompt accuracy {row['prompt_accuracy']:.3f}, {row['images_per_s']:.1f} images/s")
         rows.append(row)
-    train = load_dataset(dataset, "train", image_size=cfg.image_size, channels=cfg.channels)
-    floor = sample_quality(clf, train.images[:num_samples], train.labels[:num_samples], test.images)
     return {
         "checkpoint": str(checkpoint), "objective": cfg.objective, "dataset": dataset, "final": final,
         "num_samples": num_samples, "guidance": guidance, "seed": seed,
-        "classifier_heldout_accuracy": clf.heldout_accuracy,
-        "real_data": {"frechet": floor["frechet"], "prompt_accuracy": floor["prompt_accuracy"]},
-        "rows": rows,
+        **real_data_floor(clf, dataset, cfg, num_samples, test.images), "rows": rows,
     }
+
+
+def timed_quality(sample, prompts, labels, clf, reference) -> dict:
+    """images/s of ``sample(prompts) -> uint8 images`` (after a two-prompt warm-up), and the images'
+    Frechet distance and prompt accuracy under the evaluation classifier."""
+    from .metrics import sample_quality
+
+    sample(prompts[:2])
+    start = time.perf_counter()
+    images = sample(prompts)
+    return {"images_per_s": len(prompts) / (time.perf_counter() - start), **sample_quality(clf, images, labels, reference)}
+
+
+def real_data_floor(clf, dataset: str, cfg, num_samples: int, reference) -> dict:
+    """The classifier's held-out accuracy, and the Frechet distance and accuracy of real training images
+    (the floor a sampler is compared with)."""
+    from .data import load_dataset
+    from .metrics import sample_quality
+
+    train = load_dataset(dataset, "train", image_size=cfg.image_size, channels=cfg.channels)
+    floor = sample_quality(clf, train.images[:num_samples], train.labels[:num_samples], reference)
+    return {"classifier_heldout_accuracy": clf.heldout_accuracy,
+            "real_data": {"frechet": floor["frechet"], "prompt_accuracy": floor["prompt_accuracy"]}}

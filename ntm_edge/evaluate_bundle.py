@@ -9,8 +9,6 @@ agree to sampling noise, not bit for bit).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from .errors import ConfigError
@@ -21,8 +19,8 @@ def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samp
                     threads: int | None = None, log=print) -> dict:
     """The eval report of a bundle at one precision (None or "auto": the runtime's default)."""
     from .data import load_dataset
-    from .evaluate import balanced_prompts
-    from .metrics import load_or_train_classifier, sample_quality
+    from .evaluate import balanced_prompts, real_data_floor, timed_quality
+    from .metrics import load_or_train_classifier
     from .runtime.audit import image_bound
     from .runtime.precision import describe
     from .runtime.sampler import generate
@@ -51,20 +49,12 @@ def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samp
                "trajectory_nats_per_dim": float(np.mean(bound["trajectory_nats_per_dim"])), "t_min": bound["t_min"],
                "num_images": int(len(test.images))}
         kw = dict(steps=T, seed=seed, guidance=guidance, final=final)
-        generate(rt, prompts[:2], **kw)  # warm-up
-        start = time.perf_counter()
-        images = generate(rt, prompts, **kw).images
-        row["images_per_s"] = num_samples / (time.perf_counter() - start)
-        row.update(sample_quality(clf, images, labels, test.images))
+        row.update(timed_quality(lambda p, kw=kw: generate(rt, p, **kw).images, prompts, labels, clf, test.images))
         log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
             f"prompt accuracy {row['prompt_accuracy']:.3f}, {row['images_per_s']:.1f} images/s ({rt.precision})")
         rows.append(row)
-    train = load_dataset(dataset, "train", image_size=cfg.image_size, channels=cfg.channels)
-    floor = sample_quality(clf, train.images[:num_samples], train.labels[:num_samples], test.images)
     return {
         "bundle": str(bundle), "precision": rt.precision, "providers": rt.providers, "objective": cfg.objective,
         "dataset": dataset, "final": final, "num_samples": num_samples, "guidance": guidance, "seed": seed,
-        "classifier_heldout_accuracy": clf.heldout_accuracy,
-        "real_data": {"frechet": floor["frechet"], "prompt_accuracy": floor["prompt_accuracy"]},
-        "rows": rows,
+        **real_data_floor(clf, dataset, cfg, num_samples, test.images), "rows": rows,
     }
