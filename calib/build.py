@@ -53,7 +53,10 @@ def build_precisions(bundle: Bundle, model, checkpoint, denoiser, opts: Precisio
             runs, why = runs_in(name, precision)
             entry["variants"][precision] = {"file": f"{name}.{runs}.onnx", "runs": runs, "why": why}
         log(f"{precision}: " + ", ".join(f"{name} {runs_in(name, precision)[0]}" for name in graphs))
-    report["tensorrt_checks"] = check_bundle(bundle)
+    report["tensorrt_checks"] = checks = check_bundle(bundle)
+    problems = [f"{f}: {p}" for f, v in checks["files"].items() for p in v["problems"]]
+    log(f"TensorRT {checks['tensorrt']} static checks: " + ("all files pass" if not problems else
+        f"{len(problems)} problems (the bundle still runs on onnxruntime), e.g. {problems[0]}"))
     report["quality"] = quality_gate(bundle, checkpoint, opts, log)
     return report
 
