@@ -6,7 +6,8 @@
 1. Load the checkpoint (and its denoiser, when it has one) and list the graphs with their IO specs
    (``runtime.specs.graph_specs``).
 2. Trace each graph's pure module with the TorchScript exporter (``dynamo=False``: the dynamo exporter
-   needs onnxscript), dynamic batch axis, and verify the file with ``onnx.checker`` (full check).
+   needs onnxscript), dynamic batch axis, and verify the file with ``onnx.checker`` (full check);
+   simplify it with onnxslim (export/simplify.py) and check it again.
 3. Parity: onnxruntime against torch on random inputs and on real trajectories (export/parity.py).
 4. Write manifest.json (format version, config, schedule, vocabulary, graphs, opset, versions,
    parity, sha256 of every file, and the sha256 of its own content: ``bundle.seal``) last, into a
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -27,7 +29,11 @@ import numpy as np
 import torch
 
 from ntm_edge import __version__, schedule, validate
-from ntm_edge.checkpoint import load_info
+from ntm_edge.calib.build import build_precisions
+from ntm_edge.calib.build import check_inputs as check_precision_inputs
+from ntm_edge.calib.policy import PrecisionOptions
+from ntm_edge.calib.trt_ops import TENSORRT_VERSION
+from ntm_edge.checkpoint import load_info, trained_on
 from ntm_edge.errors import ConfigError, NtmError
 from ntm_edge.fileio import atomic_write_text, make_temp_dir, publish_dir, remove_stale_temporaries, sha256_file
 from ntm_edge.model import NTM
@@ -39,6 +45,8 @@ from ntm_edge.sampling import NOISE_BATCH
 
 from .graphs import graph_modules
 from .parity import max_abs, random_inputs, real_parity, real_trajectories, torch_outputs
+from .simplify import simplify_file
+from .simplify import summary as simplify_summary
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product_attention
@@ -52,12 +60,16 @@ class ExportError(NtmError):
 
 
 def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, overwrite: bool = False,
-                  parity: bool = True, seed: int = 0, progress: bool = False, log=print) -> dict:
-    """Export ``checkpoint`` to the bundle directory ``out``; returns the manifest."""
+                  parity: bool = True, seed: int = 0, progress: bool = False, log=print,
+                  precisions: PrecisionOptions | None = None) -> dict:
+    """Export ``checkpoint`` to the bundle directory ``out``; returns the manifest. ``precisions``: the
+    fp16/int8 passes, calibration and quality gate (ntm_edge.calib), after the fp32 graphs."""
     from ntm_edge.denoiser import has_denoiser, load_denoiser
 
     out = Path(out)
     _check_options(out, Path(checkpoint), batch, opset, overwrite)
+    precisions = precisions or PrecisionOptions()
+    check_precision_inputs(checkpoint, precisions)
     remove_stale_temporaries(out.parent, out.name)  # what a killed export left next to ``out``
     model = NTM.from_pretrained(checkpoint).requires_grad_(False)
     cfg = model.config
@@ -68,20 +80,26 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
     denoiser = load_denoiser(checkpoint).requires_grad_(False) if has_denoiser(checkpoint) else None
     graph_specs = S.graph_specs(cfg, batch, has_denoiser=denoiser is not None)
     modules = graph_modules(model, denoiser)
-    manifest = _manifest(checkpoint, model, denoiser, graph_specs, batch, opset)
+    manifest = _manifest(checkpoint, model, denoiser, graph_specs, batch, opset, precisions)
     tmp = make_temp_dir(out.parent, out.name)
     try:
         bar = _progress(progress)
         with bar:
             task = bar.add_task("export", total=len(graph_specs))
             rng = np.random.default_rng(seed)
+            simplified = {}
             for name, spec in graph_specs.items():
                 example = random_inputs(spec, cfg, batch, rng)
                 _export_graph(modules[name], spec, example, tmp / f"{name}.{PRECISION}.onnx", opset)
+                simplified[name] = simplify_file(tmp / f"{name}.{PRECISION}.onnx")  # before parity and precision passes
                 bar.advance(task)
+        manifest["simplify"] = {"tool": "onnxslim", "graphs": simplified}
+        log(simplify_summary(simplified))
         bundle = Bundle(tmp, manifest, cfg, graph_specs)
         if parity:
             manifest["parity"] = check_parity(bundle, model, modules, checkpoint, seed, log)
+        if precisions.precisions:
+            manifest["precision"] = build_precisions(bundle, model, checkpoint, denoiser, precisions, log)
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.onnx"))}
         atomic_write_text(tmp / MANIFEST, json.dumps(seal(manifest), indent=2))
         (tmp / MANIFEST).chmod(0o644)
@@ -89,7 +107,7 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
-    log(f"wrote {out} ({len(graph_specs)} graphs, opset {opset}, {PRECISION}, {size:.1f} MiB)")
+    log(f"wrote {out} ({len(graph_specs)} graphs, opset {opset}, {', '.join(manifest['precisions'])}, {size:.1f} MiB)")
     return manifest
 
 
@@ -174,16 +192,23 @@ def check_parity(bundle: Bundle, model: NTM, modules: dict, checkpoint, seed: in
     return report
 
 
-def _manifest(checkpoint, model: NTM, denoiser, graph_specs: dict, batch: int, opset: int) -> dict:
+def _manifest(checkpoint, model: NTM, denoiser, graph_specs: dict, batch: int, opset: int,
+              precisions: PrecisionOptions) -> dict:
     import onnx
     import onnxruntime
+    import onnxslim
 
     cfg, tr = model.config, model.transporter
     versions = {"ntm_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
-    source = {"checkpoint": str(Path(checkpoint).resolve()), "weights_sha256": load_info(checkpoint).get("weights_sha256"),
+                "onnxruntime": onnxruntime.__version__, "onnxslim": onnxslim.__version__, "numpy": np.__version__}
+    if precisions.precisions:
+        versions["tensorrt_op_table"] = TENSORRT_VERSION
+    source = {"checkpoint": str(Path(checkpoint).resolve()), "dataset": trained_on(checkpoint),
+              "weights_sha256": load_info(checkpoint).get("weights_sha256"),
               "denoiser_sha256": sha256_file(Path(checkpoint) / "denoiser.safetensors") if denoiser is not None else None}
-    options = {"batch": batch, "opset": opset, "precisions": [PRECISION]}
+    options = {"batch": batch, "opset": opset, "precisions": [PRECISION, *precisions.precisions]}
+    if precisions.precisions:  # what the fp16/int8 files depend on
+        options["precision_options"] = {k: v for k, v in dataclasses.asdict(precisions).items() if k != "force"}
     # content key: the weights, the export options and the versions that produced the files
     key = hashlib.sha256(json.dumps({"source": {k: v for k, v in source.items() if k != "checkpoint"},
                                      "options": options, "versions": versions}, sort_keys=True).encode()).hexdigest()

@@ -152,7 +152,7 @@ def train_denoiser(
 @app.command("eval")
 @_friendly
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="checkpoint directory")],
+    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (or --bundle)")] = None,
     steps: Annotated[list[int] | None, typer.Option(help="step counts to evaluate (repeatable; " + _STEPS + ")")] = None,
     num_samples: Annotated[int, typer.Option(help="images generated per step count")] = 500,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance weight")] = 0.0,
@@ -162,16 +162,26 @@ def evaluate(
     final: Annotated[str, typer.Option(help="exit from u-space: inverse | inverse+score | denoiser")] = "inverse",
     out: Annotated[Path, typer.Option(help="JSON report to write")] = Path("report.json"),
     device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
+    bundle: Annotated[Path | None, typer.Option(help="judge an exported bundle on the runtime instead")] = None,
+    precision: Annotated[str, typer.Option(help="with --bundle: fp32 | fp16 | int8 | auto")] = "fp32",
 ):
-    """Held-out bits/dim, Frechet distance and prompt accuracy of a checkpoint (speed: `ntm-edge bench`)."""
+    """Held-out bits/dim, Frechet distance and prompt accuracy of a checkpoint or a bundle (speed: `ntm-edge bench`)."""
     import json
 
     from .evaluate import evaluate_checkpoint
     from .fileio import atomic_write_text
 
     validate.output_file(out, "--out")  # before the work, not after it
-    report = evaluate_checkpoint(checkpoint, steps=steps or [4], num_samples=num_samples, guidance=guidance,
-                                 seed=seed, dataset=dataset or None, final=final, device=device, log=_log)
+    if (checkpoint is None) == (bundle is None):
+        raise NtmError("pass exactly one of --checkpoint and --bundle")
+    if bundle is not None:
+        from .evaluate_bundle import evaluate_bundle
+
+        report = evaluate_bundle(bundle, precision, steps=steps or [4], num_samples=num_samples, guidance=guidance,
+                                 seed=seed, dataset=dataset or None, final=final, log=_log)
+    else:
+        report = evaluate_checkpoint(checkpoint, steps=steps or [4], num_samples=num_samples, guidance=guidance,
+                                     seed=seed, dataset=dataset or None, final=final, device=device, log=_log)
     if label:
         report["label"] = label
     atomic_write_text(out, json.dumps(report, indent=2))
@@ -215,12 +225,24 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle directory")] = False,
     parity: Annotated[bool, typer.Option(help="check onnxruntime against torch for every graph")] = True,
+    fp16: Annotated[bool, typer.Option("--fp16", help="add FP16 graphs (fp32 islands, IO kept float32)")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="add INT8 Q/DQ graphs calibrated on real trajectories")] = False,
+    calib_method: Annotated[str, typer.Option(help="INT8 ranges: minmax | entropy | percentile")] = "minmax",
+    calib_images: Annotated[int, typer.Option(help="training images whose trajectories calibrate INT8")] = 256,
+    calib_samples: Annotated[int, typer.Option(help="sampler trajectories that calibrate INT8")] = 64,
+    calib_seed: Annotated[int, typer.Option(help="seed of the calibration data and of the quality gate")] = 0,
+    quality_samples: Annotated[int, typer.Option(help="samples per precision in the quality gate")] = 500,
+    force: Annotated[bool, typer.Option("--force", help="keep a precision that fails the quality gate")] = False,
 ):
     """Export a checkpoint to an ONNX bundle for the torch-free runtime (`ntm-edge run`)."""
+    from .calib.policy import PrecisionOptions
     from .export import export_bundle
 
+    precisions = PrecisionOptions(fp16=fp16, int8=int8, calib_method=calib_method, calib_images=calib_images,
+                                  calib_samples=calib_samples, calib_seed=calib_seed, quality_samples=quality_samples,
+                                  force=force)
     export_bundle(checkpoint, out, batch=batch, opset=opset, overwrite=overwrite, parity=parity,
-                  progress=sys.stderr.isatty(), log=_log)
+                  progress=sys.stderr.isatty(), log=_log, precisions=precisions)
 
 
 _NO_BUNDLE = ("--bundle is required for now: write one with `ntm-edge export --checkpoint DIR --out BUNDLE` "
@@ -240,10 +262,12 @@ def run_bundle(
     inverse_method: InverseMethod = DEFAULT_METHOD,
     out: OutGrid = Path("samples.png"),
     save_array: SaveArray = None,
-    provider: Annotated[str, typer.Option(help="auto (tensorrt > cuda > cpu) | tensorrt | cuda | cpu")] = "auto",
+    provider: Annotated[str, typer.Option(help="auto (onnxruntime: tensorrt > cuda > cpu) | tensorrt (native engines, "
+                                                "untested) | ort-tensorrt | cuda | cpu")] = "auto",
     audit: Annotated[bool, typer.Option(help="print the exact NLL of every generated trajectory")] = False,
     unrolled: Annotated[bool, typer.Option(help="run the four steps as the one unrolled sampler graph")] = False,
     threads: Annotated[int | None, typer.Option(help=_THREADS)] = None,
+    precision: Annotated[str, typer.Option(help="auto (best the bundle holds for this provider) | fp32 | fp16 | int8")] = "auto",
 ):
     """Generate images on the torch-free runtime (numpy + onnxruntime) and print per-stage latency."""
     if bundle is None:
@@ -252,7 +276,7 @@ def run_bundle(
 
     run_prompt(bundle, prompt, num=num, steps=steps, seed=seed, guidance=guidance, final=final or None,
                inverse_method=inverse_method, out=out, save_array_to=save_array, provider=provider, audit=audit,
-               unrolled=unrolled, threads=threads, log=_log, warn=_warn)
+               unrolled=unrolled, threads=threads, precision=precision, log=_log, warn=_warn)
 
 
 @app.command("audit")
@@ -267,6 +291,7 @@ def audit_image(
     seed: Annotated[int, typer.Option(help="seed of the dequantisation and trajectory noise")] = 0,
     provider: Annotated[str, typer.Option(help="execution provider: auto | tensorrt | cuda | cpu")] = "auto",
     threads: Annotated[int | None, typer.Option(help=_THREADS)] = None,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8 | auto")] = "fp32",
 ):
     """Bits/dim bound on -log p(image | prompt), on the runtime (the variational bound of docs/design.md 4)."""
     if bundle is None:
@@ -274,7 +299,7 @@ def audit_image(
     from .runtime.app import audit_images
 
     audit_images(bundle, image, prompt, steps=steps, trajectories=trajectories, seed=seed, provider=provider,
-                 threads=threads, log=_log, warn=_warn)
+                 threads=threads, precision=precision, log=_log, warn=_warn)
 
 
 @app.command("bench")
@@ -296,6 +321,21 @@ def bench(
     from .bench import run_bench
 
     run_bench(out, checkpoint, bundle, preset, quick, threads, note, progress=sys.stderr.isatty(), log=_log)
+
+
+
+@app.command("build-engines")
+@_friendly
+def build_engines(
+    bundle: Annotated[Path, typer.Option(help="bundle directory written by `ntm-edge export`")],
+    precision: Annotated[list[str] | None, typer.Option(help="fp32 | fp16 | int8 (repeatable; default: all it holds)")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="profiles over the spec's min..max batch (default: static)")] = False,
+    workspace_mb: Annotated[int, typer.Option(help="TensorRT builder workspace in MiB")] = 1024,
+):
+    """Build TensorRT engines (strongly typed) from a bundle into BUNDLE/engines/. Untested: no TensorRT here."""
+    from .calib.engines import build_engines as run
+
+    run(bundle, precisions=precision or None, dynamic=dynamic, workspace_mb=workspace_mb, log=_log)
 
 
 def main() -> None:

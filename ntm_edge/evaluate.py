@@ -62,7 +62,7 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
     from .denoiser import load_denoiser
     from .errors import ConfigError
     from .exits import EXITS, sample_images
-    from .metrics import load_or_train_classifier, sample_quality
+    from .metrics import load_or_train_classifier
 
     if not steps:
         raise ConfigError("--steps must be given at least once")
@@ -94,17 +94,33 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
         batch = max(1, min(250, 250 * 65 // (T + 1)))
         row = {"steps": int(T), **heldout_likelihood(model, test.images, test.labels, steps=T, seed=seed,
                                                      batch_size=batch)}
-        images = sample_images(model, prompts, steps=T, seed=seed, guidance=guidance, final=final, denoiser=denoiser)
-        row.update(sample_quality(clf, images, labels, test.images))
+        kw = dict(steps=T, seed=seed, guidance=guidance, final=final, denoiser=denoiser)
+        row.update(sampled_quality(lambda p, kw=kw: sample_images(model, p, **kw), prompts, labels, clf, test.images))
         log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
             f"prompt accuracy {row['prompt_accuracy']:.3f}")
         rows.append(row)
-    train = load_dataset(dataset, "train", image_size=cfg.image_size, channels=cfg.channels)
-    floor = sample_quality(clf, train.images[:num_samples], train.labels[:num_samples], test.images)
     return {
         "checkpoint": str(checkpoint), "objective": cfg.objective, "dataset": dataset, "final": final,
         "num_samples": num_samples, "guidance": guidance, "seed": seed,
-        "classifier_heldout_accuracy": clf.heldout_accuracy,
-        "real_data": {"frechet": floor["frechet"], "prompt_accuracy": floor["prompt_accuracy"]},
-        "rows": rows,
+        **real_data_floor(clf, dataset, cfg, num_samples, test.images), "rows": rows,
     }
+
+
+def sampled_quality(sample, prompts, labels, clf, reference) -> dict:
+    """Frechet distance and prompt accuracy under the evaluation classifier of the images that
+    ``sample(prompts) -> uint8 images`` draws. No timing: speed is the job of `ntm-edge bench`."""
+    from .metrics import sample_quality
+
+    return sample_quality(clf, sample(prompts), labels, reference)
+
+
+def real_data_floor(clf, dataset: str, cfg, num_samples: int, reference) -> dict:
+    """The classifier's held-out accuracy, and the Frechet distance and accuracy of real training images
+    (the floor a sampler is compared with)."""
+    from .data import load_dataset
+    from .metrics import sample_quality
+
+    train = load_dataset(dataset, "train", image_size=cfg.image_size, channels=cfg.channels)
+    floor = sample_quality(clf, train.images[:num_samples], train.labels[:num_samples], reference)
+    return {"classifier_heldout_accuracy": clf.heldout_accuracy,
+            "real_data": {"frechet": floor["frechet"], "prompt_accuracy": floor["prompt_accuracy"]}}

@@ -16,6 +16,57 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .numerics import at_least_fp32
+
+
+class FP32Island:
+    """Marker of a module that computes in fp32 whatever the input dtype and under autocast (an fp32
+    island, listed in ``ntm_edge.islands``). Norms return the input dtype; projections return fp32."""
+
+
+def _fp32_params(*params):
+    """Parameters upcast to fp32 (no-op on fp32 weights, the autocast case; a copy after ``.half()``)."""
+    return tuple(None if p is None else at_least_fp32(p) for p in params)
+
+
+class FP32LayerNorm(nn.LayerNorm, FP32Island):
+    """nn.LayerNorm computed in fp32, returned in the input dtype (``nn.LayerNorm`` runs in the input dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.layer_norm(at_least_fp32(x), self.normalized_shape, *_fp32_params(self.weight, self.bias), self.eps)
+        return y.to(x.dtype)
+
+
+class FP32GroupNorm(nn.GroupNorm, FP32Island):
+    """nn.GroupNorm computed in fp32, returned in the input dtype. Over (B, C, H W): the exported graph then
+    reshapes with constant shapes (-1 for the batch) instead of reading the shape of the input, whose
+    only other reader is the int8 convolution in front of it (a second reader stops onnxruntime from
+    fusing that convolution in the unrolled sampler graph)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            h = at_least_fp32(x).reshape(-1, C, H * W)  # (B, C, HW)
+            y = F.group_norm(h, self.num_groups, *_fp32_params(self.weight, self.bias), self.eps)
+        return y.reshape(-1, C, H, W).to(x.dtype)
+
+
+class FP32Linear(nn.Linear, FP32Island):
+    """A last projection in fp32: (..., in) -> (..., out) float32 (at least), also under autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(at_least_fp32(x), *_fp32_params(self.weight, self.bias))
+
+
+class FP32Conv2d(nn.Conv2d, FP32Island):
+    """A last projection in fp32: (B, C_in, H, W) -> (B, C_out, H, W) float32 (at least), also under autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self._conv_forward(at_least_fp32(x), *_fp32_params(self.weight, self.bias))
+
 
 def fourier_features(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal features of scalars in [0, 1]: (B,) -> (B, dim). Scaled by 1000 as in DiT."""
@@ -25,8 +76,9 @@ def fourier_features(x: torch.Tensor, dim: int, max_period: float = 10_000.0) ->
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class ConditionMLP(nn.Module):
-    """Fourier features of several scalars (t, s, 1/T, ...) -> one condition vector (B, out_dim)."""
+class ConditionMLP(nn.Module, FP32Island):
+    """Fourier features of several scalars (t, s, 1/T, ...) -> one condition vector (B, out_dim).
+    The time/level embedding is an fp32 island: it runs in fp32 under autocast."""
 
     def __init__(self, num_scalars: int, out_dim: int, feat_dim: int = 64):
         super().__init__()
@@ -37,7 +89,8 @@ class ConditionMLP(nn.Module):
 
     def forward(self, *scalars: torch.Tensor) -> torch.Tensor:
         feats = torch.cat([fourier_features(s, self.feat_dim) for s in scalars], dim=-1)  # (B, n*F)
-        return self.net(feats.to(next(self.net.parameters()).dtype))
+        with torch.autocast(feats.device.type, enabled=False):
+            return self.net(feats.to(next(self.net.parameters()).dtype))
 
 
 class Attention(nn.Module):
@@ -75,13 +128,13 @@ class Attention(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm attention + MLP. LayerNorm runs in fp32 (an fp32 island for FP16 export)."""
+    """Pre-norm attention + MLP. LayerNorm runs in fp32 (an fp32 island, ``FP32LayerNorm``)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = FP32LayerNorm(width)
         self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = FP32LayerNorm(width)
         self.mlp = nn.Sequential(
             nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * width, width)
         )

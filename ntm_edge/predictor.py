@@ -19,7 +19,7 @@ from torch import nn
 
 from . import schedule
 from .config import PredictorConfig
-from .layers import ConditionMLP, TransformerLayer
+from .layers import ConditionMLP, FP32Conv2d, FP32GroupNorm, FP32LayerNorm, FP32Linear, TransformerLayer
 from .numerics import at_least_fp32, patchify, unpatchify
 
 LOG_SCALE_CLAMP = 8.0  # |d| <= 8 (soft): sigma_P within C e^{+-8}
@@ -34,10 +34,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, cond_dim: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
+        self.norm1 = FP32GroupNorm(_groups(c_in), c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.film = nn.Linear(cond_dim, 2 * c_out)
-        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
+        self.norm2 = FP32GroupNorm(_groups(c_out), c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -74,8 +74,8 @@ class UNetBackbone(nn.Module):
                 c_prev = c
             if i > 0:
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
-        self.out_norm = nn.GroupNorm(_groups(c_prev), c_prev)
-        self.out = nn.Conv2d(c_prev, 2 * channels, 3, padding=1)
+        self.out_norm = FP32GroupNorm(_groups(c_prev), c_prev)
+        self.out = FP32Conv2d(c_prev, 2 * channels, 3, padding=1)
         for p in self.out.parameters():  # weight and bias: raw output 0 and d = 0 at start
             nn.init.zeros_(p)
 
@@ -110,8 +110,8 @@ class TransformerBackbone(nn.Module):
         self.condition = ConditionMLP(3 if cfg.grid_conditioning else 1, W)
         self.prompt_proj = nn.Linear(prompt_dim, W)
         self.layers = nn.ModuleList(TransformerLayer(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(W)
-        self.out = nn.Linear(W, 2 * channels * p * p)
+        self.norm = FP32LayerNorm(W)
+        self.out = FP32Linear(W, 2 * channels * p * p)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from .config import TransporterConfig
 from .decoding import DEFAULT_TOL, InverseReport, affine_forward, affine_inverse, decode_tokens, inverse_settings, solve_segments
-from .layers import ConditionMLP, TransformerLayer
+from .layers import ConditionMLP, FP32LayerNorm, FP32Linear, TransformerLayer
 from .numerics import at_least_fp32, flip_tokens, patchify, unpatchify
 
 
@@ -52,8 +52,8 @@ class TarFlowBlock(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers_per_block)
         )
-        self.norm = nn.LayerNorm(cfg.width)
-        self.out = nn.Linear(cfg.width, 2 * token_dim)
+        self.norm = FP32LayerNorm(cfg.width)
+        self.out = FP32Linear(cfg.width, 2 * token_dim)
         nn.init.zeros_(self.out.weight)  # every block starts as the identity
         nn.init.zeros_(self.out.bias)
 

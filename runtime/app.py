@@ -16,13 +16,14 @@ from ntm_edge.images import save_images
 
 from .audit import image_bound, load_images
 from .bundle import NumericsError
+from .precision import describe
 from .sampler import FINALS, RunResult, StageTimer, check_options, generate
 from .session import open_runtime
 from .specs import DENOISER
 
 
-def latency_table(timer: StageTimer, num_images: int) -> str:
-    """Per-stage wall-clock time (ms, summed over batches), the pipeline total and images/s."""
+def latency_table(timer: StageTimer, num_images: int, precision: str | None = None) -> str:
+    """Per-stage wall-clock time (ms, summed over batches), the pipeline total, images/s and the precision."""
     rows = [(stage, seconds) for stage, seconds in timer.seconds.items() if stage != "total"]
     total = timer.seconds.get("total", sum(s for _, s in rows))
     width = max([len(r[0]) for r in rows] + [len("pipeline")]) + 2
@@ -31,6 +32,8 @@ def latency_table(timer: StageTimer, num_images: int) -> str:
     lines += [f"| {stage:^{width}} | {1e3 * s:9.2f} ms |" for stage, s in rows]
     lines += [rule, f"| {'pipeline':^{width}} | {1e3 * total:9.2f} ms |", rule,
               f"throughput: {num_images / total:.2f} images/s ({num_images} images)"]
+    if precision:
+        lines.append(precision)
     return "\n".join(lines)
 
 
@@ -38,10 +41,11 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
                final: str | None = None, inverse_method: str = DEFAULT_METHOD, out="samples.png", save_array_to=None,
                provider: str | None = None, audit: bool = False, unrolled: bool = False, segments=1,
                tol=DEFAULT_TOL, max_iters=None, threads: int | None = None, warmup: bool = True,
-               log=print, warn=None) -> RunResult:
+               precision: str | None = None, log=print, warn=None) -> RunResult:
     """`ntm-edge run`: ``num`` images for ``prompt`` on the runtime, written as an image grid (and .npy).
 
-    Every option, output path and the bundle are checked before the sampler runs; warnings (``warn``,
+    ``precision``: fp32 | fp16 | int8, or None for the best the bundle holds for the provider. Every
+    option, output path and the bundle are checked before the sampler runs; warnings (``warn``,
     default: a ``warning:`` line through ``log``) come after all checks have passed.
     """
     notes: list[str] = []
@@ -56,11 +60,13 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
     if save_array_to:
         save_array_to = validate.array_path(save_array_to)
     threads = validate.threads(threads, warn=notes.append)
-    rt = open_runtime(bundle, provider, threads)
+    rt = open_runtime(bundle, provider, threads, precision)
     rt.bundle.vocab.token_id(prompt)  # an unknown prompt fails here, before any work
     cfg, den = rt.bundle.config, rt.bundle.denoiser if rt.has(DENOISER) else None
     final = validate.exit_for_steps(final, steps, den["steps"] if den else None, notes.append)
     validate.steps(steps, den["t0"] if final == "denoiser" and den else cfg.t_min_sample, cfg.shift)
+    if rt.native and steps == rt.bundle.config.steps:
+        unrolled = True  # the native TensorRT backend replays the unrolled four steps as one CUDA graph
     check_options(rt, steps, guidance, final, unrolled)
     # what the result keeps: uint8 images, float32 x0 and the T + 1 float32 levels of every trajectory
     validate.fits_in_memory(num * cfg.dims * (1 + 4 + 4 * (steps + 1)), f"--num {num} at --steps {steps}")
@@ -74,7 +80,7 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
         result = generate(rt, [prompt] * num, seed=seed, audit=audit, **kw)
     save_images(result.images, out, save_array_to, log)
     log(f"providers: {', '.join(rt.providers)}; bundle {rt.bundle.root}")
-    log(latency_table(result.timer, num))
+    log(latency_table(result.timer, num, describe(rt.bundle, rt.precision)))
     if result.report is not None and result.report.iterations:
         passes = " + ".join(map(str, result.report.block_iterations))
         log(f"inverse: {inverse_method}, {passes} passes per block (last batch)")
@@ -88,16 +94,18 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
 
 
 def audit_images(bundle, image, prompt: str, steps: int | None = None, trajectories: int = 4, seed: int = 0,
-                 provider: str | None = None, threads: int | None = None, log=print, warn=None) -> dict:
+                 provider: str | None = None, threads: int | None = None, precision: str | None = "fp32",
+                 log=print, warn=None) -> dict:
     """`ntm-edge audit`: the bits/dim bound on -log p(x0 | prompt) of the image(s) in ``image``.
-    ``steps``: None is the model's T; any other value is checked against the schedule's limit."""
+    ``steps``: None is the model's T; any other value is checked against the schedule's limit. fp32 unless
+    ``precision`` says otherwise: a likelihood is scored at full precision by default."""
     notes: list[str] = []
     validate.count(trajectories, "--trajectories")
     validate.seed(seed)
     if steps is not None:
         validate.count(steps, "--steps")
     threads = validate.threads(threads, warn=notes.append)
-    rt = open_runtime(bundle, provider, threads)
+    rt = open_runtime(bundle, provider, threads, precision)
     rt.bundle.vocab.token_id(prompt)
     cfg = rt.bundle.config
     steps = cfg.steps if steps is None else validate.steps(steps, cfg.t_min_sample, cfg.shift)

@@ -107,8 +107,13 @@ def is_bundle(root: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
+ENGINE_DIR = "engines"  # TensorRT engines and their index, written into a bundle by `ntm-edge build-engines`
+
+
 def owned_files(root: Path) -> set[str]:
-    """The names in a bundle directory that the bundle accounts for: the manifest and every file it lists."""
+    """The names in a bundle directory that the bundle accounts for: the manifest, every file it lists,
+    and the engine folder that `ntm-edge build-engines` writes (recognised by its engines.json index)."""
+    engines = {ENGINE_DIR} if (Path(root) / ENGINE_DIR / "engines.json").is_file() else set()
     try:
         manifest = json.loads((Path(root) / MANIFEST).read_text())
         files = set(manifest.get("files") or {})
@@ -116,7 +121,7 @@ def owned_files(root: Path) -> set[str]:
             files |= {v.get("file") for v in entry.get("variants", {}).values()}
     except (OSError, ValueError, AttributeError, TypeError):
         return set()
-    return {MANIFEST} | {f for f in files if isinstance(f, str)}
+    return {MANIFEST} | engines | {f for f in files if isinstance(f, str)}
 
 
 def read_manifest(root: Path) -> dict:

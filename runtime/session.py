@@ -136,12 +136,27 @@ class Runtime:
     def __init__(self, bundle: Bundle, provider: str | None = None, threads: int | None = None,
                  precision: str = "fp32"):
         self.bundle, self.precision = bundle, precision
-        self.providers = choose_providers(provider)
+        # "tensorrt": the native engines of `ntm-edge build-engines` (runtime/tensorrt_backend.py, untested here);
+        # "ort-tensorrt": onnxruntime's TensorRT execution provider
+        self.native = provider == "tensorrt"
+        if self.native:
+            from .tensorrt_backend import import_tensorrt
+
+            import_tensorrt()  # one clear error line when TensorRT is missing, before any work
+            self.providers = ["TensorRT (native engines)"]
+        else:
+            self.providers = choose_providers("tensorrt" if provider == "ort-tensorrt" else provider)
         threads = validate.threads(threads)  # -1: all cores; more than the cores: bounded
         self.threads = default_threads() if threads is None else (threads or None)
         self._graphs: dict[str, Graph] = {}
+        self._native_backend = None
 
     def __getitem__(self, name: str) -> Graph:
+        if name not in self._graphs and self.native:
+            from .tensorrt_backend import TensorRTBackend
+
+            self._native_backend = self._native_backend or TensorRTBackend(self.bundle, self.precision)
+            self._graphs[name] = self._native_backend.graph(name)
         if name not in self._graphs:
             path = self.bundle.file(name, self.precision)
             spec = self.bundle.graphs[name]
@@ -156,7 +171,20 @@ class Runtime:
     def has(self, name: str) -> bool:
         return self.bundle.has(name, self.precision)
 
+    @property
+    def provider_name(self) -> str:
+        """Short name ("tensorrt", "cuda", "cpu") of the provider the graphs run on first."""
+        if self.native:
+            return "tensorrt"
+        return next(short for short, full in PROVIDERS.items() if full == self.providers[0])
 
-def open_runtime(path, provider: str | None = None, threads: int | None = None, precision: str = "fp32") -> Runtime:
-    """Load and verify the bundle at ``path`` (manifest, format version, sha256 of every file)."""
-    return Runtime(load_bundle(path), provider, threads, precision)
+
+def open_runtime(path, provider: str | None = None, threads: int | None = None, precision: str | None = "fp32") -> Runtime:
+    """Load and verify the bundle at ``path`` (manifest, format version, sha256 of every file).
+    ``precision`` None or "auto": the best the bundle holds for the provider (runtime/precision.py)."""
+    from .precision import choose_precision
+
+    bundle = load_bundle(path)
+    rt = Runtime(bundle, provider, threads)
+    rt.precision = choose_precision(bundle, rt.provider_name, precision)
+    return rt
