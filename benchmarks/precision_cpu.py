@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ CAPTURED = ("predictor_step", "sampler_loop", "transporter_forward", "transporte
             "denoiser")
 
 
-def interleaved(calls: dict[str, callable], rounds: int, warmup: int = 1) -> dict[str, float]:
+def interleaved(calls: Mapping[str, Callable[..., object]], rounds: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each call, all timed in the same rounds (one call of each per round)."""
     for fn in calls.values():
         for _ in range(warmup):

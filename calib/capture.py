@@ -25,7 +25,8 @@ from .. import schedule
 from ..checkpoint import trained_on
 from ..data import load_dataset
 from ..errors import ConfigError
-from ..model import NTM, dequantize
+from ..model import NTM
+from ..numerics import dequantize
 from ..prompts import NULL_ID
 from ..runtime import specs
 from .policy import PrecisionOptions
@@ -61,7 +62,7 @@ def _predictor_rows(model: NTM, u: torch.Tensor, ts: torch.Tensor, ids: torch.Te
     n, K = ts.shape
     T = K - 1
     emb, null = model.prompt_encoder(ids), model.prompt_encoder(torch.full_like(ids, NULL_ID))
-    rows = {"u_t": [], "t": [], "s": [], "steps": [], "prompt_emb": [], "prompt_mask": []}
+    rows: dict[str, list] = {"u_t": [], "t": [], "s": [], "steps": [], "prompt_emb": [], "prompt_mask": []}
     for k in range(1, K):
         for e in (emb, null):
             rows["u_t"].append(u[:, k])

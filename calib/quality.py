@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from ..errors import NtmError
+from ..errors import ConfigError, NtmError
 from ..runtime.audit import image_bound
 from ..runtime.bundle import Bundle, NumericsError
 from ..runtime.sampler import generate
@@ -63,6 +63,8 @@ def quality_gate(bundle: Bundle, checkpoint, opts: PrecisionOptions, log=print) 
 
     cfg = bundle.config
     dataset = trained_on(checkpoint)
+    if dataset is None:
+        raise ConfigError(f"{checkpoint} does not record its dataset: the quality gate has no held-out images")
     test = load_dataset(dataset, "test", image_size=cfg.image_size, channels=cfg.channels)
     clf = load_or_train_classifier(dataset, cfg.image_size, cfg.channels, log=log)
     prompts, labels = balanced_prompts(cfg.prompt.class_names, opts.quality_samples)

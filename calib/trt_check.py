@@ -24,9 +24,10 @@ from ..runtime.specs import GraphSpec
 from .trt_ops import OPSET_RANGE, SUPPORTED_OPS, TENSORRT_VERSION
 
 # the input whose type the table's "Supported Types" column is about (default: input 0)
-_DATA_INPUT = {"Where": 1, "Constant": None, "ConstantOfShape": None}
+_DATA_INPUT: dict[str, int | None] = {"Where": 1, "Constant": None, "ConstantOfShape": None}
 # op -> indices of inputs that must share one float type (None: all inputs)
-_SAME_TYPE = {op: None for op in ("Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Conv", "Concat", "Sum", "Max",
+_SAME_TYPE: dict[str, tuple[int, ...] | None] = {
+    op: None for op in ("Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Conv", "Concat", "Sum", "Max",
                                   "Min", "Mean", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual")}
 _SAME_TYPE.update({"Where": (1, 2), "InstanceNormalization": None, "LayerNormalization": None,
                    "GroupNormalization": None, "BatchNormalization": None, "Clip": None, "PRelu": None})
@@ -36,7 +37,7 @@ _FLOATS = {"FP32", "FP16", "BF16"}
 def _trt_type(elem_type: int) -> str:
     import onnx
 
-    names = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
+    names: dict[int, str] = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
              onnx.TensorProto.INT8: "INT8", onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.INT32: "INT32",
              onnx.TensorProto.INT64: "INT64", onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.DOUBLE: "DOUBLE"}
     return names.get(elem_type, onnx.TensorProto.DataType.Name(elem_type))
@@ -115,7 +116,7 @@ def graph_problems(path: Path, spec: GraphSpec) -> tuple[list[str], dict[str, in
                             f"{', '.join(sorted(SUPPORTED_OPS[node.op_type]))}")
         if node.op_type in _SAME_TYPE:
             idx = _SAME_TYPE[node.op_type] or range(len(node.input))
-            floats = {types.get(node.input[i]) for i in idx if i < len(node.input) and node.input[i]} & _FLOATS
+            floats = {types.get(node.input[i], "") for i in idx if i < len(node.input) and node.input[i]} & _FLOATS
             if len(floats) > 1:
                 problems.append(f"{node.op_type} ({node.name}) mixes {' and '.join(sorted(floats))} inputs: "
                                 f"a strongly typed network rejects it")

@@ -24,9 +24,9 @@ class FP32Island:
     island, listed in ``ntm_edge.islands``). Norms return the input dtype; projections return fp32."""
 
 
-def _fp32_params(*params):
-    """Parameters upcast to fp32 (no-op on fp32 weights, the autocast case; a copy after ``.half()``)."""
-    return tuple(None if p is None else at_least_fp32(p) for p in params)
+def _fp32(p: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter upcast to fp32 (no-op on fp32 weights, the autocast case; a copy after ``.half()``)."""
+    return None if p is None else at_least_fp32(p)
 
 
 class FP32LayerNorm(nn.LayerNorm, FP32Island):
@@ -34,7 +34,7 @@ class FP32LayerNorm(nn.LayerNorm, FP32Island):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            y = F.layer_norm(at_least_fp32(x), self.normalized_shape, *_fp32_params(self.weight, self.bias), self.eps)
+            y = F.layer_norm(at_least_fp32(x), self.normalized_shape, _fp32(self.weight), _fp32(self.bias), self.eps)
         return y.to(x.dtype)
 
 
@@ -48,7 +48,7 @@ class FP32GroupNorm(nn.GroupNorm, FP32Island):
         B, C, H, W = x.shape
         with torch.autocast(x.device.type, enabled=False):
             h = at_least_fp32(x).reshape(-1, C, H * W)  # (B, C, HW)
-            y = F.group_norm(h, self.num_groups, *_fp32_params(self.weight, self.bias), self.eps)
+            y = F.group_norm(h, self.num_groups, _fp32(self.weight), _fp32(self.bias), self.eps)
         return y.reshape(-1, C, H, W).to(x.dtype)
 
 
@@ -57,7 +57,7 @@ class FP32Linear(nn.Linear, FP32Island):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(at_least_fp32(x), *_fp32_params(self.weight, self.bias))
+            return F.linear(at_least_fp32(x), at_least_fp32(self.weight), _fp32(self.bias))
 
 
 class FP32Conv2d(nn.Conv2d, FP32Island):
@@ -65,7 +65,7 @@ class FP32Conv2d(nn.Conv2d, FP32Island):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return self._conv_forward(at_least_fp32(x), *_fp32_params(self.weight, self.bias))
+            return self._conv_forward(at_least_fp32(x), at_least_fp32(self.weight), _fp32(self.bias))
 
 
 def fourier_features(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:

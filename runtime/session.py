@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -149,7 +150,7 @@ class Runtime:
         threads = validate.threads(threads)  # -1: all cores; more than the cores: bounded
         self.threads = default_threads() if threads is None else (threads or None)
         self._graphs: dict[str, Graph] = {}
-        self._native_backend = None
+        self._native_backend: Any = None  # a TensorRTBackend once a native graph is first used
 
     def __getitem__(self, name: str) -> Graph:
         if name not in self._graphs and self.native:

@@ -201,6 +201,7 @@ class TensorRTGraph:
         shapes = {name: a.shape for name, a in feed.items()}
         if self._bound is None or self._bound["shapes"] != shapes:
             self._bind(shapes)
+        assert self._bound is not None
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, a in feed.items():
             ptr, _, _, nbytes = self._bound["buffers"][name]
