@@ -18,6 +18,7 @@ from ntm_edge.denoiser import Denoiser, DenoiserConfig
 from ntm_edge.errors import ConfigError
 from ntm_edge.exits import sample_images
 from ntm_edge.gpu import GraphSampler, StaticGraph, require_cuda, sample_images_gpu
+from ntm_edge.layers import FP32Island
 from ntm_edge.model import NTM
 
 NO_CUDA = "needs CUDA: the GPU path is untested on this project's machines (none has a GPU)"
@@ -78,7 +79,7 @@ def test_autocast_keeps_fp32_islands(models):
     """Under CPU autocast to bfloat16: matmuls and convolutions run in bf16 (autocast is on), norms, the
     predictor's mean and log-scale and the sampler state stay fp32; images stay close to fp32 ones."""
     model, den = models
-    dtypes: dict[str, set] = {"norm": set(), "matmul": set(), "mu": set(), "log_sigma": set()}
+    dtypes: dict[str, set] = {"norm": set(), "island": set(), "matmul": set(), "mu": set(), "log_sigma": set()}
 
     def record(kind):
         def hook(module, args, out):
@@ -89,11 +90,13 @@ def test_autocast_keeps_fp32_islands(models):
     for final in ("denoiser", "inverse"):
         sampler = GraphSampler(model, 4, final=final, denoiser=den, dtype=torch.bfloat16)
         for net in (sampler.model, sampler.denoiser):
+            # the last projections and the condition MLPs are fp32 islands (ntm_edge.islands), with all they hold
+            in_island = {id(sub) for m in net.modules() if isinstance(m, FP32Island) for sub in m.modules()}
             for m in net.modules():
                 if isinstance(m, nn.LayerNorm | nn.GroupNorm):
                     m.register_forward_hook(record("norm"))
                 elif isinstance(m, nn.Linear | nn.Conv2d):
-                    m.register_forward_hook(record("matmul"))
+                    m.register_forward_hook(record("island" if id(m) in in_island else "matmul"))
 
         def predictor_hook(module, args, out):
             dtypes["mu"].add(out[0].dtype)
@@ -102,8 +105,8 @@ def test_autocast_keeps_fp32_islands(models):
         sampler.model.predictor.register_forward_hook(predictor_hook)
         images[final] = sampler.sample(PROMPTS, seed=3)
         assert sampler.loop.outputs[0].dtype == torch.float32  # u_t0
-    assert dtypes == {"norm": {torch.float32}, "matmul": {torch.bfloat16}, "mu": {torch.float32},
-                      "log_sigma": {torch.float32}}
+    assert dtypes == {"norm": {torch.float32}, "island": {torch.float32}, "matmul": {torch.bfloat16},
+                      "mu": {torch.float32}, "log_sigma": {torch.float32}}
     fp32 = {"denoiser": sample_images(model, PROMPTS, seed=3, final="denoiser", denoiser=den),
             "inverse": sample_images(model, PROMPTS, seed=3, final="inverse", inverse_method="jacobi")}
     for final in fp32:
