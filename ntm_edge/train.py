@@ -171,8 +171,16 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
     """Run (or continue) a training run; returns a summary (final loss, held-out likelihood).
 
     With ``progress`` a rich progress bar shows the loss; without it (no terminal: CI, nohup) a
-    plain line is logged every ``log_every`` steps.
+    plain line is logged every ``log_every`` steps. SIGINT and SIGTERM are caught from the start:
+    one that arrives while the run loads (or completes a killed run's save) stops it before step
+    one like one during training, with a checkpoint and exit status 130 / 143.
     """
+    stop = StopSignals()
+    with stop:
+        return _train(args, resume, progress, log, log_every, stop)
+
+
+def _train(args: TrainArgs, resume: bool, progress: bool, log, log_every: int, stop: StopSignals) -> dict:
     args = args.validate()
     out = Path(args.out)
     problem = output_dir_problem(out)
@@ -239,9 +247,8 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
                    TimeRemainingColumn(), disable=not progress)
     start = time.time()
     save = functools.partial(_save, out, model, ema, opt, g, args=args, history=history)
-    stop = StopSignals()
     try:
-        with stop, bar:
+        with bar:
             task = bar.add_task("train", total=args.steps, completed=step, info="")
             while step < args.steps and not stop.requested:
                 if args.time_budget is not None and time.time() - start >= args.time_budget:
