@@ -85,3 +85,21 @@ def test_paraphrases_are_closer_than_other_digits(tokenizer, encoder):
     e /= np.linalg.norm(e, axis=1, keepdims=True)
     sim = e @ e.T
     assert sim[0, 1] > sim[0, 3] and sim[2, 3] > sim[2, 1]
+
+
+def test_prompt_encoder_embeds_each_distinct_prompt_once(encoder):
+    from ntm_edge.text_prompts import TextPromptEncoder
+
+    enc = TextPromptEncoder(encoder=encoder)
+    ids, mask = enc.tokenizer.tokenize(["seven", "the number 3", "seven", ""])
+    ids = torch.from_numpy(ids)
+    out = enc(ids)
+    assert out.shape == (4, DEFAULT_MAX_TOKENS, 384) and enc.cached == 3
+    assert torch.equal(out[0], out[2])
+    assert (out[torch.from_numpy(~mask)] == 0).all()
+    with torch.no_grad():
+        direct = encoder(ids, torch.from_numpy(mask))
+    assert torch.allclose(out[torch.from_numpy(mask)], direct[torch.from_numpy(mask)])
+    again = enc(ids[[1, 0]])  # served from the cache: same values, no new entries
+    assert enc.cached == 3 and torch.equal(again, out[[1, 0]])
+    assert not list(enc.parameters()) and not enc.state_dict()  # nothing of MiniLM goes into a checkpoint
