@@ -1,0 +1,56 @@
+"""The text prompt encoder of a model: tokenizer + frozen MiniLM behind the ids/mask interface.
+
+A model's prompt encoder maps token ids (B, P) to prompt tokens (B, P, E); the mask (B, P) travels
+beside them. The label encoder (model.py) is a learned table with P = 1. ``TextPromptEncoder`` is
+the frozen sentence encoder: P = ``max_tokens`` word pieces, E = 384, the mask recovered from the
+ids ([PAD] is id 0 and never occurs inside a prompt).
+
+The encoder is frozen and its weights are not part of any checkpoint (they are the packaged
+all-MiniLM-L6-v2, identified by their sha256). It remembers every distinct id row it has embedded,
+so a training run embeds each caption once, however many steps draw it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .text_encoder import MiniLM, load_minilm, weights_hash
+from .text_tokenizer import DEFAULT_MAX_TOKENS, TextTokenizer, encoder_files
+
+
+class TextPromptEncoder(nn.Module):
+    """ids int64 (B, P) -> token states (B, P, 384), zero at padding. Holds no parameters of its own:
+    the MiniLM sits outside the module tree (not in ``state_dict``, never trained, never saved)."""
+
+    def __init__(self, max_tokens: int = DEFAULT_MAX_TOKENS, encoder: MiniLM | None = None):
+        super().__init__()
+        files = encoder_files()
+        self.tokenizer = TextTokenizer(files.tokenizer, max_tokens)
+        self._encoder = [encoder or load_minilm(files.weights)]  # a list keeps it out of the module tree
+        self.encoder_sha256 = weights_hash(files.weights)
+        self._cache: dict[bytes, torch.Tensor] = {}
+
+    @property
+    def dim(self) -> int:
+        return self._encoder[0].dim
+
+    @property
+    def cached(self) -> int:
+        """Distinct prompts embedded so far."""
+        return len(self._cache)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = ids.detach().cpu()
+        keys = [r.numpy().tobytes() for r in rows]
+        missing: dict[bytes, int] = {}  # key -> first row that holds it
+        for i, key in enumerate(keys):
+            if key not in self._cache:
+                missing.setdefault(key, i)
+        if missing:
+            new = rows[list(missing.values())]  # (M, P)
+            mask = new != self.tokenizer.pad_id
+            states = self._encoder[0](new, mask) * mask[..., None]  # (M, P, E): padding zeroed
+            self._cache.update(zip(missing, states, strict=True))
+        return torch.stack([self._cache[k] for k in keys]).to(ids.device)  # (B, P, E)
