@@ -13,6 +13,7 @@ generalises rather than whether a template was memorised.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -68,3 +69,23 @@ def caption(name: str, rng: np.random.Generator, templates: Sequence[str] = TEMP
 def all_captions(class_names: Sequence[str], templates: Sequence[str] = TEMPLATES) -> list[list[str]]:
     """Every caption of every class: [class][variant] (what training embeds once and caches)."""
     return [[t.format(name=n) for t in templates for n in class_names_for(c)] for c in class_names]
+
+
+@dataclass(frozen=True)
+class CaptionTable:
+    """Every caption of every class, tokenised once: rows start[k] .. start[k] + count[k] - 1 of
+    ids / mask (N, P) are the captions of class k."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    start: np.ndarray  # (K,) int64
+    count: np.ndarray  # (K,) int64
+
+
+def caption_table(vocab, class_names: Sequence[str], templates: Sequence[str] = TEMPLATES) -> CaptionTable:
+    """``all_captions`` through ``vocab.tokenize``: what a caption-trained model draws its prompts from."""
+    per_class = all_captions(class_names, templates)
+    count = np.array([len(c) for c in per_class], dtype=np.int64)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    ids, mask = vocab.tokenize([c for captions in per_class for c in captions])
+    return CaptionTable(ids, mask, start, count)

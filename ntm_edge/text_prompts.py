@@ -12,6 +12,8 @@ so a training run embeds each caption once, however many steps draw it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -27,9 +29,22 @@ class TextPromptEncoder(nn.Module):
         super().__init__()
         files = encoder_files()
         self.tokenizer = TextTokenizer(files.tokenizer, max_tokens)
-        self._encoder = [encoder or load_minilm(files.weights)]  # a list keeps it out of the module tree
-        self.encoder_sha256 = weights_hash(files.weights)
+        self._encoder = [encoder or shared_minilm()]  # a list keeps it out of the module tree
+        self.encoder_sha256 = _hash(str(files.weights))
         self._cache: dict[bytes, torch.Tensor] = {}
+
+    def __deepcopy__(self, memo):
+        """A copy (an EMA model, a denoiser) shares the frozen encoder and its embedding cache."""
+        twin = TextPromptEncoder.__new__(TextPromptEncoder)
+        nn.Module.__init__(twin)
+        twin.tokenizer, twin._encoder, twin.encoder_sha256, twin._cache = (
+            self.tokenizer, self._encoder, self.encoder_sha256, self._cache)
+        twin.train(self.training)
+        return twin
+
+    @property
+    def minilm(self) -> MiniLM:
+        return self._encoder[0]
 
     @property
     def dim(self) -> int:
@@ -54,3 +69,15 @@ class TextPromptEncoder(nn.Module):
             states = self._encoder[0](new, mask) * mask[..., None]  # (M, P, E): padding zeroed
             self._cache.update(zip(missing, states, strict=True))
         return torch.stack([self._cache[k] for k in keys]).to(ids.device)  # (B, P, E)
+
+
+@functools.cache
+def shared_minilm() -> MiniLM:
+    """The packaged MiniLM, loaded once per process: every text prompt encoder (model, EMA, denoiser)
+    reads the same frozen weights."""
+    return load_minilm(encoder_files().weights)
+
+
+@functools.cache
+def _hash(weights: str) -> str:
+    return weights_hash(weights)

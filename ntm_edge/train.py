@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from .captions import caption_table
 from .checkpoint import check_tensors, is_checkpoint, load_config, load_train_state, save_training_checkpoint
-from .config import OBJECTIVES, PRESET_MODES, NTMConfig, get_preset
+from .config import OBJECTIVES, PRESET_MODES, PRESET_TEXT_ENCODERS, NTMConfig, get_preset
 from .data import load_dataset
 from .errors import CheckpointError, ConfigError, NtmError
 from .evaluate import heldout_likelihood
@@ -34,9 +35,9 @@ from .interrupts import Interrupted, StopSignals, signal_name
 from .losses import loss_function
 from .model import NTM
 from .numerics import dequantize
-from .prompts import NULL_ID
 
 MODES = ("end2end", "pairwise")
+TEXT_ENCODERS = {"minilm": "minilm", "labels": "label"}  # --text-encoder -> PromptConfig.kind
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class TrainArgs:
     checkpoint_every: int = 500
     time_budget: float | None = None  # stop after this many seconds of training (equal-budget comparisons)
     eval_images: int = 500  # held-out images scored at the end (0: skip)
+    text_encoder: str | None = None  # "minilm" | "labels" (None: the preset's, config.PRESET_TEXT_ENCODERS)
 
     def validate(self) -> TrainArgs:
         if self.mode is not None and self.mode not in MODES:
@@ -75,6 +77,8 @@ class TrainArgs:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
         get_preset(self.preset)
+        if self.text_encoder not in (None, *TEXT_ENCODERS):
+            raise ConfigError(f"unknown --text-encoder {self.text_encoder!r}; choose one of: {', '.join(TEXT_ENCODERS)}")
         return self
 
 
@@ -97,6 +101,37 @@ def _init_from_fm(model: NTM, fm_dir) -> NTM:
     for name in ("predictor", "prompt_encoder"):
         getattr(model, name).load_state_dict(getattr(teacher, name).state_dict())
     return teacher
+
+
+def prompt_sampler(model: NTM, labels: torch.Tensor, class_names, dropout: float, g: torch.Generator):
+    """-> draw(idx) -> ids, mask (B, P): the training prompts of examples ``idx``, '' with probability
+    ``dropout`` (classifier-free guidance). A label model reads its class token; a text model a fresh
+    caption per example per step (a template and a class name drawn with ``g``, so --resume stays
+    bit-exact) from the table of all captions, tokenised once (the encoder embeds each one once)."""
+    device = labels.device
+    null_ids, null_mask = model.null_prompt(1)
+    if model.config.prompt.kind == "label":
+        ids_all = labels + 1  # label k -> prompt id k + 1
+
+        def draw_label(idx):
+            drop = torch.rand(len(idx), generator=g, device=device) < dropout
+            ids = torch.where(drop, null_ids[0, 0], ids_all[idx])[:, None]  # (B, 1)
+            return ids, torch.ones_like(ids, dtype=torch.bool)
+
+        return draw_label
+    table = caption_table(model.vocab, class_names)
+    ids_t, mask_t = (torch.from_numpy(a).to(device) for a in (table.ids, table.mask))  # (N, P)
+    start, count = (torch.from_numpy(a).to(device) for a in (table.start, table.count))  # (K,)
+
+    def draw_caption(idx):
+        drop = torch.rand(len(idx), generator=g, device=device) < dropout
+        lab = labels[idx]
+        pick = torch.rand(len(idx), generator=g, device=device)
+        row = start[lab] + (pick * count[lab]).long().clamp_max(count[lab] - 1)  # (B,)
+        ids = torch.where(drop[:, None], null_ids.to(device), ids_t[row])  # (B, P)
+        return ids, torch.where(drop[:, None], null_mask.to(device), mask_t[row])
+
+    return draw_caption
 
 
 def _ema_update(ema: NTM, model: NTM, decay: float) -> None:
@@ -189,7 +224,8 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
     image_size = config.image_size if config else preset.image_size
     data = load_dataset(args.dataset, "train", image_size=image_size, seed=0)
     if config is None:
-        config = preset.with_data(data.channels, data.class_names).for_objective(args.objective)
+        kind = TEXT_ENCODERS[args.text_encoder] if args.text_encoder else PRESET_TEXT_ENCODERS[args.preset]
+        config = preset.with_data(data.channels, data.class_names).with_text_encoder(kind).for_objective(args.objective)
         if args.x0_mse_weight is not None:
             config = dataclasses.replace(config, x0_mse_weight=args.x0_mse_weight)
     if config.prompt.class_names != data.class_names:
@@ -216,7 +252,8 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
         raise NtmError(problem)
 
     images = torch.from_numpy(data.images).to(device)  # (N, H, W, C) uint8
-    ids_all = torch.from_numpy(data.labels + 1).to(device)  # label k -> prompt id k + 1
+    draw_prompts = prompt_sampler(model, torch.from_numpy(data.labels).to(device), data.class_names,
+                                  config.prompt_dropout, g)
     loss_fn = loss_function(config.objective, mode)
     unit = "mse" if config.objective == "fm" else "nats/dim"
     n_params = sum(p.numel() for p in model.parameters())
@@ -240,9 +277,7 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
                     break
                 idx = torch.randint(len(images), (args.batch_size,), generator=g, device=device)
                 x0 = dequantize(images[idx], g)
-                drop = torch.rand(args.batch_size, generator=g, device=device) < config.prompt_dropout
-                ids = torch.where(drop, NULL_ID, ids_all[idx])[:, None]  # (B, 1)
-                mask = torch.ones_like(ids, dtype=torch.bool)
+                ids, mask = draw_prompts(idx)  # (B, P)
                 losses = loss_fn(model, x0, ids, mask, g, teacher)
                 loss = losses.total(config.x0_mse_weight, _align_weight_at(args, step))
                 if not torch.isfinite(loss):
