@@ -29,6 +29,7 @@ class TextPromptEncoder(nn.Module):
         super().__init__()
         files = encoder_files()
         self.tokenizer = TextTokenizer(files.tokenizer, max_tokens)
+        self.tokenizer_file = files.tokenizer
         self._encoder = [encoder or shared_minilm()]  # a list keeps it out of the module tree
         self.encoder_sha256 = _hash(str(files.weights))
         self._cache: dict[bytes, torch.Tensor] = {}
@@ -37,8 +38,8 @@ class TextPromptEncoder(nn.Module):
         """A copy (an EMA model, a denoiser) shares the frozen encoder and its embedding cache."""
         twin = TextPromptEncoder.__new__(TextPromptEncoder)
         nn.Module.__init__(twin)
-        twin.tokenizer, twin._encoder, twin.encoder_sha256, twin._cache = (
-            self.tokenizer, self._encoder, self.encoder_sha256, self._cache)
+        twin.tokenizer, twin.tokenizer_file, twin._encoder, twin.encoder_sha256, twin._cache = (
+            self.tokenizer, self.tokenizer_file, self._encoder, self.encoder_sha256, self._cache)
         twin.train(self.training)
         return twin
 
@@ -64,11 +65,15 @@ class TextPromptEncoder(nn.Module):
             if key not in self._cache:
                 missing.setdefault(key, i)
         if missing:
-            new = rows[list(missing.values())]  # (M, P)
-            mask = new != self.tokenizer.pad_id
-            states = self._encoder[0](new, mask) * mask[..., None]  # (M, P, E): padding zeroed
+            states = self.embed(rows[list(missing.values())])  # (M, P, E)
             self._cache.update(zip(missing, states, strict=True))
         return torch.stack([self._cache[k] for k in keys]).to(ids.device)  # (B, P, E)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The pure function behind the cache (what the exported graph is): ids (B, P) -> (B, P, E),
+        the mask derived as ids != [PAD], padding zeroed."""
+        mask = ids != self.tokenizer.pad_id  # (B, P)
+        return self.minilm(ids, mask) * mask[..., None].to(torch.float32)
 
 
 @functools.cache
