@@ -79,8 +79,11 @@ class TextPromptEncoder(nn.Module):
 @functools.cache
 def shared_minilm() -> MiniLM:
     """The packaged MiniLM, loaded once per process: every text prompt encoder (model, EMA, denoiser)
-    reads the same frozen weights."""
-    return load_minilm(encoder_files().weights)
+    reads the same frozen weights. Loading draws nothing from torch's global generator (the module's
+    init would, before the weights replace it), so a model's own init does not depend on whether
+    the MiniLM was already loaded in this process."""
+    with torch.random.fork_rng(devices=[]):
+        return load_minilm(encoder_files().weights)
 
 
 @functools.cache

@@ -122,6 +122,9 @@ def prompt_sampler(model: NTM, labels: torch.Tensor, class_names, dropout: float
     table = caption_table(model.vocab, class_names)
     ids_t, mask_t = (torch.from_numpy(a).to(device) for a in (table.ids, table.mask))  # (N, P)
     start, count = (torch.from_numpy(a).to(device) for a in (table.start, table.count))  # (K,)
+    # embed every caption and '' now, in one batch: the encoder's float results depend on the batch a
+    # row is embedded in, so embedding rows as steps first draw them would break bit-exact --resume
+    model.prompt_encoder(torch.cat([ids_t, null_ids.to(device)]))
 
     def draw_caption(idx):
         drop = torch.rand(len(idx), generator=g, device=device) < dropout
