@@ -36,7 +36,7 @@ def paraphrases(checkpoint: Path = typer.Option(...), guidance: float = 2.0, see
 
     model = NTM.from_pretrained(checkpoint)
     cfg = model.config
-    clf = load_or_train_classifier(trained_on(checkpoint), cfg.image_size, cfg.channels)
+    clf = load_or_train_classifier(trained_on(checkpoint) or "digits", cfg.image_size, cfg.channels)
     print(json.dumps(paraphrase_report(model, clf, guidance, seed, repeats), indent=2))
 
 
@@ -58,9 +58,13 @@ def latency(checkpoint: Path = typer.Option(...), bundle: Path = typer.Option(..
     from ntm_edge.model import NTM
     from ntm_edge.runtime import open_runtime
     from ntm_edge.runtime.sampler import StageTimer, encode, encode_cached
+    from ntm_edge.text_prompts import TextPromptEncoder
 
     torch.set_num_threads(threads)
     model = NTM.from_pretrained(checkpoint)
+    enc = model.prompt_encoder
+    if not isinstance(enc, TextPromptEncoder):
+        raise SystemExit(f"error: {checkpoint} was trained with labels, not a text encoder")
     rt = open_runtime(bundle, provider="cpu", threads=threads)
     vocab = rt.bundle.vocab
     prompts = [c for per in all_captions(model.config.prompt.class_names, HELDOUT_PARAPHRASES) for c in per]
@@ -68,7 +72,7 @@ def latency(checkpoint: Path = typer.Option(...), bundle: Path = typer.Option(..
     encode(rt, ids[prompts[0]])  # load the session
     with torch.no_grad():
         rows = {
-            "torch (MiniLM, eager)": _median_ms(lambda p: model.prompt_encoder.embed(torch.from_numpy(ids[p])), prompts),
+            "torch (MiniLM, eager)": _median_ms(lambda p: enc.embed(torch.from_numpy(ids[p])), prompts),
             "onnxruntime (prompt_encoder graph)": _median_ms(lambda p: encode(rt, ids[p]), prompts),
         }
     with tempfile.TemporaryDirectory() as cache:

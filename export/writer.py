@@ -36,6 +36,7 @@ from ntm_edge.runtime import specs as S
 from ntm_edge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, is_bundle, owned_files, seal
 from ntm_edge.runtime.session import Runtime
 from ntm_edge.sampling import NOISE_BATCH
+from ntm_edge.text_tokenizer import encoder_files
 
 from .graphs import graph_modules
 from .parity import max_abs, random_inputs, real_parity, real_trajectories, torch_outputs
@@ -84,7 +85,7 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
                 _export_graph(modules[name], spec, example, tmp / f"{name}.{PRECISION}.onnx", opset)
                 bar.advance(task)
         if cfg.prompt.kind != "label":  # the runtime tokenises with the very tokenizer the model was trained with
-            shutil.copyfile(model.prompt_encoder.tokenizer_file, tmp / B.TOKENIZER)
+            shutil.copyfile(encoder_files().tokenizer, tmp / B.TOKENIZER)
         bundle = Bundle(tmp, manifest, cfg, graph_specs)
         if parity:
             manifest["parity"] = check_parity(bundle, model, modules, checkpoint, seed, log)

@@ -63,7 +63,7 @@ def class_names_for(name: str) -> tuple[str, ...]:
 def caption(name: str, rng: np.random.Generator, templates: Sequence[str] = TEMPLATES) -> str:
     """One random caption of the class ``name``: a random template with a random one of its names."""
     names = class_names_for(name)
-    return templates[rng.integers(len(templates))].format(name=names[rng.integers(len(names))])
+    return templates[int(rng.integers(len(templates)))].format(name=names[int(rng.integers(len(names)))])
 
 
 def all_captions(class_names: Sequence[str], templates: Sequence[str] = TEMPLATES) -> list[list[str]]:

@@ -77,6 +77,7 @@ class Denoiser(nn.Module):
     def __init__(self, cfg: DenoiserConfig):
         super().__init__()
         self.config = cfg
+        self.prompt_encoder: nn.Module
         if cfg.prompt_kind == "label":
             self.prompt_encoder = LabelEncoder(cfg.num_prompt_tokens, cfg.prompt_dim)
         else:
@@ -91,6 +92,14 @@ class Denoiser(nn.Module):
         """u_t0 (B, C, H, W), ids/mask (B, P) -> x0 (B, C, H, W)."""
         t = torch.full((u_t0.shape[0],), self.config.t0, device=u_t0.device)
         return self.net(u_t0, (t,), self.prompt_encoder(ids), mask)[0]
+
+
+def denoiser_config(model: NTM) -> DenoiserConfig:
+    """The default denoiser of ``model``: its image shape, sampler level t0 and T, and its prompt encoder."""
+    cfg = model.config
+    return DenoiserConfig(image_size=cfg.image_size, channels=cfg.channels,
+                          num_prompt_tokens=len(cfg.prompt.class_names) + 1, t0=cfg.t_min_sample, steps=cfg.steps,
+                          prompt_dim=cfg.prompt.dim, prompt_kind=cfg.prompt.kind, max_tokens=cfg.prompt.max_tokens)
 
 
 def has_denoiser(checkpoint) -> bool:
@@ -190,10 +199,7 @@ def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: floa
     torch.manual_seed(seed)
     images = torch.from_numpy(data.images).to(device)
     labels = torch.from_numpy(data.labels).to(device)
-    dcfg = DenoiserConfig(image_size=cfg.image_size, channels=cfg.channels,
-                          num_prompt_tokens=getattr(model.vocab, "num_tokens", 1), t0=cfg.t_min_sample,
-                          steps=cfg.steps, prompt_dim=cfg.prompt.dim, prompt_kind=cfg.prompt.kind,
-                          max_tokens=cfg.prompt.max_tokens)
+    dcfg = denoiser_config(model)
     den = Denoiser(dcfg).to(device)
     problem = output_dir_problem(Path(checkpoint), 2 * sum(t.numel() * t.element_size() for t in den.state_dict().values()))
     if problem:

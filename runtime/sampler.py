@@ -86,16 +86,21 @@ def encode_cached(rt: Runtime, ids: np.ndarray, timer: StageTimer) -> np.ndarray
             return encode(rt, ids)
     start = time.perf_counter()
     cache = PromptCache(encoder_sha256)
-    E = rt.bundle.config.prompt.dim
-    rows = [cache.get(r, (ids.shape[1], E)) for r in ids]
-    missing = [i for i, r in enumerate(rows) if r is None]
+    (B, P), E = ids.shape, rt.bundle.config.prompt.dim
+    emb = np.zeros((B, P, E), dtype=np.float32)
+    missing = []
+    for i, row in enumerate(ids):
+        hit = cache.get(row, (P, E))
+        if hit is None:
+            missing.append(i)
+        else:
+            emb[i] = hit
     if missing:
-        fresh = encode(rt, ids[missing])  # (M, P, E)
-        for i, e in zip(missing, fresh, strict=True):
-            rows[i] = e
-            cache.put(ids[i], e)
+        emb[missing] = encode(rt, ids[missing])  # (M, P, E)
+        for i in missing:
+            cache.put(ids[i], emb[i])
     timer.add("text encoder" if missing else "text encoder (cache hit)", time.perf_counter() - start)
-    return np.stack(rows)
+    return emb
 
 
 def predict(rt: Runtime, u_t, t: float, s: float, steps: int, emb, null_emb, mask, guidance: float,

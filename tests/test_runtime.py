@@ -312,15 +312,18 @@ def test_gaussian_model_without_transporter_or_denoiser(tmp_path):
         generate(rt, ["1"], final="denoiser")
 
 
-NO_TORCH = r"""
+FORBID_IMPORTS = r"""
 import sys
 
-class NoTorch:
+class Forbidden:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("torch", "transformers"):
             raise ImportError(f"the runtime must not import {name}")
 
-sys.meta_path.insert(0, NoTorch())
+sys.meta_path.insert(0, Forbidden())
+"""
+
+NO_TORCH = FORBID_IMPORTS + r"""
 from ntm_edge.cli import app
 bundle, out = sys.argv[1], sys.argv[2]
 common = ["--bundle", bundle, "--prompt", "4", "--num", "3", "--threads", "1"]

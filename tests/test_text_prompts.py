@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_runtime import FORBID_IMPORTS
 from typer.testing import CliRunner
 
 from ntm_edge.captions import HELDOUT_PARAPHRASES, TEMPLATES, all_captions, caption_table
@@ -186,15 +187,7 @@ def test_text_denoiser_shares_the_encoder(trained_text_tiny, tmp_path, cache_dir
     assert r.exit_code == 0, r.output
 
 
-NO_TORCH_TEXT = r"""
-import sys
-
-class Forbidden:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers"):
-            raise ImportError(f"the runtime must not import {name}")
-
-sys.meta_path.insert(0, Forbidden())
+NO_TORCH_TEXT = FORBID_IMPORTS + r"""
 from ntm_edge.cli import app
 bundle, out = sys.argv[1], sys.argv[2]
 for prompt in ("a handwritten four", ""):  # each measured run follows a warm-up run: its prompts hit the cache
