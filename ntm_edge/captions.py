@@ -73,8 +73,8 @@ def all_captions(class_names: Sequence[str], templates: Sequence[str] = TEMPLATE
 
 @dataclass(frozen=True)
 class CaptionTable:
-    """Every caption of every class, tokenised once: rows start[k] .. start[k] + count[k] - 1 of
-    ids / mask (N, P) are the captions of class k."""
+    """Every caption of every owner (a class, or an image of a dataset with its own captions),
+    tokenised once: rows start[k] .. start[k] + count[k] - 1 of ids / mask (N, P) are owner k's."""
 
     ids: np.ndarray
     mask: np.ndarray
@@ -82,10 +82,10 @@ class CaptionTable:
     count: np.ndarray  # (K,) int64
 
 
-def caption_table(vocab, class_names: Sequence[str], templates: Sequence[str] = TEMPLATES) -> CaptionTable:
-    """``all_captions`` through ``vocab.tokenize``: what a caption-trained model draws its prompts from."""
-    per_class = all_captions(class_names, templates)
-    count = np.array([len(c) for c in per_class], dtype=np.int64)
+def caption_table(vocab, per_owner: Sequence[Sequence[str]]) -> CaptionTable:
+    """Captions per owner (``all_captions(class_names)``, or a dataset's per image) through
+    ``vocab.tokenize``: what a caption-trained model draws its prompts from."""
+    count = np.array([len(c) for c in per_owner], dtype=np.int64)
     start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-    ids, mask = vocab.tokenize([c for captions in per_class for c in captions])
+    ids, mask = vocab.tokenize([c for captions in per_owner for c in captions])
     return CaptionTable(ids, mask, start, count)

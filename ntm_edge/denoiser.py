@@ -223,7 +223,9 @@ def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: floa
                 check_stop()
 
             u0, x_den, _ = build_targets(model, images, labels, dcfg.t0, trajectories, g, progress=built)
-            draw_prompts = prompt_sampler(model, labels.repeat(trajectories), data.class_names, cfg.prompt_dropout, g)
+            captions = data.captions * trajectories if data.captions is not None else None  # targets' order
+            draw_prompts = prompt_sampler(model, labels.repeat(trajectories), data.class_names, cfg.prompt_dropout, g,
+                                          captions)
             log(f"built {len(u0)} score-denoised targets in {time.time() - start:.0f} s")
             task = bar.add_task("denoiser", total=steps, info="")
             loss_avg = None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .captions import caption_table
+from .captions import all_captions, caption_table
 from .checkpoint import check_tensors, is_checkpoint, load_config, load_train_state, save_training_checkpoint
 from .config import OBJECTIVES, PRESET_MODES, PRESET_TEXT_ENCODERS, NTMConfig, get_preset
 from .data import load_dataset
@@ -103,11 +103,13 @@ def _init_from_fm(model: NTM, fm_dir) -> NTM:
     return teacher
 
 
-def prompt_sampler(model: NTM, labels: torch.Tensor, class_names, dropout: float, g: torch.Generator):
+def prompt_sampler(model: NTM, labels: torch.Tensor, class_names, dropout: float, g: torch.Generator,
+                   captions=None):
     """-> draw(idx) -> ids, mask (B, P): the training prompts of examples ``idx``, '' with probability
     ``dropout`` (classifier-free guidance). A label model reads its class token; a text model a fresh
-    caption per example per step (a template and a class name drawn with ``g``, so --resume stays
-    bit-exact) from the table of all captions, tokenised once (the encoder embeds each one once)."""
+    caption per example per step (drawn with ``g``, so --resume stays bit-exact) from the table of all
+    captions, tokenised once (the encoder embeds each one once): the dataset's own ``captions`` (per
+    example) when it has them, else the templates filled with the example's class name."""
     device = labels.device
     null_ids, null_mask = model.null_prompt(1)
     if model.config.prompt.kind == "label":
@@ -119,18 +121,22 @@ def prompt_sampler(model: NTM, labels: torch.Tensor, class_names, dropout: float
             return ids, torch.ones_like(ids, dtype=torch.bool)
 
         return draw_label
-    table = caption_table(model.vocab, class_names)
+    own = captions is not None  # owner of a table row: the example itself, or its class
+    table = caption_table(model.vocab, captions if own else all_captions(class_names))
+    owner = torch.arange(len(labels), device=device) if own else labels
     ids_t, mask_t = (torch.from_numpy(a).to(device) for a in (table.ids, table.mask))  # (N, P)
     start, count = (torch.from_numpy(a).to(device) for a in (table.start, table.count))  # (K,)
-    # embed every caption and '' now, in one batch: the encoder's float results depend on the batch a
-    # row is embedded in, so embedding rows as steps first draw them would break bit-exact --resume
-    model.prompt_encoder(torch.cat([ids_t, null_ids.to(device)]))
+    # embed every distinct caption and '' now, in fixed chunks: the encoder's float results depend on
+    # the batch a row is embedded in, so embedding rows as steps first draw them would break --resume
+    distinct = torch.unique(torch.cat([ids_t, null_ids.to(device)]), dim=0)  # sorted: the same in every run
+    for i in range(0, len(distinct), 256):
+        model.prompt_encoder(distinct[i : i + 256])
 
     def draw_caption(idx):
         drop = torch.rand(len(idx), generator=g, device=device) < dropout
-        lab = labels[idx]
+        k = owner[idx]
         pick = torch.rand(len(idx), generator=g, device=device)
-        row = start[lab] + (pick * count[lab]).long().clamp_max(count[lab] - 1)  # (B,)
+        row = start[k] + (pick * count[k]).long().clamp_max(count[k] - 1)  # (B,)
         ids = torch.where(drop[:, None], null_ids.to(device), ids_t[row])  # (B, P)
         return ids, torch.where(drop[:, None], null_mask.to(device), mask_t[row])
 
@@ -256,7 +262,7 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
 
     images = torch.from_numpy(data.images).to(device)  # (N, H, W, C) uint8
     draw_prompts = prompt_sampler(model, torch.from_numpy(data.labels).to(device), data.class_names,
-                                  config.prompt_dropout, g)
+                                  config.prompt_dropout, g, data.captions)
     loss_fn = loss_function(config.objective, mode)
     unit = "mse" if config.objective == "fm" else "nats/dim"
     n_params = sum(p.numel() for p in model.parameters())

@@ -51,8 +51,8 @@ def test_checkpoint_says_minilm_and_holds_no_encoder(trained_text_tiny, text_mod
 
 def test_caption_table_rows_belong_to_their_class(text_model):
     names = text_model.config.prompt.class_names
-    table = caption_table(text_model.vocab, names)
     captions = all_captions(names)
+    table = caption_table(text_model.vocab, captions)
     assert table.ids.shape == (sum(map(len, captions)), 16) and (table.count == 2 * len(TEMPLATES)).all()
     for k in (0, 7):
         rows = table.ids[table.start[k] : table.start[k] + table.count[k]]
@@ -208,3 +208,65 @@ def test_runtime_text_bundle_imports_neither_torch_nor_transformers(text_bundle,
     assert r.returncode == 0 and "NO TORCH OK" in r.stdout, r.stdout + r.stderr
     assert "text encoder (cache hit)" in r.stdout
     assert np.load(tmp_path / "s.npy").shape == (2, 8, 8, 1)
+
+
+def _captioned_npz(path, n_per_class: int = 30):
+    """digits 0 and 1 (8x8) with captions of their own: two per image, none from the templates."""
+    from ntm_edge.data import load_dataset
+
+    d = load_dataset("digits")
+    keep = np.concatenate([np.flatnonzero(d.labels == k)[:n_per_class] for k in (0, 1)])
+    words = {0: ("a round loop", "an empty ring"), 1: ("a single upright stroke", "a thin vertical bar")}
+    caps = np.array([words[int(label)] for label in d.labels[keep]])  # (N, 2) strings
+    np.savez(path, images=d.images[keep], labels=d.labels[keep], captions=caps, class_names=np.array(["zero", "one"]))
+    return caps
+
+
+def test_npz_captions_are_loaded_split_and_drawn(tmp_path):
+    from ntm_edge import NTM
+    from ntm_edge.data import load_dataset
+    from ntm_edge.train import TrainArgs, prompt_sampler, train
+
+    caps = _captioned_npz(tmp_path / "c.npz")
+    train_set, test_set = load_dataset(f"npz:{tmp_path / 'c.npz'}"), load_dataset(f"npz:{tmp_path / 'c.npz'}", "test")
+    assert train_set.captions is not None and test_set.captions is not None
+    assert len(train_set.captions) + len(test_set.captions) == len(caps)
+    by_label = {0: ("a round loop", "an empty ring"), 1: ("a single upright stroke", "a thin vertical bar")}
+    assert all(c == by_label[int(k)] for c, k in zip(train_set.captions, train_set.labels, strict=True))
+    out = tmp_path / "run"
+    train(TrainArgs(dataset=f"npz:{tmp_path / 'c.npz'}", preset="tiny", steps=3, batch_size=8, out=str(out),
+                    text_encoder="minilm", eval_images=0), progress=False, log=lambda *_: None)
+    model = NTM.from_pretrained(out)
+    labels = torch.from_numpy(train_set.labels)
+    draw = prompt_sampler(model, labels, train_set.class_names, 0.0, torch.Generator().manual_seed(0), train_set.captions)
+    ids, _ = draw(torch.arange(len(labels)))
+    allowed = {tuple(r) for r in model.vocab.tokenize([c for pair in by_label.values() for c in pair])[0].tolist()}
+    drawn = {tuple(r) for r in ids.tolist()}
+    assert drawn == allowed  # only the dataset's captions, all four of them over 54 draws
+
+
+def test_folder_captions_and_their_errors(tmp_path):
+    from PIL import Image
+
+    from ntm_edge.data import load_dataset
+    from ntm_edge.errors import DataError
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / cls / f"{i}.png")
+    lines = [json.dumps({"file": f"{cls}/{i}.png", "captions": [f"{cls} number {i}"]}) for cls in "ab" for i in range(10)]
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines))
+    d = load_dataset(f"folder:{tmp_path}")
+    assert d.captions is not None and len(d.captions) == len(d)
+    assert all(c[0].startswith(d.class_names[k] + " number") for c, k in zip(d.captions, d.labels, strict=True))
+
+    def both_splits():  # b/9.png lies in one of them
+        return [load_dataset(f"folder:{tmp_path}", split) for split in ("train", "test")]
+
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines[:-1]))
+    with pytest.raises(DataError, match="has no captions for b/9.png"):
+        both_splits()
+    (tmp_path / "captions.jsonl").write_text(lines[0] + "\n" + json.dumps({"file": "a/1.png", "caption": " "}))
+    with pytest.raises(DataError, match="a caption is empty"):
+        both_splits()
