@@ -31,7 +31,6 @@ from ntm_edge.decoding import segment_bounds
 from ntm_edge.denoiser import has_denoiser, load_denoiser
 from ntm_edge.exits import sample_images
 from ntm_edge.model import NTM, Trajectory
-from ntm_edge.prompts import NULL_ID
 from ntm_edge.runtime.audit import trajectory_nll
 from ntm_edge.runtime.bundle import PRECISIONS, load_bundle
 from ntm_edge.runtime.inversion import invert
@@ -269,13 +268,14 @@ class Harness:
         if stage == "text_encoder":
             return Prepared(lambda: encode(rt, ids), 0)
         if stage in ("predictor_step", "loop"):
-            emb, null = encode(rt, ids), encode(rt, np.full_like(ids, NULL_ID))
+            null_ids, null_mask = rt.bundle.vocab.null(len(ids))
+            emb, null = encode(rt, ids), encode(rt, null_ids)
         if stage == "predictor_step":
-            return Prepared(lambda: predict(rt, inp.u_top, self.ts[-1], self.ts[-2], STEPS, emb, null, mask, 0.0),
+            return Prepared(lambda: predict(rt, inp.u_top, self.ts[-1], self.ts[-2], STEPS, emb, null, mask, 0.0, null_mask),
                             flops.predictor_step(cfg))
         if stage == "loop":
             return Prepared(lambda: sample_levels(rt, emb, null, mask, draw_noise(np.random.default_rng(0), batch, shape, STEPS),
-                                                  self.ts, 0.0, StageTimer()), flops.sampler_loop(cfg, STEPS))
+                                                  self.ts, 0.0, StageTimer(), null_mask), flops.sampler_loop(cfg, STEPS))
         if stage == "inverse_sequential":
             return Prepared(lambda: invert(rt, inp.u0, t0, STEPS, "sequential"), flops.inverse_sequential(cfg))
         if stage == "inverse_jacobi":

@@ -19,14 +19,19 @@ from ntm_edge.sampling import reverse_levels
 
 
 class PromptEncoderGraph(nn.Module):
-    """ids (B, P) -> prompt_emb (B, P, E)."""
+    """ids (B, P) -> prompt_emb (B, P, E): the label table, or the frozen MiniLM itself (its pure
+    ``TextPromptEncoder.embed``, without the cache), padding zeroed."""
 
     def __init__(self, model: NTM):
         super().__init__()
-        self.encoder = model.prompt_encoder
+        enc = model.prompt_encoder
+        self.encoder = enc
+        self.text = model.config.prompt.kind != "label"
+        if self.text:
+            self.minilm = enc.minilm  # a submodule here, so that its weights are traced as constants
 
     def forward(self, ids):
-        return self.encoder(ids)
+        return self.encoder.embed(ids) if self.text else self.encoder(ids)
 
 
 class PredictorStepGraph(nn.Module):
@@ -45,7 +50,7 @@ class SamplerLoopGraph(nn.Module):
     """Algorithm 2, steps 1-2, unrolled for T = model.config.steps, guided (C.5).
 
     u_top (B, C, H, W), noise (B, T, C, H, W), levels_t (T + 1,), prompt_emb, null_emb (B, P, E),
-    prompt_mask (B, P), guidance (1,) -> u_levels (B, T + 1, C, H, W), ordered t_0 .. t_T.
+    prompt_mask, null_mask (B, P), guidance (1,) -> u_levels (B, T + 1, C, H, W), ordered t_0 .. t_T.
     Every step runs the conditional and unconditional halves as one batch of 2B (as ``NTM.predict``);
     guidance = 0 gives the conditional model exactly (no branch on its value).
     """
@@ -54,10 +59,10 @@ class SamplerLoopGraph(nn.Module):
         super().__init__()
         self.predictor, self.steps = model.predictor, model.config.steps
 
-    def forward(self, u_top, noise, levels_t, prompt_emb, null_emb, prompt_mask, guidance):
+    def forward(self, u_top, noise, levels_t, prompt_emb, null_emb, prompt_mask, null_mask, guidance):
         B = u_top.shape[0]
         ones = torch.ones_like(u_top[:, 0, 0, 0]).repeat(2)  # (2B,)
-        emb, mask = torch.cat([prompt_emb, null_emb]), torch.cat([prompt_mask, prompt_mask])  # (2B, P, ...)
+        emb, mask = torch.cat([prompt_emb, null_emb]), torch.cat([prompt_mask, null_mask])  # (2B, P, ...)
 
         def predict(u, t, s):
             mu, ls, _ = self.predictor(torch.cat([u, u]), ones * t, ones * s, ones * float(self.steps), emb, mask)

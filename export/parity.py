@@ -10,9 +10,11 @@ import numpy as np
 import torch
 
 from ntm_edge import schedule
+from ntm_edge.captions import HELDOUT_PARAPHRASES, TEMPLATES, all_captions
 from ntm_edge.errors import NtmError
 from ntm_edge.model import NTM, Trajectory
 from ntm_edge.numerics import dequantize, patchify, unpatchify
+from ntm_edge.prompts import TextVocab
 from ntm_edge.runtime import inversion, specs
 from ntm_edge.runtime.session import NUMPY_DTYPES, Runtime
 from ntm_edge.runtime.specs import GraphSpec
@@ -28,9 +30,11 @@ def random_inputs(spec: GraphSpec, config, batch: int, rng: np.random.Generator)
     tc = config.transporter
     for t in spec.inputs:
         shape = t.resolve({"batch": batch})
-        if t.name == "ids":
+        if t.name == "ids" and config.prompt.kind != "label":
+            v = random_text_ids(shape, rng)
+        elif t.name == "ids":
             v = rng.integers(0, num_tokens, shape)
-        elif t.name == "prompt_mask":
+        elif t.name in ("prompt_mask", "null_mask"):
             v = np.ones(shape, dtype=bool)
         elif t.name == "t":
             v = rng.uniform(config.t_min_sample, 1.0, shape)
@@ -49,6 +53,16 @@ def random_inputs(spec: GraphSpec, config, batch: int, rng: np.random.Generator)
             v = rng.standard_normal(shape)
         out[t.name] = np.asarray(v).astype(NUMPY_DTYPES[t.dtype])
     return out
+
+
+def random_text_ids(shape, rng: np.random.Generator) -> np.ndarray:
+    """Word-piece ids (B, P) as the tokenizer lays them out: [CLS] (101), 1 .. P - 2 random word pieces
+    (ids 999 .. 30521), [SEP] (102), then [PAD] (0)."""
+    B, P = shape
+    ids = np.zeros((B, P), dtype=np.int64)
+    for i, n in enumerate(rng.integers(1, P - 1, B)):
+        ids[i, 0], ids[i, 1 : n + 1], ids[i, n + 1] = 101, rng.integers(999, 30522, n), 102
+    return ids
 
 
 @torch.no_grad()
@@ -82,11 +96,20 @@ def real_trajectories(model: NTM, checkpoint, n: int = 16, seed: int = 0):
         x0 = dequantize(torch.from_numpy(data.images[:n]), g)
         ids = torch.from_numpy(model.vocab.ids_for_labels(data.labels[:n]))
         return model.forward_trajectory(x0, cfg.steps, generator=g), ids, f"held-out images of {dataset}"
-    ids = torch.arange(n)[:, None] % model.vocab.num_tokens
-    u, ts = model.sample_levels(ids, torch.ones_like(ids, dtype=torch.bool), cfg.steps, np.random.default_rng(seed),
+    ids = torch.from_numpy(model.vocab.ids_for_labels(np.arange(n) % len(cfg.prompt.class_names)))
+    u, ts = model.sample_levels(ids, model.vocab.mask_of(ids), cfg.steps, np.random.default_rng(seed),
                                 0.0, cfg.t_min_sample)
     with torch.no_grad():
         return invert_levels(model, u, ts), ids, "the model's own samples"
+
+
+def parity_prompt_ids(vocab) -> np.ndarray:
+    """The real prompts a prompt encoder is checked on: every label id, or for a text model the
+    training templates and the held-out paraphrases of every class, and ''."""
+    if not isinstance(vocab, TextVocab):
+        return np.arange(vocab.num_tokens)[:, None]
+    prompts = [c for per_class in all_captions(vocab.class_names, TEMPLATES + HELDOUT_PARAPHRASES) for c in per_class]
+    return vocab.tokenize(sorted(set(prompts)) + [""])[0]
 
 
 @torch.no_grad()
@@ -113,7 +136,8 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
     x = traj.x.reshape(B * K, *shape)  # every level of every trajectory
     t = traj.t.reshape(B * K)
     steps_all = torch.full((B * K,), float(T))
-    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask = model.vocab.mask_of(ids)
+    null_ids, null_mask = model.null_prompt(len(ids))
     result = {}
 
     def check(name: str, inputs: dict):
@@ -123,8 +147,7 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
         ref = torch_outputs(modules[name], spec, inputs)
         result[name] = max_abs(rt[name](**inputs), ref)
 
-    all_ids = torch.arange(model.vocab.num_tokens)[:, None]
-    check(specs.PROMPT_ENCODER, {"ids": all_ids})
+    check(specs.PROMPT_ENCODER, {"ids": torch.from_numpy(parity_prompt_ids(model.vocab))})
     u, _ = model.transporter(x, t, T)
     u = u.reshape(B, K, *shape)
     emb = model.prompt_encoder(ids)
@@ -136,8 +159,9 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
     check(specs.SAMPLER_LOOP, {"u_top": rng.standard_normal((B, *shape), dtype=np.float32),
                                "noise": rng.standard_normal((B, T, *shape), dtype=np.float32),
                                "levels_t": schedule.time_grid(T, cfg.t_min_sample, cfg.shift).astype(np.float32),
-                               "prompt_emb": emb, "null_emb": model.prompt_encoder(torch.zeros_like(ids)),
-                               "prompt_mask": mask, "guidance": np.array([1.0], dtype=np.float32)})
+                               "prompt_emb": emb, "null_emb": model.prompt_encoder(null_ids),
+                               "prompt_mask": mask, "null_mask": null_mask,
+                               "guidance": np.array([1.0], dtype=np.float32)})
     if len(model.transporter.blocks):
         check(specs.TRANSPORTER_FORWARD, {"x": x, "t": t, "steps": steps_all})
         for i, (h_in, h_out) in enumerate(block_io(model, x, t, T)):

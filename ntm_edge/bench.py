@@ -121,7 +121,7 @@ def untrained_checkpoint(preset: str, path: Path, seed: int = 0) -> Path:
     import torch
 
     from .config import get_preset
-    from .denoiser import Denoiser, DenoiserConfig, save_denoiser
+    from .denoiser import Denoiser, denoiser_config, save_denoiser
     from .model import NTM
 
     torch.manual_seed(seed)
@@ -131,9 +131,7 @@ def untrained_checkpoint(preset: str, path: Path, seed: int = 0) -> Path:
         for p in model.transporter.parameters():
             p.add_(torch.randn(p.shape, generator=g) * PERTURB)
     model.save_pretrained(path)
-    cfg = model.config
-    den = Denoiser(DenoiserConfig(image_size=cfg.image_size, channels=cfg.channels, num_prompt_tokens=model.vocab.num_tokens,
-                                  t0=cfg.t_min_sample, steps=cfg.steps, prompt_dim=cfg.prompt.dim))
+    den = Denoiser(denoiser_config(model))
     save_denoiser(den.eval(), path, {"trained": None, "note": "untrained, for timing only"})
     return Path(path)
 

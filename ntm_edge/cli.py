@@ -72,6 +72,8 @@ def train(
     seed: Annotated[int, typer.Option(help="seed of all training randomness")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
     eval_images: Annotated[int, typer.Option(help="held-out images scored at the end (0: none)")] = 500,
+    text_encoder: Annotated[str, typer.Option(help="minilm (free-form text) | labels (class names); "
+                                              "default: minilm for small and base, labels for tiny")] = "",
 ):
     """Train an NTM by its exact trajectory likelihood (or a baseline on the same backbone)."""
     validate.learning_rate(lr)
@@ -84,12 +86,13 @@ def train(
                      mode=mode or None, objective=objective, init_from=str(init_from) if init_from else None,
                      align_weight=align_weight, time_budget=time_budget, x0_mse_weight=x0_mse_weight, lr=lr,
                      device=device, seed=seed, checkpoint_every=checkpoint_every,
-                     eval_images=eval_images)
+                     eval_images=eval_images, text_encoder=text_encoder or None)
     run(args, resume=resume, progress=sys.stderr.isatty(), log=_log)
 
 
 # Options of both `sample` (torch) and `run` (the runtime): one definition, one help text each.
-Prompt = Annotated[str, typer.Option(help="class name, e.g. '3' or 'three'; '' for unconditional")]
+Prompt = Annotated[str, typer.Option(help="class name ('3', 'three'), or free text for a text model "
+                                          "('a handwritten seven'); '' for unconditional")]
 NumImages = Annotated[int, typer.Option(help="number of images")]
 Steps = Annotated[int, typer.Option(help=_STEPS)]
 Seed = Annotated[int, typer.Option(help="noise seed (the same seed draws the same images in `sample` and `run`)")]

@@ -52,17 +52,26 @@ class PredictorConfig:
     mlp_ratio: int = 4
 
 
+PROMPT_KINDS = ("label", "minilm")
+MINILM_DIM = 384  # all-MiniLM-L6-v2's token states
+
+
 @dataclass(frozen=True)
 class PromptConfig:
-    """The prompt encoder: ``label`` maps a class name to one learned token."""
+    """The prompt encoder: ``label`` maps a class name to one learned token (P = 1); ``minilm`` reads
+    free-form text through the frozen all-MiniLM-L6-v2 (P = ``max_tokens`` word pieces, dim 384)."""
 
     kind: str = "label"
     class_names: tuple[str, ...] = ()
     dim: int = 64
+    max_tokens: int = 16  # minilm only: [CLS] + word pieces + [SEP], padded to this length
 
     def validate(self) -> PromptConfig:
-        if self.kind != "label":
-            raise ConfigError(f"unknown prompt encoder {self.kind!r}; this ntm-edge has 'label'")
+        if self.kind not in PROMPT_KINDS:
+            raise ConfigError(f"unknown prompt encoder {self.kind!r}; choose one of: {', '.join(PROMPT_KINDS)}")
+        if self.kind == "minilm" and self.dim != MINILM_DIM:
+            raise ConfigError(f"prompt.dim of a minilm model is the encoder's width {MINILM_DIM}, got {self.dim!r}")
+        _need_int("prompt.max_tokens", self.max_tokens, 3)
         names = self.class_names
         if not isinstance(names, tuple) or not all(isinstance(n, str) and n.strip() for n in names):
             raise ConfigError(f"prompt.class_names must be non-empty strings, got {names!r}")
@@ -105,6 +114,13 @@ class NTMConfig:
     def with_data(self, channels: int, class_names: tuple[str, ...]) -> NTMConfig:
         prompt = dataclasses.replace(self.prompt, class_names=tuple(class_names))
         return dataclasses.replace(self, channels=channels, prompt=prompt)
+
+    def with_text_encoder(self, kind: str) -> NTMConfig:
+        """This config with the prompt encoder ``kind`` ("label" keeps the preset's learned width)."""
+        if kind not in PROMPT_KINDS:
+            raise ConfigError(f"unknown text encoder {kind!r}; choose one of: labels, minilm")
+        dim = MINILM_DIM if kind == "minilm" else self.prompt.dim
+        return dataclasses.replace(self, prompt=dataclasses.replace(self.prompt, kind=kind, dim=dim))
 
     def for_objective(self, objective: str) -> NTMConfig:
         """This architecture as the full NTM or as one of its baselines."""
@@ -244,6 +260,9 @@ PRESETS: dict[str, NTMConfig] = {
         prompt=PromptConfig(dim=256),
     ),
 }
+
+# the prompt encoder each preset trains with unless told (``ntm-edge train --text-encoder``)
+PRESET_TEXT_ENCODERS = {"tiny": "label", "small": "minilm", "base": "minilm"}
 
 # the training mode each preset was sized for
 PRESET_MODES = {"tiny": "end2end", "small": "pairwise", "base": "pairwise"}

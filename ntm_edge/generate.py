@@ -43,7 +43,7 @@ def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int =
         sample_images = functools.partial(sample_images_gpu, log=log)
     model = NTM.from_pretrained(checkpoint, device=device)
     cfg = model.config
-    model.vocab.token_id(prompt)  # an unknown prompt fails here, before any work
+    model.vocab.check(prompt)  # an unknown prompt fails here, before any work
     notes: list[str] = []
     denoiser = load_denoiser(checkpoint, device=device) if has_denoiser(checkpoint) else None
     final = validate.exit_for_steps(final, steps, denoiser.config.steps if denoiser else None, notes.append)

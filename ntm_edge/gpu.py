@@ -256,7 +256,7 @@ class GraphSampler:
     def sample(self, prompts: Sequence[str], seed: int = 0) -> np.ndarray:
         """One image per prompt -> uint8 (N, H, W, C), the noise of ``exits.sample_images`` for ``seed``."""
         for p in set(prompts):
-            self.model.vocab.token_id(p)  # an unknown prompt fails before any work
+            self.model.vocab.check(p)  # an unknown prompt fails before any work
         rng = np.random.default_rng(seed)
         out = []
         for c in range(0, len(prompts), NOISE_CHUNK):

@@ -22,7 +22,7 @@ from . import schedule
 from .config import NTMConfig
 from .numerics import guided_gaussian
 from .predictor import Predictor
-from .prompts import NULL_ID, LabelVocab
+from .prompts import make_vocab
 from .sampling import draw_noise, reverse_levels
 from .transporter import Transporter
 
@@ -51,12 +51,21 @@ class LabelEncoder(nn.Module):
         return self.embed(ids)
 
 
+def make_prompt_encoder(prompt_config, vocab) -> nn.Module:
+    """ids (B, P) -> prompt tokens (B, P, E): a learned table for labels, the frozen MiniLM for text."""
+    if prompt_config.kind == "label":
+        return LabelEncoder(vocab.num_tokens, prompt_config.dim)
+    from .text_prompts import TextPromptEncoder
+
+    return TextPromptEncoder(prompt_config.max_tokens)
+
+
 class NTM(nn.Module):
     def __init__(self, config: NTMConfig):
         super().__init__()
         self.config = config.validate()
-        self.vocab = LabelVocab(config.prompt.class_names)
-        self.prompt_encoder = LabelEncoder(self.vocab.num_tokens, config.prompt.dim)
+        self.vocab = make_vocab(config.prompt)
+        self.prompt_encoder = make_prompt_encoder(config.prompt, self.vocab)
         self.transporter = Transporter(config.transporter, config.channels, config.image_size)
         self.predictor = Predictor(config.predictor, config.channels, config.image_size, config.prompt.dim)
 
@@ -83,9 +92,14 @@ class NTM(nn.Module):
         """Prompts (list of str) or ids (B, P) -> ids (B, P), mask (B, P) on the model's device."""
         if isinstance(prompts, torch.Tensor):
             ids = prompts.to(self.device).long()
-            return ids, torch.ones_like(ids, dtype=torch.bool)
+            return ids, self.vocab.mask_of(ids)
         ids_np, mask_np = self.vocab.tokenize(list(prompts))
         return torch.from_numpy(ids_np).to(self.device), torch.from_numpy(mask_np).to(self.device)
+
+    def null_prompt(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional prompt n times: ids, mask (n, P) on the model's device."""
+        ids, mask = self.vocab.null(n)
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     # -- trajectories and their likelihood --------------------------------------------------------
 
@@ -149,10 +163,10 @@ class NTM(nn.Module):
         if guidance == 0.0:
             mu, ls, _ = self.predictor(u_t, full(t), full(s), full(T), emb, mask)
             return mu, ls
-        null = self.prompt_encoder(torch.full_like(ids, NULL_ID))
+        null_ids, null_mask = self.null_prompt(B)
         mu, ls, _ = self.predictor(
             torch.cat([u_t, u_t]), full(t).repeat(2), full(s).repeat(2), full(T).repeat(2),
-            torch.cat([emb, null]), torch.cat([mask, mask]),
+            torch.cat([emb, self.prompt_encoder(null_ids)]), torch.cat([mask, null_mask]),
         )  # one pass over 2B: conditional then unconditional
         return guided_gaussian(mu[:B], ls[:B], mu[B:], ls[B:], guidance)
 
@@ -185,11 +199,12 @@ class NTM(nn.Module):
         B = ids.shape[0]
         ts = schedule.time_grid(steps, 0.0, self.config.shift)
         (x,) = self.noise(rng, B, 0)
-        emb, null = self.prompt_encoder(ids), self.prompt_encoder(torch.full_like(ids, NULL_ID))
+        null_ids, null_mask = self.null_prompt(B)
+        emb, null = self.prompt_encoder(ids), self.prompt_encoder(null_ids)
         for k in range(steps, 0, -1):
             t = torch.full((B,), float(ts[k]), device=x.device)
             v = self.predictor.velocity(x, t, emb, mask)
             if guidance:
-                v = (1 + guidance) * v - guidance * self.predictor.velocity(x, t, null, mask)
+                v = (1 + guidance) * v - guidance * self.predictor.velocity(x, t, null, null_mask)
             x = x - float(ts[k] - ts[k - 1]) * v
         return x

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .captions import all_captions, caption_table
 from .checkpoint import (
     check_tensors,
     finish_interrupted,
@@ -32,7 +33,7 @@ from .checkpoint import (
     load_train_state,
     save_training_checkpoint,
 )
-from .config import OBJECTIVES, PRESET_MODES, NTMConfig, get_preset
+from .config import OBJECTIVES, PRESET_MODES, PRESET_TEXT_ENCODERS, NTMConfig, get_preset
 from .data import load_dataset
 from .errors import CheckpointError, ConfigError, NtmError
 from .evaluate import heldout_likelihood
@@ -41,9 +42,9 @@ from .interrupts import Interrupted, StopSignals, signal_name
 from .losses import loss_function
 from .model import NTM
 from .numerics import dequantize
-from .prompts import NULL_ID
 
 MODES = ("end2end", "pairwise")
+TEXT_ENCODERS = {"minilm": "minilm", "labels": "label"}  # --text-encoder -> PromptConfig.kind
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class TrainArgs:
     checkpoint_every: int = 500
     time_budget: float | None = None  # stop after this many seconds of training (equal-budget comparisons)
     eval_images: int = 500  # held-out images scored at the end (0: skip)
+    text_encoder: str | None = None  # "minilm" | "labels" (None: the preset's, config.PRESET_TEXT_ENCODERS)
 
     def validate(self) -> TrainArgs:
         if self.mode is not None and self.mode not in MODES:
@@ -82,6 +84,8 @@ class TrainArgs:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
         get_preset(self.preset)
+        if self.text_encoder not in (None, *TEXT_ENCODERS):
+            raise ConfigError(f"unknown --text-encoder {self.text_encoder!r}; choose one of: {', '.join(TEXT_ENCODERS)}")
         return self
 
 
@@ -104,6 +108,46 @@ def _init_from_fm(model: NTM, fm_dir) -> NTM:
     for name in ("predictor", "prompt_encoder"):
         getattr(model, name).load_state_dict(getattr(teacher, name).state_dict())
     return teacher
+
+
+def prompt_sampler(model: NTM, labels: torch.Tensor, class_names, dropout: float, g: torch.Generator,
+                   captions=None):
+    """-> draw(idx) -> ids, mask (B, P): the training prompts of examples ``idx``, '' with probability
+    ``dropout`` (classifier-free guidance). A label model reads its class token; a text model a fresh
+    caption per example per step (drawn with ``g``, so --resume stays bit-exact) from the table of all
+    captions, tokenised once (the encoder embeds each one once): the dataset's own ``captions`` (per
+    example) when it has them, else the templates filled with the example's class name."""
+    device = labels.device
+    null_ids, null_mask = model.null_prompt(1)
+    if model.config.prompt.kind == "label":
+        ids_all = labels + 1  # label k -> prompt id k + 1
+
+        def draw_label(idx):
+            drop = torch.rand(len(idx), generator=g, device=device) < dropout
+            ids = torch.where(drop, null_ids[0, 0], ids_all[idx])[:, None]  # (B, 1)
+            return ids, torch.ones_like(ids, dtype=torch.bool)
+
+        return draw_label
+    own = captions is not None  # owner of a table row: the example itself, or its class
+    table = caption_table(model.vocab, captions if own else all_captions(class_names))
+    owner = torch.arange(len(labels), device=device) if own else labels
+    ids_t, mask_t = (torch.from_numpy(a).to(device) for a in (table.ids, table.mask))  # (N, P)
+    start, count = (torch.from_numpy(a).to(device) for a in (table.start, table.count))  # (K,)
+    # embed every distinct caption and '' now, in fixed chunks: the encoder's float results depend on
+    # the batch a row is embedded in, so embedding rows as steps first draw them would break --resume
+    distinct = torch.unique(torch.cat([ids_t, null_ids.to(device)]), dim=0)  # sorted: the same in every run
+    for i in range(0, len(distinct), 256):
+        model.prompt_encoder(distinct[i : i + 256])
+
+    def draw_caption(idx):
+        drop = torch.rand(len(idx), generator=g, device=device) < dropout
+        k = owner[idx]
+        pick = torch.rand(len(idx), generator=g, device=device)
+        row = start[k] + (pick * count[k]).long().clamp_max(count[k] - 1)  # (B,)
+        ids = torch.where(drop[:, None], null_ids.to(device), ids_t[row])  # (B, P)
+        return ids, torch.where(drop[:, None], null_mask.to(device), mask_t[row])
+
+    return draw_caption
 
 
 def _ema_update(ema: NTM, model: NTM, decay: float) -> None:
@@ -206,7 +250,8 @@ def _train(args: TrainArgs, resume: bool, progress: bool, log, log_every: int, s
     image_size = config.image_size if config else preset.image_size
     data = load_dataset(args.dataset, "train", image_size=image_size, seed=0)
     if config is None:
-        config = preset.with_data(data.channels, data.class_names).for_objective(args.objective)
+        kind = TEXT_ENCODERS[args.text_encoder] if args.text_encoder else PRESET_TEXT_ENCODERS[args.preset]
+        config = preset.with_data(data.channels, data.class_names).with_text_encoder(kind).for_objective(args.objective)
         if args.x0_mse_weight is not None:
             config = dataclasses.replace(config, x0_mse_weight=args.x0_mse_weight)
     if config.prompt.class_names != data.class_names:
@@ -233,7 +278,8 @@ def _train(args: TrainArgs, resume: bool, progress: bool, log, log_every: int, s
         raise NtmError(problem)
 
     images = torch.from_numpy(data.images).to(device)  # (N, H, W, C) uint8
-    ids_all = torch.from_numpy(data.labels + 1).to(device)  # label k -> prompt id k + 1
+    draw_prompts = prompt_sampler(model, torch.from_numpy(data.labels).to(device), data.class_names,
+                                  config.prompt_dropout, g, data.captions)
     loss_fn = loss_function(config.objective, mode)
     unit = "mse" if config.objective == "fm" else "nats/dim"
     n_params = sum(p.numel() for p in model.parameters())
@@ -256,9 +302,7 @@ def _train(args: TrainArgs, resume: bool, progress: bool, log, log_every: int, s
                     break
                 idx = torch.randint(len(images), (args.batch_size,), generator=g, device=device)
                 x0 = dequantize(images[idx], g)
-                drop = torch.rand(args.batch_size, generator=g, device=device) < config.prompt_dropout
-                ids = torch.where(drop, NULL_ID, ids_all[idx])[:, None]  # (B, 1)
-                mask = torch.ones_like(ids, dtype=torch.bool)
+                ids, mask = draw_prompts(idx)  # (B, P)
                 losses = loss_fn(model, x0, ids, mask, g, teacher)
                 loss = losses.total(config.x0_mse_weight, _align_weight_at(args, step))
                 if not torch.isfinite(loss):

@@ -61,7 +61,7 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
         save_array_to = validate.array_path(save_array_to)
     threads = validate.threads(threads, warn=notes.append)
     rt = open_runtime(bundle, provider, threads, precision)
-    rt.bundle.vocab.token_id(prompt)  # an unknown prompt fails here, before any work
+    rt.bundle.vocab.check(prompt)  # an unknown prompt fails here, before any work
     cfg, den = rt.bundle.config, rt.bundle.denoiser if rt.has(DENOISER) else None
     final = validate.exit_for_steps(final, steps, den["steps"] if den else None, notes.append)
     validate.steps(steps, den["t0"] if final == "denoiser" and den else cfg.t_min_sample, cfg.shift)
@@ -106,7 +106,7 @@ def audit_images(bundle, image, prompt: str, steps: int | None = None, trajector
         validate.count(steps, "--steps")
     threads = validate.threads(threads, warn=notes.append)
     rt = open_runtime(bundle, provider, threads, precision)
-    rt.bundle.vocab.token_id(prompt)
+    rt.bundle.vocab.check(prompt)
     cfg = rt.bundle.config
     steps = cfg.steps if steps is None else validate.steps(steps, cfg.t_min_sample, cfg.shift)
     images = load_images(image, cfg.channels)

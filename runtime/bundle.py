@@ -4,6 +4,8 @@
                                             graphs with their IO specs, opset, versions, parity figures,
                                             sha256 of every other file
     BUNDLE/<graph>.<precision>.onnx         e.g. predictor_step.fp32.onnx
+    BUNDLE/tokenizer.json                   a text model's tokenizer (listed with its sha256 like the rest;
+                                            the manifest's ``prompts.encoder_sha256`` names the encoder weights)
 
 A graph entry holds its IO spec once and a ``variants`` map, precision -> file, so FP16 and INT8
 builds of the same graph join the bundle without changing its layout.
@@ -33,7 +35,7 @@ from pathlib import Path
 from ntm_edge.config import NTMConfig
 from ntm_edge.errors import ConfigError, NtmError
 from ntm_edge.fileio import canonical_sha256, read_json_object, sha256_file
-from ntm_edge.prompts import NULL_ID, LabelVocab
+from ntm_edge.prompts import NULL_ID, LabelVocab, TextVocab, make_vocab
 
 from .specs import DENOISER, GraphSpec, graph_specs
 
@@ -41,6 +43,7 @@ FORMAT = "ntm-edge-bundle"
 FORMAT_VERSION = 2  # 2: the manifest carries the sha256 of its own content
 MANIFEST = "manifest.json"
 CONTENT_KEY = "content_sha256"
+TOKENIZER = "tokenizer.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -68,8 +71,9 @@ class Bundle:
         return self.root / self.manifest["graphs"][graph]["variants"][precision]["file"]
 
     @property
-    def vocab(self) -> LabelVocab:
-        return LabelVocab(self.manifest["prompts"]["class_names"])
+    def vocab(self) -> LabelVocab | TextVocab:
+        """The prompt vocabulary: the label table, or the tokenizer.json that a text bundle carries."""
+        return make_vocab(self.config.prompt, self.root / TOKENIZER)
 
     @property
     def transporter(self) -> dict:
@@ -85,6 +89,16 @@ class Bundle:
     def batch(self) -> int:
         """Images per graph call the bundle was built for (the opt and max of its batch axis)."""
         return int(self.manifest["batch"])
+
+
+def prompts_entry(config: NTMConfig) -> dict:
+    """The manifest's ``prompts`` entry as the config implies it (a text bundle adds ``encoder_sha256``)."""
+    p = config.prompt
+    if p.kind == "label":
+        return {"kind": p.kind, "class_names": list(p.class_names), "num_tokens": len(p.class_names) + 1,
+                "null_id": NULL_ID, "prefix_tokens": 1}
+    return {"kind": p.kind, "class_names": list(p.class_names), "max_tokens": p.max_tokens,
+            "prefix_tokens": p.max_tokens, "tokenizer": TOKENIZER}
 
 
 def content_digest(manifest: dict) -> str:
@@ -215,12 +229,15 @@ def check_values(root: Path, manifest: dict, config: NTMConfig, graphs: dict[str
     if not isinstance(flip, list) or len(flip) != tc.num_blocks or not all(isinstance(f, bool) for f in flip):
         refuse("transporter.flip", flip, f"it must list {tc.num_blocks} true/false values, one per block")
     prompts = manifest["prompts"]
-    names = list(config.prompt.class_names)
-    prompts_implied: dict[str, object] = {"kind": config.prompt.kind, "class_names": names,
-                                          "num_tokens": len(names) + 1, "null_id": NULL_ID, "prefix_tokens": 1}
-    for key, expected in prompts_implied.items():
+    for key, expected in prompts_entry(config).items():
         if prompts.get(key) != expected:
             refuse(f"prompts.{key}", prompts.get(key), f"the config gives {expected!r}")
+    if config.prompt.kind != "label":
+        digest = prompts.get("encoder_sha256")
+        if not isinstance(digest, str) or len(digest) != 64:
+            refuse("prompts.encoder_sha256", digest, "a text bundle names its encoder weights by their sha256")
+        if TOKENIZER not in (manifest.get("files") or {}):
+            refuse("files", sorted(manifest.get("files") or {}), f"a text bundle lists {TOKENIZER} with its sha256")
     sched = manifest["schedule"]
     for key, value in (("steps", config.steps), ("shift", config.shift), ("t_min_sample", config.t_min_sample)):
         if sched.get(key) != value:

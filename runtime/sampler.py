@@ -22,11 +22,11 @@ from ntm_edge import schedule
 from ntm_edge.decoding import DEFAULT_METHOD, DEFAULT_TOL, InverseReport
 from ntm_edge.errors import ConfigError
 from ntm_edge.numerics import guided_gaussian, to_uint8
-from ntm_edge.prompts import NULL_ID
 from ntm_edge.sampling import NOISE_BATCH, draw_noise, reverse_levels
 
 from .bundle import NumericsError
 from .inversion import check_settings, invert
+from .prompt_cache import PromptCache
 from .session import Runtime
 from .specs import DENOISER, PREDICTOR_STEP, PROMPT_ENCODER, SAMPLER_LOOP
 
@@ -46,8 +46,11 @@ class StageTimer:
         try:
             yield
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-            self.calls[stage] = self.calls.get(stage, 0) + calls
+            self.add(stage, time.perf_counter() - start, calls)
+
+    def add(self, stage: str, seconds: float, calls: int = 1) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self.calls[stage] = self.calls.get(stage, 0) + calls
 
 
 @dataclass
@@ -72,12 +75,42 @@ def encode(rt: Runtime, ids: np.ndarray) -> np.ndarray:
     return rt[PROMPT_ENCODER](ids=ids)["prompt_emb"]
 
 
-def predict(rt: Runtime, u_t, t: float, s: float, steps: int, emb, null_emb, mask, guidance: float):
+def encode_cached(rt: Runtime, ids: np.ndarray, timer: StageTimer) -> np.ndarray:
+    """ids (B, P) -> prompt_emb (B, P, E), timed as the "text encoder" stage. A text bundle looks every
+    prompt up in the on-disk ``PromptCache`` (keyed by the encoder's weights hash and the ids) first and
+    runs the encoder graph on the misses only; when every prompt hits, the stage is "text encoder
+    (cache hit)"."""
+    encoder_sha256 = rt.bundle.manifest["prompts"].get("encoder_sha256")
+    if encoder_sha256 is None:  # a label table: one lookup, nothing to cache
+        with timer("text encoder"):
+            return encode(rt, ids)
+    start = time.perf_counter()
+    cache = PromptCache(encoder_sha256)
+    (B, P), E = ids.shape, rt.bundle.config.prompt.dim
+    emb = np.zeros((B, P, E), dtype=np.float32)
+    missing = []
+    for i, row in enumerate(ids):
+        hit = cache.get(row, (P, E))
+        if hit is None:
+            missing.append(i)
+        else:
+            emb[i] = hit
+    if missing:
+        emb[missing] = encode(rt, ids[missing])  # (M, P, E)
+        for i in missing:
+            cache.put(ids[i], emb[i])
+    timer.add("text encoder" if missing else "text encoder (cache hit)", time.perf_counter() - start)
+    return emb
+
+
+def predict(rt: Runtime, u_t, t: float, s: float, steps: int, emb, null_emb, mask, guidance: float,
+            null_mask=None):
     """The guided Gaussian over u_s: u_t (B, C, H, W) -> mu, log_sigma (B, C, H, W), as ``NTM.predict``:
     guidance 0 is the conditional graph call alone; otherwise one call on the 2B batch (conditional,
     unconditional) and ``guided_gaussian``."""
     B = u_t.shape[0]
     graph = rt[PREDICTOR_STEP]
+    null_mask = mask if null_mask is None else null_mask
 
     def full(v, n):
         return np.full((n,), v, dtype=np.float32)
@@ -86,31 +119,31 @@ def predict(rt: Runtime, u_t, t: float, s: float, steps: int, emb, null_emb, mas
         out = graph(u_t=u_t, t=full(t, B), s=full(s, B), steps=full(steps, B), prompt_emb=emb, prompt_mask=mask)
         return out["mu"], out["log_sigma"]
     out = graph(u_t=np.concatenate([u_t, u_t]), t=full(t, 2 * B), s=full(s, 2 * B), steps=full(steps, 2 * B),
-                prompt_emb=np.concatenate([emb, null_emb]), prompt_mask=np.concatenate([mask, mask]))
+                prompt_emb=np.concatenate([emb, null_emb]), prompt_mask=np.concatenate([mask, null_mask]))
     mu, ls = out["mu"], out["log_sigma"]  # conditional half, then unconditional
     return guided_gaussian(mu[:B], ls[:B], mu[B:], ls[B:], guidance)
 
 
 def sample_levels(rt: Runtime, emb, null_emb, mask, noise: list[np.ndarray], ts: np.ndarray, guidance: float,
-                  timer: StageTimer) -> np.ndarray:
+                  timer: StageTimer, null_mask=None) -> np.ndarray:
     """Steps 1-2 of Algorithm 2 with one predictor graph call per step -> u (B, T + 1, C, H, W), t_0 .. t_T."""
     steps = len(ts) - 1
 
     def timed_predict(u_t, t, s):
         with timer(f"predictor x {steps}"):
-            return predict(rt, u_t, t, s, steps, emb, null_emb, mask, guidance)
+            return predict(rt, u_t, t, s, steps, emb, null_emb, mask, guidance, null_mask)
 
     return reverse_levels(timed_predict, noise, ts)
 
 
 def sample_levels_unrolled(rt: Runtime, emb, null_emb, mask, noise: list[np.ndarray], ts: np.ndarray,
-                           guidance: float, timer: StageTimer) -> np.ndarray:
+                           guidance: float, timer: StageTimer, null_mask=None) -> np.ndarray:
     """Steps 1-2 as one call of the unrolled ``sampler_loop`` graph (T fixed at export)."""
     steps = len(ts) - 1
     z = np.stack(noise[1:][::-1], axis=1)  # (B, T, C, H, W): z[:, j] draws level j
     with timer(f"predictor x {steps} (unrolled)"):
         return rt[SAMPLER_LOOP](u_top=noise[0], noise=z, levels_t=ts.astype(np.float32), prompt_emb=emb,
-                                null_emb=null_emb, prompt_mask=mask,
+                                null_emb=null_emb, prompt_mask=mask, null_mask=mask if null_mask is None else null_mask,
                                 guidance=np.array([guidance], dtype=np.float32))["u_levels"]
 
 
@@ -166,11 +199,11 @@ def generate(rt: Runtime, prompts, steps: int = 4, seed: int = 0, guidance: floa
             sl = slice(b, b + batch)
             ids, mask = ids_all[sl], mask_all[sl]
             B = len(ids)
-            with timer("text encoder"):
-                emb_all = encode(rt, np.concatenate([ids, np.full_like(ids, NULL_ID)]))  # conditional, null
+            null_ids, null_mask = vocab.null(B)
+            emb_all = encode_cached(rt, np.concatenate([ids, null_ids]), timer)  # conditional, null
             emb, null_emb = emb_all[:B], emb_all[B:]
             sampler = sample_levels_unrolled if unrolled else sample_levels
-            u = sampler(rt, emb, null_emb, mask, [n[sl] for n in noise], ts, guidance, timer)  # (B, K, C, H, W)
+            u = sampler(rt, emb, null_emb, mask, [n[sl] for n in noise], ts, guidance, timer, null_mask)  # (B, K, C, H, W)
             if final == "denoiser":
                 with timer("denoiser"):
                     x = rt[DENOISER](u=u[:, 0], ids=ids, prompt_mask=mask)["x0"]

@@ -312,15 +312,18 @@ def test_gaussian_model_without_transporter_or_denoiser(tmp_path):
         generate(rt, ["1"], final="denoiser")
 
 
-NO_TORCH = r"""
+FORBID_IMPORTS = r"""
 import sys
 
-class NoTorch:
+class Forbidden:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("the runtime must not import torch")
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"the runtime must not import {name}")
 
-sys.meta_path.insert(0, NoTorch())
+sys.meta_path.insert(0, Forbidden())
+"""
+
+NO_TORCH = FORBID_IMPORTS + r"""
 from ntm_edge.cli import app
 bundle, out = sys.argv[1], sys.argv[2]
 common = ["--bundle", bundle, "--prompt", "4", "--num", "3", "--threads", "1"]
@@ -335,7 +338,7 @@ try:
     app(["audit", "--bundle", bundle, "--prompt", "4", "--image", out + ".npy", "--threads", "1"])
 except SystemExit as e:
     assert e.code in (0, None), e.code
-assert "torch" not in sys.modules
+assert "torch" not in sys.modules and "transformers" not in sys.modules
 torch_side = {"model", "transporter", "predictor", "layers", "denoiser", "exits", "export"}
 assert not {m for m in sys.modules if m.startswith("ntm_edge.") and m.split(".")[1] in torch_side}
 print("NO TORCH OK")

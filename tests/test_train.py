@@ -45,8 +45,11 @@ def test_save_load_round_trip(trained_tiny, tmp_path):
     assert (sample_images(model, ["3", "7"], seed=1) == sample_images(again, ["3", "7"], seed=1)).all()
 
 
-def test_resume_continues_the_same_run(tmp_path):
-    base = dict(dataset="digits", preset="tiny", batch_size=16, checkpoint_every=100, eval_images=0, seed=3)
+@pytest.mark.parametrize("text_encoder", ["labels", "minilm"])
+def test_resume_continues_the_same_run(tmp_path, text_encoder):
+    """Bit for bit, also with captions (the caption draw takes its randomness from the run's generator)."""
+    base = dict(dataset="digits", preset="tiny", batch_size=16, checkpoint_every=100, eval_images=0, seed=3,
+                text_encoder=text_encoder)
     train(TrainArgs(steps=12, out=str(tmp_path / "straight"), **base), **quiet())
     train(TrainArgs(steps=6, out=str(tmp_path / "split"), **base), **quiet())
     train(TrainArgs(steps=12, out=str(tmp_path / "split"), **base), resume=True, **quiet())
