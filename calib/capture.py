@@ -96,7 +96,7 @@ def calibration_batches(model: NTM, checkpoint, graphs: dict[str, specs.GraphSpe
 
     # the sampler's own trajectories: half at guidance 0, half at calib_guidance
     m = opts.calib_samples
-    s_ids = torch.arange(m)[:, None] % (model.vocab.num_tokens - 1) + 1  # every class, never the null id
+    s_ids = torch.arange(m)[:, None] % len(cfg.prompt.class_names) + 1  # every class (label ids), never the null id
     s_mask = torch.ones_like(s_ids, dtype=torch.bool)
     weights = [0.0] * (m - m // 2) + [opts.calib_guidance] * (m // 2)
     sampled = []  # (ids, u levels (b, K, ...), grid (K,), guidance, noise list)
