@@ -124,7 +124,8 @@ def calibration_batches(model: NTM, checkpoint, graphs: dict[str, specs.GraphSpe
                         "noise": noise_rng.standard_normal((shape[0], T, *shape[1:]), dtype=np.float32),
                         "prompt_emb": model.prompt_encoder(s_id).numpy(),
                         "null_emb": model.prompt_encoder(torch.full_like(s_id, NULL_ID)).numpy(),
-                        "prompt_mask": np.ones((len(s_id), 1), dtype=bool)}
+                        "prompt_mask": np.ones((len(s_id), 1), dtype=bool),
+                        "null_mask": np.ones((len(s_id), 1), dtype=bool)}
                 for b in _batches(rows, batch, list(rows)):
                     b["levels_t"] = schedule.time_grid(T, cfg.t_min_sample, cfg.shift).astype(np.float32)
                     b["guidance"] = np.array([w], dtype=np.float32)

@@ -61,7 +61,8 @@ def test_static_engines_pad_short_batches(tiny_bundle):
     rng = np.random.default_rng(0)
     inputs = {"u_top": rng.standard_normal((3, 1, 8, 8)), "noise": rng.standard_normal((3, 4, 1, 8, 8)),
               "levels_t": np.linspace(0, 1, 5), "prompt_emb": rng.standard_normal((3, 1, 32)),
-              "null_emb": rng.standard_normal((3, 1, 32)), "prompt_mask": np.ones((3, 1), bool), "guidance": np.ones(1)}
+              "null_emb": rng.standard_normal((3, 1, 32)), "prompt_mask": np.ones((3, 1), bool),
+              "null_mask": np.ones((3, 1), bool), "guidance": np.ones(1)}
     padded, n = pad_batch(inputs, spec, BATCH)
     assert n == 3 and padded["u_top"].shape[0] == BATCH and padded["levels_t"].shape == (5,)
     assert np.array_equal(padded["noise"][:3], inputs["noise"]) and np.array_equal(padded["noise"][3], inputs["noise"][2])
