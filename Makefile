@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 # build when the project's `torch>=2.4` requirement is resolved.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv install demo test lint clean
+.PHONY: venv install demo test lint typecheck clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ demo: install
 	$(VENV)/bin/ntm-edge train --dataset digits --preset tiny --steps 300 --batch-size 64 --lr 2e-3 --out runs/demo --seed 0
 	$(VENV)/bin/ntm-edge sample --checkpoint runs/demo --prompt 3 --num 16 --guidance 2 --out demo.png --seed 0
 	$(VENV)/bin/ntm-edge export --checkpoint runs/demo --out runs/demo-bundle
-	$(VENV)/bin/ntm-edge run --bundle runs/demo-bundle --prompt 3 --num 16 --guidance 2 --inverse-method sequential --out demo-runtime.png --seed 0
+	$(VENV)/bin/ntm-edge run --bundle runs/demo-bundle --prompt 3 --num 16 --guidance 2 --out demo-runtime.png --seed 0
 	@echo "wrote demo.png (torch) and demo-runtime.png (onnxruntime, no torch)"
 
 test: install
@@ -36,5 +36,16 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# mypy over the package as installed (export/, runtime/, calib/ as ntm_edge.export, .runtime, .calib),
+# the tests and the benchmarks; settings in pyproject.toml [tool.mypy]. CI runs it (.ci/run).
+typecheck: install
+	$(PY) .ci/typecheck.py
+
 clean:
-	rm -rf $(VENV) runs demo.png demo-runtime.png .pytest_cache
+	rm -rf $(VENV) runs demo.png demo-runtime.png .pytest_cache .typecheck .mypy_cache
+
+# The latency suites (pytest-benchmark; not part of `make test`). NTM_SMALL_CHECKPOINT=runs/small times a
+# trained model, else the untrained `small` preset. `ntm-edge bench --out DIR` runs bench_stages.py and
+# writes a report (report.md, report.png).
+bench: install
+	$(PY) -m pytest benchmarks -q

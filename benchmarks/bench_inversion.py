@@ -22,8 +22,8 @@ import torch
 
 from ntm_edge.checkpoint import load_info
 from ntm_edge.config import get_preset
+from ntm_edge.decoding import DEFAULT_TOL
 from ntm_edge.model import NTM
-from ntm_edge.transporter import DEFAULT_TOL
 
 STEPS = 4  # sampler steps (T); the transporter is conditioned on it
 PERTURB = 0.03  # std of the weight noise when no checkpoint is given

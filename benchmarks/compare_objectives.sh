@@ -10,7 +10,7 @@ OUT=${1:-runs/cmp}
 N=.venv/bin/ntm-edge
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
-train() { $N train --dataset mnist5k --preset small --objective "$1" --steps "$2" --batch-size 64 \
+train() { $N train --dataset mnist5k --preset small --text-encoder labels --objective "$1" --steps "$2" --batch-size 64 \
             --checkpoint-every 100000 --out "$OUT/$1" --seed 0; }
 train fm 1025
 train gaussian 950

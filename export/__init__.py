@@ -4,6 +4,11 @@
 (export/writer.py); the graph modules are in export/graphs.py, the parity checks in export/parity.py.
 The IO specs live in ``ntm_edge.runtime.specs`` (torch-free), which the runtime reads too.
 This package needs torch; importing it does not (the names below load on first use).
+
+Layout: this is the repository's top-level `export/` folder, installed as `ntm_edge.export` by
+pyproject.toml ([tool.setuptools.package-dir]); there is no `ntm_edge/export/` folder. Its modules
+import the core package absolutely (`from ntm_edge import schedule`) and each other relatively
+(`from .graphs import ...`). `make typecheck` checks the tree laid out as installed.
 """
 
 __all__ = ["ExportError", "export_bundle"]

@@ -1,32 +1,37 @@
-"""One pure function per exported graph (DESIGN.md 5): thin ``nn.Module`` wrappers around the model's
-own layers, with the inputs and outputs of ``ntm_edge.runtime.specs`` in that order.
+"""One pure function per exported graph (docs/design.md 5): thin ``nn.Module`` wrappers that call the
+model's own functions, with the inputs and outputs of ``ntm_edge.runtime.specs`` in that order.
+Nothing is written here twice: the sampler loop is ``sampling.reverse_levels`` with the guided
+predictor, the decoding step is ``TarFlowBlock.decode_step``, the Jacobi pass ``TarFlowBlock.jacobi_step``.
 
 Pure means: no state on the modules, no mode flags, no value-dependent Python branches, no in-place
-slice writes, so the traced graph is the function for every input. Where the model has no such
-function (the sequential decoding step with a fixed-size KV cache), it is written here from the
-model's submodules and weights (``TransformerLayer``/``Attention``, ``TarFlowBlock.affine``).
+slice writes, so the traced graph is the function for every input.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..layers import patchify, unpatchify
-from ..model import NTM, guided_gaussian
-from ..runtime import specs
+from ntm_edge.model import NTM
+from ntm_edge.numerics import guided_gaussian, patchify, unpatchify
+from ntm_edge.runtime import specs
+from ntm_edge.sampling import reverse_levels
 
 
 class PromptEncoderGraph(nn.Module):
-    """ids (B, P) -> prompt_emb (B, P, E)."""
+    """ids (B, P) -> prompt_emb (B, P, E): the label table, or the frozen MiniLM itself (its pure
+    ``TextPromptEncoder.embed``, without the cache), padding zeroed."""
 
     def __init__(self, model: NTM):
         super().__init__()
-        self.encoder = model.prompt_encoder
+        enc = model.prompt_encoder
+        self.encoder = enc
+        self.text = model.config.prompt.kind != "label"
+        if self.text:
+            self.minilm = enc.minilm  # a submodule here, so that its weights are traced as constants
 
     def forward(self, ids):
-        return self.encoder(ids)
+        return self.encoder.embed(ids) if self.text else self.encoder(ids)
 
 
 class PredictorStepGraph(nn.Module):
@@ -45,7 +50,7 @@ class SamplerLoopGraph(nn.Module):
     """Algorithm 2, steps 1-2, unrolled for T = model.config.steps, guided (C.5).
 
     u_top (B, C, H, W), noise (B, T, C, H, W), levels_t (T + 1,), prompt_emb, null_emb (B, P, E),
-    prompt_mask (B, P), guidance (1,) -> u_levels (B, T + 1, C, H, W), ordered t_0 .. t_T.
+    prompt_mask, null_mask (B, P), guidance (1,) -> u_levels (B, T + 1, C, H, W), ordered t_0 .. t_T.
     Every step runs the conditional and unconditional halves as one batch of 2B (as ``NTM.predict``);
     guidance = 0 gives the conditional model exactly (no branch on its value).
     """
@@ -54,18 +59,17 @@ class SamplerLoopGraph(nn.Module):
         super().__init__()
         self.predictor, self.steps = model.predictor, model.config.steps
 
-    def forward(self, u_top, noise, levels_t, prompt_emb, null_emb, prompt_mask, guidance):
+    def forward(self, u_top, noise, levels_t, prompt_emb, null_emb, prompt_mask, null_mask, guidance):
         B = u_top.shape[0]
         ones = torch.ones_like(u_top[:, 0, 0, 0]).repeat(2)  # (2B,)
-        emb, mask = torch.cat([prompt_emb, null_emb]), torch.cat([prompt_mask, prompt_mask])  # (2B, P, ...)
-        u, levels = u_top, [u_top]
-        for k in range(self.steps, 0, -1):
-            mu, ls, _ = self.predictor(torch.cat([u, u]), ones * levels_t[k], ones * levels_t[k - 1],
-                                       ones * float(self.steps), emb, mask)  # (2B, C, H, W)
-            mu, ls = guided_gaussian(mu[:B], ls[:B], mu[B:], ls[B:], guidance)
-            u = mu + torch.exp(ls) * noise[:, k - 1]  # level k - 1
-            levels.append(u)
-        return torch.stack(levels[::-1], dim=1)  # (B, T + 1, C, H, W)
+        emb, mask = torch.cat([prompt_emb, null_emb]), torch.cat([prompt_mask, null_mask])  # (2B, P, ...)
+
+        def predict(u, t, s):
+            mu, ls, _ = self.predictor(torch.cat([u, u]), ones * t, ones * s, ones * float(self.steps), emb, mask)
+            return guided_gaussian(mu[:B], ls[:B], mu[B:], ls[B:], guidance)  # conditional half, unconditional half
+
+        z = [u_top] + [noise[:, k - 1] for k in range(self.steps, 0, -1)]  # draw order: u_T, then levels T-1 .. 0
+        return reverse_levels(predict, z, levels_t)  # (B, T + 1, C, H, W)
 
 
 class TransporterForwardGraph(nn.Module):
@@ -82,7 +86,7 @@ class TransporterForwardGraph(nn.Module):
 class _BlockGraph(nn.Module):
     def __init__(self, model: NTM, block: int):
         super().__init__()
-        self.transporter, self.block = model.transporter, model.transporter.blocks[block]
+        self.transporter, self.block = model.transporter, model.transporter.block(block)
         cfg = model.config
         self.p, self.chw = cfg.transporter.patch_size, (cfg.channels, cfg.image_size, cfg.image_size)
 
@@ -106,33 +110,15 @@ class SequentialStepGraph(_BlockGraph):
 
     x_token (B, D): token n in scan order; position (1,) int64: n; t, steps (B,);
     k_cache, v_cache (L, B, heads, N, hd): keys/values of tokens < n in slots < n (the rest unused)
-    -> mu, alpha (B, D): the affine parameters of token n + 1 (x_{n+1} = u_{n+1} exp(alpha) + mu),
+    -> mu, alpha (B, D): the affine parameters of token n + 1 (x_{n+1} = mu + exp(alpha) u_{n+1}),
        k_cache_out, v_cache_out: the caches with token n written into slot n.
-
-    The same arithmetic as ``TarFlowBlock.inverse`` / ``TransformerLayer.step``, but the cache keeps
-    its size: the write is a select on a one-hot position mask and attention is masked to slots <= n.
+    It is ``TarFlowBlock.decode_step``, the step that ``TarFlowBlock.inverse`` runs N - 1 times.
     """
 
     def forward(self, x_token, position, t, steps, k_cache, v_cache):
-        blk = self.block
         c, gate = self.transporter.conditioning(x_token, t, steps)
-        N = blk.pos.shape[1]
-        slots = torch.arange(N, device=x_token.device)  # (N,)
-        write = (slots == position).view(1, 1, N, 1)  # one-hot over the cache slots
-        visible = (slots <= position).view(1, 1, 1, N)  # attend to tokens 0..n
-        pos = torch.index_select(blk.pos[0], 0, position)[None]  # (1, 1, W)
-        h = blk.in_proj(x_token[:, None]) + pos + blk.cond(c)[:, None]  # (B, 1, W)
-        ks, vs = [], []
-        for i, layer in enumerate(blk.layers):
-            q, k, v = layer.attn.split_heads(layer.norm1(h))  # (B, heads, 1, hd) each
-            k_all = torch.where(write, k, k_cache[i])  # (B, heads, N, hd)
-            v_all = torch.where(write, v, v_cache[i])
-            h = h + layer.attn.merge_heads(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=visible))
-            h = h + layer.mlp(layer.norm2(h))  # (B, 1, W)
-            ks.append(k_all)
-            vs.append(v_all)
-        mu, alpha = blk.affine(h, gate)  # (B, 1, D), fp32 island
-        return mu[:, 0], alpha[:, 0], torch.stack(ks), torch.stack(vs)
+        mu, alpha, ks, vs = self.block.decode_step(x_token, position, c, gate, k_cache, v_cache)  # one-hot writes
+        return mu, alpha, torch.stack(ks), torch.stack(vs)
 
 
 class DenoiserGraph(nn.Module):

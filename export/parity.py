@@ -9,13 +9,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import schedule
-from ..errors import NtmError
-from ..layers import patchify, unpatchify
-from ..model import NTM, Trajectory, dequantize
-from ..runtime import inversion, specs
-from ..runtime.session import NUMPY_DTYPES, Runtime
-from ..runtime.specs import GraphSpec
+from ntm_edge import schedule
+from ntm_edge.captions import HELDOUT_PARAPHRASES, TEMPLATES, all_captions
+from ntm_edge.errors import NtmError
+from ntm_edge.model import NTM, Trajectory
+from ntm_edge.numerics import dequantize, patchify, unpatchify
+from ntm_edge.prompts import TextVocab
+from ntm_edge.runtime import inversion, specs
+from ntm_edge.runtime.session import NUMPY_DTYPES, Runtime
+from ntm_edge.runtime.specs import GraphSpec
 
 
 def random_inputs(spec: GraphSpec, config, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -23,13 +25,16 @@ def random_inputs(spec: GraphSpec, config, batch: int, rng: np.random.Generator)
     transporter's identity gate), s in (0, t), T in {4, 8, 16}, ids over the vocabulary, a decoding
     position inside the sequence, a real time grid; everything else N(0, 1)."""
     out: dict[str, np.ndarray] = {}
+    v: np.ndarray
     num_tokens = len(config.prompt.class_names) + 1
     tc = config.transporter
     for t in spec.inputs:
         shape = t.resolve({"batch": batch})
-        if t.name == "ids":
+        if t.name == "ids" and config.prompt.kind != "label":
+            v = random_text_ids(shape, rng)
+        elif t.name == "ids":
             v = rng.integers(0, num_tokens, shape)
-        elif t.name == "prompt_mask":
+        elif t.name in ("prompt_mask", "null_mask"):
             v = np.ones(shape, dtype=bool)
         elif t.name == "t":
             v = rng.uniform(config.t_min_sample, 1.0, shape)
@@ -50,6 +55,16 @@ def random_inputs(spec: GraphSpec, config, batch: int, rng: np.random.Generator)
     return out
 
 
+def random_text_ids(shape, rng: np.random.Generator) -> np.ndarray:
+    """Word-piece ids (B, P) as the tokenizer lays them out: [CLS] (101), 1 .. P - 2 random word pieces
+    (ids 999 .. 30521), [SEP] (102), then [PAD] (0)."""
+    B, P = shape
+    ids = np.zeros((B, P), dtype=np.int64)
+    for i, n in enumerate(rng.integers(1, P - 1, B)):
+        ids[i, 0], ids[i, 1 : n + 1], ids[i, n + 1] = 101, rng.integers(999, 30522, n), 102
+    return ids
+
+
 @torch.no_grad()
 def torch_outputs(module, spec: GraphSpec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = module(*(torch.from_numpy(inputs[n]) for n in spec.input_names))
@@ -66,9 +81,9 @@ def max_abs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, 
 
 def real_trajectories(model: NTM, checkpoint, n: int = 16, seed: int = 0):
     """Trajectories x (n, K, C, H, W) with ts (n, K), prompt ids (n, 1) and where they came from."""
-    from ..checkpoint import trained_on
-    from ..data import load_dataset
-    from ..exits import invert_levels
+    from ntm_edge.checkpoint import trained_on
+    from ntm_edge.data import load_dataset
+    from ntm_edge.exits import invert_levels
 
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
@@ -81,11 +96,20 @@ def real_trajectories(model: NTM, checkpoint, n: int = 16, seed: int = 0):
         x0 = dequantize(torch.from_numpy(data.images[:n]), g)
         ids = torch.from_numpy(model.vocab.ids_for_labels(data.labels[:n]))
         return model.forward_trajectory(x0, cfg.steps, generator=g), ids, f"held-out images of {dataset}"
-    ids = torch.arange(n)[:, None] % model.vocab.num_tokens
-    u, ts = model.sample_levels(ids, torch.ones_like(ids, dtype=torch.bool), cfg.steps, np.random.default_rng(seed),
+    ids = torch.from_numpy(model.vocab.ids_for_labels(np.arange(n) % len(cfg.prompt.class_names)))
+    u, ts = model.sample_levels(ids, model.vocab.mask_of(ids), cfg.steps, np.random.default_rng(seed),
                                 0.0, cfg.t_min_sample)
     with torch.no_grad():
         return invert_levels(model, u, ts), ids, "the model's own samples"
+
+
+def parity_prompt_ids(vocab) -> np.ndarray:
+    """The real prompts a prompt encoder is checked on: every label id, or for a text model the
+    training templates and the held-out paraphrases of every class, and ''."""
+    if not isinstance(vocab, TextVocab):
+        return np.arange(vocab.num_tokens)[:, None]
+    prompts = [c for per_class in all_captions(vocab.class_names, TEMPLATES + HELDOUT_PARAPHRASES) for c in per_class]
+    return vocab.tokenize(sorted(set(prompts)) + [""])[0]
 
 
 @torch.no_grad()
@@ -112,7 +136,8 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
     x = traj.x.reshape(B * K, *shape)  # every level of every trajectory
     t = traj.t.reshape(B * K)
     steps_all = torch.full((B * K,), float(T))
-    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask = model.vocab.mask_of(ids)
+    null_ids, null_mask = model.null_prompt(len(ids))
     result = {}
 
     def check(name: str, inputs: dict):
@@ -122,8 +147,7 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
         ref = torch_outputs(modules[name], spec, inputs)
         result[name] = max_abs(rt[name](**inputs), ref)
 
-    all_ids = torch.arange(model.vocab.num_tokens)[:, None]
-    check(specs.PROMPT_ENCODER, {"ids": all_ids})
+    check(specs.PROMPT_ENCODER, {"ids": torch.from_numpy(parity_prompt_ids(model.vocab))})
     u, _ = model.transporter(x, t, T)
     u = u.reshape(B, K, *shape)
     emb = model.prompt_encoder(ids)
@@ -135,8 +159,9 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
     check(specs.SAMPLER_LOOP, {"u_top": rng.standard_normal((B, *shape), dtype=np.float32),
                                "noise": rng.standard_normal((B, T, *shape), dtype=np.float32),
                                "levels_t": schedule.time_grid(T, cfg.t_min_sample, cfg.shift).astype(np.float32),
-                               "prompt_emb": emb, "null_emb": model.prompt_encoder(torch.zeros_like(ids)),
-                               "prompt_mask": mask, "guidance": np.array([1.0], dtype=np.float32)})
+                               "prompt_emb": emb, "null_emb": model.prompt_encoder(null_ids),
+                               "prompt_mask": mask, "null_mask": null_mask,
+                               "guidance": np.array([1.0], dtype=np.float32)})
     if len(model.transporter.blocks):
         check(specs.TRANSPORTER_FORWARD, {"x": x, "t": t, "steps": steps_all})
         for i, (h_in, h_out) in enumerate(block_io(model, x, t, T)):
@@ -144,11 +169,11 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
             check(specs.jacobi_graph(i), {"x": np.concatenate([h_out, h_in]), "u": np.concatenate([h_out, h_out]),
                                           "t": t.repeat(2), "steps": steps_all.repeat(2)})
             # the decoding step over a whole sequence: N - 1 graph calls against TarFlowBlock.inverse
-            tr, block = model.transporter, model.transporter.blocks[i]
+            tr, block = model.transporter, model.transporter.block(i)
             c, gate = tr.conditioning(x, t, T)
             ref = block.inverse(patchify(torch.from_numpy(h_out), tr.cfg.patch_size), c, gate)
             ref = unpatchify(ref, tr.cfg.patch_size, *shape).numpy()
-            got, _ = inversion.sequential_block(rt, i, h_out, t.numpy(), steps_all.numpy())
+            got = inversion.sequential_block(rt, i, h_out, t.numpy(), steps_all.numpy())
             result[specs.step_graph(i)] = max_abs({"x": got}, {"x": ref})
     if specs.DENOISER in modules:
         check(specs.DENOISER, {"u": u[:, 0], "ids": ids, "prompt_mask": mask})

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import IO, cast
 
 from .config import NTMConfig
 from .errors import CheckpointError, ConfigError
-from .fileio import StagedWrites, finish_interrupted_save, is_sealed, seal, sha256_file
+from .fileio import StagedWrites, finish_interrupted_save, is_sealed, read_json_object, seal, sha256_file
 
 # 2: checkpoint.json is sealed and hashes config.json (and train_state.pt). 1: it hashed the weights only.
 FORMAT_VERSION = 2
@@ -90,7 +91,7 @@ def torch_save(obj, path) -> None:
     with open(path, "wb") as f:
         out = _Writes(f)
         try:
-            torch.save(obj, out)
+            torch.save(obj, cast(IO[bytes], out))
         except RuntimeError:
             if out.error is not None:
                 raise out.error from None
@@ -101,12 +102,9 @@ def read_json(path: Path, what: str) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path.parent} holds no {path.name}: it is not an ntm-edge {what}")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt ({e.__class__.__name__}: {e}); {what} cannot be read") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is corrupt (not a JSON object); {what} cannot be read")
-    return data
+        return read_json_object(path)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is corrupt ({e}); {what} cannot be read") from None
 
 
 def verify_file(path: Path, recorded, remedy: str = "") -> None:

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from . import validate
+from .decoding import DEFAULT_METHOD
 from .errors import NtmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -20,6 +22,20 @@ def _log(message: str) -> None:
     print(message, flush=True)  # flushed: a run under nohup or CI is followed through its log file
 
 
+def _warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+_THREADS = ("CPU threads per graph, at most the cores this process may use; 0: onnxruntime's choice (one per "
+            "physical core), -1: every core; default: $OMP_NUM_THREADS, else onnxruntime's choice")
+_DEVICE = "cpu | cuda | cuda:N"
+_STEPS = "coarse steps T (at most 39 at the default t_min 0.025: t_1 = 1/T must stay above t_0)"
+_GRID = ("image grid to write, in the format its suffix names: .png, .jpg, .jpeg, .webp, .bmp "
+         "(at most 16.8 megapixels: the first images of a larger --num)")
+_ARRAY = "also write every image as uint8 (N, H, W, C) to this .npy"
+_DEFAULT_EXIT = "the denoiser if there is one and it was trained for --steps, else inverse"
+
+
 def _friendly(fn):
     """Run a command; an NtmError becomes 'error: ...' on stderr and exit status 1."""
 
@@ -27,9 +43,9 @@ def _friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except NtmError as e:
+        except NtmError as e:  # one line, even where the message quotes a path with a newline in it
             if not e.quiet:  # quiet: a torchrun rank other than 0, whose rank 0 reports it
-                typer.echo(f"error: {e}", err=True)
+                typer.echo(f"error: {e}".replace("\r", "\\r").replace("\n", "\\n"), err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:  # 130 for Ctrl-C; a run stopped by SIGTERM says 143 (interrupts.py)
             raise typer.Exit(getattr(e, "exit_code", 130)) from None
@@ -53,16 +69,22 @@ def train(
     x0_mse_weight: Annotated[float | None, typer.Option(help="weight of the hybrid x0-MSE term (default: the preset's)")] = None,
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
     seed: Annotated[int, typer.Option(help="seed of all training randomness")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
     eval_images: Annotated[int, typer.Option(help="held-out images scored at the end (0: none)")] = 500,
     grad_accum: Annotated[int, typer.Option(help="micro-batches per rank and step (global batch = batch-size x ranks x it)")] = 1,
     parallel: Annotated[str, typer.Option(help="under torchrun: ddp | fsdp | auto (fsdp for base)")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32 | bf16 (autocast) | auto (bf16 on CUDA)")] = "auto",
+    text_encoder: Annotated[str, typer.Option(help="minilm (free-form text) | labels (class names); "
+                                              "default: minilm for small and base, labels for tiny")] = "",
 ):
     """Train an NTM by its exact trajectory likelihood (or a baseline on the same backbone). Runs
     unchanged under `torchrun --nproc-per-node N` (data parallel; rank 0 logs and saves)."""
+    validate.learning_rate(lr)
+    validate.seed(seed)
+    validate.count(grad_accum, "--grad-accum")
+    device = validate.torch_device(device)
     from .train import TrainArgs
     from .train import train as run
 
@@ -70,30 +92,47 @@ def train(
                      mode=mode or None, objective=objective, init_from=str(init_from) if init_from else None,
                      align_weight=align_weight, time_budget=time_budget, x0_mse_weight=x0_mse_weight, lr=lr,
                      device=device, seed=seed, checkpoint_every=checkpoint_every,
-                     eval_images=eval_images, grad_accum=grad_accum, parallel=parallel, precision=precision)
+                     eval_images=eval_images, grad_accum=grad_accum, parallel=parallel, precision=precision,
+                     text_encoder=text_encoder or None)
     run(args, resume=resume, progress=sys.stderr.isatty(), log=_log)
+
+
+# Options of both `sample` (torch) and `run` (the runtime): one definition, one help text each.
+Prompt = Annotated[str, typer.Option(help="class name ('3', 'three'), or free text for a text model "
+                                          "('a handwritten seven'); '' for unconditional")]
+NumImages = Annotated[int, typer.Option(help="number of images")]
+Steps = Annotated[int, typer.Option(help=_STEPS)]
+Seed = Annotated[int, typer.Option(help="noise seed (the same seed draws the same images in `sample` and `run`)")]
+Guidance = Annotated[float, typer.Option(help="classifier-free guidance weight w (0: off)")]
+OutGrid = Annotated[Path, typer.Option(help=_GRID)]
+SaveArray = Annotated[Path | None, typer.Option(help=_ARRAY)]
+InverseMethod = Annotated[str, typer.Option(help=(
+    "transporter inversion, both exact: jacobi (parallel fixed-point passes) | sequential (token by token). "
+    "Default jacobi: the faster one at batch 1 (over 10x on `small`, CPU; README, Benchmarks), as fast at batch 64"))]
 
 
 @app.command()
 @_friendly
 def sample(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint directory")],
-    prompt: Annotated[str, typer.Option(help="class name, e.g. '3' or 'three'; '' for unconditional")],
-    num: Annotated[int, typer.Option(help="number of images")] = 16,
-    steps: Annotated[int, typer.Option(help="coarse steps T")] = 4,
-    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
-    guidance: Annotated[float, typer.Option(help="classifier-free guidance weight w (0: off)")] = 0.0,
-    out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
-    save_array: Annotated[Path | None, typer.Option(help="also write uint8 (N, H, W, C) .npy")] = None,
-    final: Annotated[str, typer.Option(help="inverse | inverse+score | denoiser (default: denoiser if trained)")] = "",
-    inverse_method: Annotated[str, typer.Option(help="transporter inversion: sequential | jacobi (exact)")] = "sequential",
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    prompt: Prompt,
+    num: NumImages = 16,
+    steps: Steps = 4,
+    seed: Seed = 0,
+    guidance: Guidance = 0.0,
+    out: OutGrid = Path("samples.png"),
+    save_array: SaveArray = None,
+    final: Annotated[str, typer.Option(help="inverse | inverse+score | denoiser (default: " + _DEFAULT_EXIT + ")")] = "",
+    inverse_method: InverseMethod = DEFAULT_METHOD,
+    device: Annotated[str, typer.Option(help=_DEVICE + " (cuda: CUDA graphs + bf16 autocast for the denoiser and "
+                                                     "Jacobi exits; untested: no GPU has run it yet)")] = "cpu",
 ):
     """Generate images with the four-step sampler (Algorithm 2) and an exit from u-space."""
     from .generate import generate
 
     generate(checkpoint, prompt, num=num, steps=steps, seed=seed, guidance=guidance, out=out,
-             save_array_to=save_array, final=final or None, inverse_method=inverse_method, device=device, log=_log)
+             save_array_to=save_array, final=final or None, inverse_method=inverse_method, device=device, log=_log,
+             warn=_warn)
 
 
 @app.command("train-denoiser")
@@ -105,12 +144,19 @@ def train_denoiser(
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
     trajectories: Annotated[int, typer.Option(help="score-denoised targets per training image")] = 2,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
     grad_accum: Annotated[int, typer.Option(help="micro-batches per rank and step (global batch = batch-size x ranks x it)")] = 1,
     precision: Annotated[str, typer.Option(help="fp32 | bf16 (autocast) | auto (bf16 on CUDA)")] = "auto",
 ):
     """Train the one-pass denoiser g_phi on score-denoised targets of the frozen NTM (paper 3.9).
     Runs unchanged under `torchrun --nproc-per-node N`."""
+    validate.count(steps, "--steps")
+    validate.count(batch_size, "--batch-size")
+    validate.count(trajectories, "--trajectories")
+    validate.count(grad_accum, "--grad-accum")
+    validate.learning_rate(lr)
+    validate.seed(seed)
+    device = validate.torch_device(device)
     from .denoiser import train_denoiser as run
 
     run(checkpoint, steps=steps, batch_size=batch_size, lr=lr, trajectories=trajectories, seed=seed,
@@ -120,8 +166,8 @@ def train_denoiser(
 @app.command("eval")
 @_friendly
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="checkpoint directory")],
-    steps: Annotated[list[int] | None, typer.Option(help="step counts to evaluate (repeatable)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (or --bundle)")] = None,
+    steps: Annotated[list[int] | None, typer.Option(help="step counts to evaluate (repeatable; " + _STEPS + ")")] = None,
     num_samples: Annotated[int, typer.Option(help="images generated per step count")] = 500,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance weight")] = 0.0,
     seed: Annotated[int, typer.Option(help="seed of the trajectories and the sampling noise")] = 0,
@@ -129,18 +175,27 @@ def evaluate(
     label: Annotated[str, typer.Option(help="name of this model in `compare` tables")] = "",
     final: Annotated[str, typer.Option(help="exit from u-space: inverse | inverse+score | denoiser")] = "inverse",
     out: Annotated[Path, typer.Option(help="JSON report to write")] = Path("report.json"),
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
+    bundle: Annotated[Path | None, typer.Option(help="judge an exported bundle on the runtime instead")] = None,
+    precision: Annotated[str, typer.Option(help="with --bundle: fp32 | fp16 | int8 | auto")] = "fp32",
 ):
-    """Held-out bits/dim, Frechet distance, prompt accuracy and images/s of a checkpoint."""
+    """Held-out bits/dim, Frechet distance and prompt accuracy of a checkpoint or a bundle (speed: `ntm-edge bench`)."""
     import json
 
     from .evaluate import evaluate_checkpoint
     from .fileio import atomic_write_text
 
-    if num_samples < 2:
-        raise NtmError("--num-samples must be at least 2 (a Frechet distance needs a covariance)")
-    report = evaluate_checkpoint(checkpoint, steps=steps or [4], num_samples=num_samples, guidance=guidance,
-                                 seed=seed, dataset=dataset or None, final=final, device=device, log=_log)
+    validate.output_file(out, "--out")  # before the work, not after it
+    if (checkpoint is None) == (bundle is None):
+        raise NtmError("pass exactly one of --checkpoint and --bundle")
+    if bundle is not None:
+        from .evaluate_bundle import evaluate_bundle
+
+        report = evaluate_bundle(bundle, precision, steps=steps or [4], num_samples=num_samples, guidance=guidance,
+                                 seed=seed, dataset=dataset or None, final=final, log=_log)
+    else:
+        report = evaluate_checkpoint(checkpoint, steps=steps or [4], num_samples=num_samples, guidance=guidance,
+                                     seed=seed, dataset=dataset or None, final=final, device=device, log=_log)
     if label:
         report["label"] = label
     atomic_write_text(out, json.dumps(report, indent=2))
@@ -184,12 +239,24 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle directory")] = False,
     parity: Annotated[bool, typer.Option(help="check onnxruntime against torch for every graph")] = True,
+    fp16: Annotated[bool, typer.Option("--fp16", help="add FP16 graphs (fp32 islands, IO kept float32)")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="add INT8 Q/DQ graphs calibrated on real trajectories")] = False,
+    calib_method: Annotated[str, typer.Option(help="INT8 ranges: minmax | entropy | percentile")] = "minmax",
+    calib_images: Annotated[int, typer.Option(help="training images whose trajectories calibrate INT8")] = 256,
+    calib_samples: Annotated[int, typer.Option(help="sampler trajectories that calibrate INT8")] = 64,
+    calib_seed: Annotated[int, typer.Option(help="seed of the calibration data and of the quality gate")] = 0,
+    quality_samples: Annotated[int, typer.Option(help="samples per precision in the quality gate")] = 500,
+    force: Annotated[bool, typer.Option("--force", help="keep a precision that fails the quality gate")] = False,
 ):
     """Export a checkpoint to an ONNX bundle for the torch-free runtime (`ntm-edge run`)."""
+    from .calib.policy import PrecisionOptions
     from .export import export_bundle
 
+    precisions = PrecisionOptions(fp16=fp16, int8=int8, calib_method=calib_method, calib_images=calib_images,
+                                  calib_samples=calib_samples, calib_seed=calib_seed, quality_samples=quality_samples,
+                                  force=force)
     export_bundle(checkpoint, out, batch=batch, opset=opset, overwrite=overwrite, parity=parity,
-                  progress=sys.stderr.isatty(), log=_log)
+                  progress=sys.stderr.isatty(), log=_log, precisions=precisions)
 
 
 _NO_BUNDLE = ("--bundle is required for now: write one with `ntm-edge export --checkpoint DIR --out BUNDLE` "
@@ -199,20 +266,22 @@ _NO_BUNDLE = ("--bundle is required for now: write one with `ntm-edge export --c
 @app.command("run")
 @_friendly
 def run_bundle(
-    prompt: Annotated[str, typer.Option(help="class name, e.g. '3' or 'three'; '' for unconditional")],
+    prompt: Prompt,
     bundle: Annotated[Path | None, typer.Option(help="bundle directory written by `ntm-edge export` (required)")] = None,
-    num: Annotated[int, typer.Option(help="number of images")] = 16,
-    steps: Annotated[int, typer.Option(help="coarse steps T")] = 4,
-    seed: Annotated[int, typer.Option(help="noise seed (same seed, same images as `ntm-edge sample`)")] = 0,
-    guidance: Annotated[float, typer.Option(help="classifier-free guidance weight w (0: off)")] = 0.0,
-    final: Annotated[str, typer.Option(help="denoiser | inverse (default: denoiser if the bundle has one)")] = "",
-    inverse_method: Annotated[str, typer.Option(help="transporter inversion: jacobi | sequential (both exact)")] = "jacobi",
-    out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
-    save_array: Annotated[Path | None, typer.Option(help="also write uint8 (N, H, W, C) .npy")] = None,
-    provider: Annotated[str, typer.Option(help="auto (tensorrt > cuda > cpu) | tensorrt | cuda | cpu")] = "auto",
+    num: NumImages = 16,
+    steps: Steps = 4,
+    seed: Seed = 0,
+    guidance: Guidance = 0.0,
+    final: Annotated[str, typer.Option(help="denoiser | inverse (default: " + _DEFAULT_EXIT + ")")] = "",
+    inverse_method: InverseMethod = DEFAULT_METHOD,
+    out: OutGrid = Path("samples.png"),
+    save_array: SaveArray = None,
+    provider: Annotated[str, typer.Option(help="auto (onnxruntime: tensorrt > cuda > cpu) | tensorrt (native engines, "
+                                                "untested) | ort-tensorrt | cuda | cpu")] = "auto",
     audit: Annotated[bool, typer.Option(help="print the exact NLL of every generated trajectory")] = False,
     unrolled: Annotated[bool, typer.Option(help="run the four steps as the one unrolled sampler graph")] = False,
-    threads: Annotated[int | None, typer.Option(help="CPU threads per graph (default: $OMP_NUM_THREADS, else all)")] = None,
+    threads: Annotated[int | None, typer.Option(help=_THREADS)] = None,
+    precision: Annotated[str, typer.Option(help="auto (best the bundle holds for this provider) | fp32 | fp16 | int8")] = "auto",
 ):
     """Generate images on the torch-free runtime (numpy + onnxruntime) and print per-stage latency."""
     if bundle is None:
@@ -221,7 +290,7 @@ def run_bundle(
 
     run_prompt(bundle, prompt, num=num, steps=steps, seed=seed, guidance=guidance, final=final or None,
                inverse_method=inverse_method, out=out, save_array_to=save_array, provider=provider, audit=audit,
-               unrolled=unrolled, threads=threads, log=_log)
+               unrolled=unrolled, threads=threads, precision=precision, log=_log, warn=_warn)
 
 
 @app.command("audit")
@@ -230,19 +299,57 @@ def audit_image(
     image: Annotated[Path, typer.Option(help="PNG of one image, or .npy of uint8 images (N, H, W, C)")],
     prompt: Annotated[str, typer.Option(help="the class to score the image(s) under; '' for unconditional")],
     bundle: Annotated[Path | None, typer.Option(help="bundle directory written by `ntm-edge export` (required)")] = None,
-    steps: Annotated[int | None, typer.Option(help="coarse steps T of the trajectories (default: the model's)")] = None,
+    steps: Annotated[int | None, typer.Option(help="coarse steps T of the trajectories (default: the model's; "
+                                                  "at most 39 at t_min 0.025)")] = None,
     trajectories: Annotated[int, typer.Option(help="forward trajectories averaged per image")] = 4,
     seed: Annotated[int, typer.Option(help="seed of the dequantisation and trajectory noise")] = 0,
     provider: Annotated[str, typer.Option(help="execution provider: auto | tensorrt | cuda | cpu")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="CPU threads per graph")] = None,
+    threads: Annotated[int | None, typer.Option(help=_THREADS)] = None,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8 | auto")] = "fp32",
 ):
-    """Bits/dim bound on -log p(image | prompt), on the runtime (the variational bound of DESIGN.md 4)."""
+    """Bits/dim bound on -log p(image | prompt), on the runtime (the variational bound of docs/design.md 4)."""
     if bundle is None:
         raise NtmError(_NO_BUNDLE)
     from .runtime.app import audit_images
 
     audit_images(bundle, image, prompt, steps=steps, trajectories=trajectories, seed=seed, provider=provider,
-                 threads=threads, log=_log)
+                 threads=threads, precision=precision, log=_log, warn=_warn)
+
+
+@app.command("bench")
+@_friendly
+def bench(
+    out: Annotated[Path, typer.Option(help="report directory (report.md, report.png, benchmark.json); only an "
+                                           "earlier bench report there is ever replaced")],
+    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint to time (default: an untrained --preset model)")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="bundle for the onnxruntime rows (default: exported from "
+                                                     "the checkpoint)")] = None,
+    preset: Annotated[str, typer.Option(help="preset of the untrained model timed when no checkpoint is given")] = "small",
+    quick: Annotated[bool, typer.Option(help="3 rounds per benchmark: a check that everything runs, rough figures")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch and onnxruntime threads (default: $OMP_NUM_THREADS, "
+                                                     "else all cores)")] = None,
+    note: Annotated[str, typer.Option(help="a line for the top of report.md (e.g. the machine's load)")] = "",
+):
+    """Latency per stage, backend and batch size (pytest-benchmark), speed ratios against torch eager and the
+    distance to the machine's peak. GPU rows (CUDA graphs, autocast) run where CUDA exists; untested so far."""
+    from .bench import run_bench
+
+    run_bench(out, checkpoint, bundle, preset, quick, threads, note, progress=sys.stderr.isatty(), log=_log)
+
+
+
+@app.command("build-engines")
+@_friendly
+def build_engines(
+    bundle: Annotated[Path, typer.Option(help="bundle directory written by `ntm-edge export`")],
+    precision: Annotated[list[str] | None, typer.Option(help="fp32 | fp16 | int8 (repeatable; default: all it holds)")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="profiles over the spec's min..max batch (default: static)")] = False,
+    workspace_mb: Annotated[int, typer.Option(help="TensorRT builder workspace in MiB")] = 1024,
+):
+    """Build TensorRT engines (strongly typed) from a bundle into BUNDLE/engines/. Untested: no TensorRT here."""
+    from .calib.engines import build_engines as run
+
+    run(bundle, precisions=precision or None, dynamic=dynamic, workspace_mb=workspace_mb, log=_log)
 
 
 def main() -> None:

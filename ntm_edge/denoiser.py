@@ -15,6 +15,7 @@ the one the denoiser was trained for. SIGINT / SIGTERM while training stop it wi
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import check_tensors, load_info, read_json, trained_on, verify_file
-from .config import PredictorConfig
+from .config import PROMPT_KINDS, PredictorConfig
 from .distributed import World, accumulate, from_main, join, micro_generator, reporting, wrap
 from .errors import CheckpointError, ConfigError, NtmError
 from .fileio import (
@@ -41,7 +42,8 @@ from .fileio import (
     sha256_file,
 )
 from .interrupts import Interrupted, StopSignals, signal_name
-from .model import NTM, LabelEncoder, dequantize
+from .model import NTM, LabelEncoder
+from .numerics import dequantize
 from .predictor import TransformerBackbone
 
 WEIGHTS, META = "denoiser.safetensors", "denoiser.json"
@@ -57,6 +59,8 @@ class DenoiserConfig:
     t0: float  # the level u_t0 it reads (the sampler's t_min)
     steps: int  # the sampler's T it was trained for
     prompt_dim: int = 64
+    prompt_kind: str = "label"  # the NTM's prompt encoder: "label" (its own copy of the table) | "minilm"
+    max_tokens: int = 16  # minilm: the prompt length P
     patch_size: int = 2
     width: int = 128
     depth: int = 4
@@ -70,18 +74,30 @@ class DenoiserConfig:
                 raise ConfigError(f"denoiser {name} must be an integer >= 1, got {value!r}")
         if type(self.t0) not in (int, float) or not 0.0 < self.t0 < 1.0:
             raise ConfigError(f"denoiser t0 must lie in (0, 1), got {self.t0!r}")
+        if self.prompt_kind not in PROMPT_KINDS:
+            raise ConfigError(f"denoiser prompt_kind must be one of {', '.join(PROMPT_KINDS)}, got {self.prompt_kind!r}")
         if self.image_size % self.patch_size or self.width % self.heads:
             raise ConfigError("denoiser: the image size must be divisible by the patch, the width by the heads")
         return self
 
 
 class Denoiser(nn.Module):
-    """g_phi: a non-causal transformer over the patch tokens of u_t0, prompt as prefix tokens."""
+    """g_phi: a non-causal transformer over the patch tokens of u_t0, prompt as prefix tokens.
+
+    Its prompt tokens are the NTM's: a label model's learned table (copied, then trained on), or a
+    text model's frozen MiniLM, the very instance the NTM reads (text_prompts.shared_minilm), so
+    the denoiser's checkpoint holds no second encoder."""
 
     def __init__(self, cfg: DenoiserConfig):
         super().__init__()
         self.config = cfg
-        self.prompt_encoder = LabelEncoder(cfg.num_prompt_tokens, cfg.prompt_dim)
+        self.prompt_encoder: nn.Module
+        if cfg.prompt_kind == "label":
+            self.prompt_encoder = LabelEncoder(cfg.num_prompt_tokens, cfg.prompt_dim)
+        else:
+            from .text_prompts import TextPromptEncoder
+
+            self.prompt_encoder = TextPromptEncoder(cfg.max_tokens)
         backbone = PredictorConfig(backbone="transformer", grid_conditioning=False, patch_size=cfg.patch_size,
                                    width=cfg.width, depth=cfg.depth, heads=cfg.heads)
         self.net = TransformerBackbone(backbone, cfg.channels, cfg.image_size, cfg.prompt_dim)
@@ -90,6 +106,14 @@ class Denoiser(nn.Module):
         """u_t0 (B, C, H, W), ids/mask (B, P) -> x0 (B, C, H, W)."""
         t = torch.full((u_t0.shape[0],), self.config.t0, device=u_t0.device)
         return self.net(u_t0, (t,), self.prompt_encoder(ids), mask)[0]
+
+
+def denoiser_config(model: NTM) -> DenoiserConfig:
+    """The default denoiser of ``model``: its image shape, sampler level t0 and T, and its prompt encoder."""
+    cfg = model.config
+    return DenoiserConfig(image_size=cfg.image_size, channels=cfg.channels,
+                          num_prompt_tokens=len(cfg.prompt.class_names) + 1, t0=cfg.t_min_sample, steps=cfg.steps,
+                          prompt_dim=cfg.prompt.dim, prompt_kind=cfg.prompt.kind, max_tokens=cfg.prompt.max_tokens)
 
 
 def has_denoiser(checkpoint) -> bool:
@@ -152,7 +176,8 @@ def load_denoiser(checkpoint, device: str = "cpu") -> Denoiser:
 
 def build_targets(model: NTM, images, labels, t0: float, trajectories: int, g: torch.Generator,
                   batch_size: int = 128, clip_percentile: float | None = 99.0, progress=None):
-    """Score-denoised targets on forward trajectories of real images -> u_t0, x_den (M, C, H, W), ids (M, 1)."""
+    """Score-denoised targets on forward trajectories of real images -> u_t0, x_den (M, C, H, W), ids (M, P):
+    each target is denoised under its class name as the prompt (M = trajectories x images, in order)."""
     from .exits import score_denoise
 
     T = model.config.steps
@@ -160,8 +185,7 @@ def build_targets(model: NTM, images, labels, t0: float, trajectories: int, g: t
     for _ in range(trajectories):
         for i in range(0, len(images), batch_size):
             x0 = dequantize(images[i : i + batch_size], g)
-            ids = labels[i : i + batch_size, None] + 1
-            mask = torch.ones_like(ids, dtype=torch.bool)
+            ids, mask = model.tokenize(torch.from_numpy(model.vocab.ids_for_labels(labels[i : i + batch_size].cpu())))
             traj = model.forward_trajectory(x0, T, generator=g, t_min=t0)
             targets.append(score_denoise(model, traj, ids, mask, clip_percentile).detach())
             with torch.no_grad():
@@ -186,17 +210,11 @@ def _open_checkpoint(checkpoint, log) -> tuple[dict, dict, str]:
     removed = remove_stale_temporaries(checkpoint)
     if removed:
         log(f"removed {len(removed)} temporary file(s) that a killed run left in {checkpoint}")
-    den = Denoiser(_denoiser_config(model))
+    den = Denoiser(denoiser_config(model))
     problem = output_dir_problem(Path(checkpoint), 2 * sum(t.numel() * t.element_size() for t in den.state_dict().values()))
     if problem:
         raise NtmError(problem)
     return cfg.to_dict(), model.state_dict(), dataset
-
-
-def _denoiser_config(model: NTM) -> DenoiserConfig:
-    cfg = model.config
-    return DenoiserConfig(image_size=cfg.image_size, channels=cfg.channels, num_prompt_tokens=model.vocab.num_tokens,
-                          t0=cfg.t_min_sample, steps=cfg.steps, prompt_dim=cfg.prompt.dim)
 
 
 def train_denoiser(checkpoint, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, trajectories: int = 2,
@@ -221,6 +239,7 @@ def _train_denoiser(world: World, checkpoint: Path, steps: int, batch_size: int,
 
     from .config import NTMConfig
     from .data import load_dataset
+    from .train import prompt_sampler
 
     if steps < 1 or trajectories < 1 or grad_accum < 1 or batch_size < 1:
         raise ConfigError("--steps, --trajectories, --batch-size and --grad-accum must be at least 1")
@@ -239,7 +258,10 @@ def _train_denoiser(world: World, checkpoint: Path, steps: int, batch_size: int,
     torch.manual_seed(seed)
     images = torch.from_numpy(data.images).to(device)
     labels = torch.from_numpy(data.labels).to(device)
-    den = Denoiser(_denoiser_config(model)).to(device)
+    dcfg = denoiser_config(model)
+    den = Denoiser(dcfg).to(device)
+    if dcfg.prompt_kind != "label":  # the NTM's encoder, and its cache, which prompt_sampler fills in fixed chunks
+        den.prompt_encoder = copy.deepcopy(model.prompt_encoder)
     den.prompt_encoder.load_state_dict(model.prompt_encoder.state_dict())
     net = wrap(world, den, shard=False)
     opt = torch.optim.AdamW(den.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
@@ -252,23 +274,28 @@ def _train_denoiser(world: World, checkpoint: Path, steps: int, batch_size: int,
 
     def check_stop() -> None:  # between two batches: nothing is half done, and nothing is saved
         if stop.requested:
-            raise Interrupted(stop.signum, saved=False)
+            raise Interrupted(stop.received, saved=False)
 
     def micro_batch(step: int, k: int) -> torch.Tensor:  # -> (mse,)
         gk = micro_generator(g, seed, step, k, device)
         idx = torch.randint(len(u0), (batch_size,), generator=gk, device=device)
-        drop = torch.rand(batch_size, generator=gk, device=device) < cfg.prompt_dropout
-        b_ids = torch.where(drop[:, None], 0, ids[idx])
+        b_ids, b_mask = draw_prompts(idx, gk)  # (B, P): '' with probability prompt_dropout
         with autocast():
-            out = net(u0[idx], b_ids, torch.ones_like(b_ids, dtype=torch.bool))
+            out = net(u0[idx], b_ids, b_mask)
         return (out.float() - x_den[idx]).pow(2).mean()[None]
 
     try:
         with stop, bar:
             log(f"building {trajectories * len(images)} score-denoised targets ({trajectories} per training image)")
             task = bar.add_task("targets", total=trajectories * len(images), info="")
-            u0, x_den, ids = build_targets(model, images, labels, den.config.t0, trajectories, g,
-                                           progress=lambda n: (bar.advance(task, n), check_stop()))
+            def built(n: int) -> None:
+                bar.advance(task, n)
+                check_stop()
+
+            u0, x_den, _ = build_targets(model, images, labels, dcfg.t0, trajectories, g, progress=built)
+            captions = data.captions * trajectories if data.captions is not None else None  # targets' order
+            draw_prompts = prompt_sampler(model, labels.repeat(trajectories), data.class_names, cfg.prompt_dropout, g,
+                                          captions)
             log(f"built {len(u0)} score-denoised targets in {time.time() - start:.0f} s")
             task = bar.add_task("denoiser", total=steps, info="")
             loss_avg = None

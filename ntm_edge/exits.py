@@ -1,4 +1,5 @@
-"""Ways out of u-space after the four steps (DESIGN.md 3):
+"""Images from a torch model: ``sample_images`` (the one torch sampling entry point: Algorithm 2 in
+u-space, then an exit) and the ways out of u-space after the four steps (docs/design.md 3):
 
 - ``inverse``: x_t0 = f_T^-1(u_t0), then x0 ~ x_t0 / (1 - t0). Exact.
 - ``inverse+score``: trajectory score denoising (paper 3.5, Algorithm 3). Invert every level
@@ -6,6 +7,8 @@
   formula to the whole trajectory, whose levels given x0 are Gaussian with covariance S (Prop. 3):
   E[(1 - t) x0 | trajectory] = x - S grad L, read at t_0.
 - ``denoiser``: the learned one-pass denoiser g_phi(u_t0, prompt) -> x0 (paper 3.9, denoiser.py).
+
+The flow-matching baseline (objective "fm") has no u-space: it integrates its velocity with Euler.
 """
 
 from __future__ import annotations
@@ -14,13 +17,17 @@ import numpy as np
 import torch
 
 from . import schedule
+from .decoding import DEFAULT_METHOD
 from .errors import ConfigError
-from .model import NTM, Trajectory, to_uint8
+from .model import NTM, Trajectory
+from .numerics import to_uint8
+from .runtime.bundle import NumericsError
+from .sampling import NOISE_BATCH
 
 EXITS = ("inverse", "inverse+score", "denoiser")
 
 
-def invert_levels(model: NTM, u: torch.Tensor, ts, method: str = "sequential") -> Trajectory:
+def invert_levels(model: NTM, u: torch.Tensor, ts, method: str = DEFAULT_METHOD) -> Trajectory:
     """u (B, K, C, H, W) on the grid ts ((K,) or (B, K)) -> the x trajectory, every level inverted
     in one batched call."""
     B, K = u.shape[:2]
@@ -43,29 +50,34 @@ def score_denoise(model: NTM, traj: Trajectory, ids, mask, clip_percentile: floa
         q = torch.quantile(grad.abs().flatten(1), clip_percentile / 100.0, dim=1)  # (B,)
         q = q.view(-1, *([1] * (grad.ndim - 1)))
         grad = torch.maximum(torch.minimum(grad, q), -q)
-    S = np.stack([schedule.trajectory_covariance(t) for t in traj.t.detach().cpu().numpy()])  # (B, K, K)
-    S = torch.as_tensor(S, dtype=grad.dtype, device=grad.device)
+    S = torch.as_tensor(np.stack([schedule.trajectory_covariance(t) for t in traj.t.detach().cpu().numpy()]),
+                        dtype=grad.dtype, device=grad.device)  # (B, K, K)
     x_den = x.detach() - torch.einsum("bij,bj...->bi...", S, grad)
-    return x_den[:, 0] / (1.0 - traj.t[:, 0]).view(-1, 1, 1, 1)
+    return schedule.decoder_mean(x_den[:, 0], traj.t[:, 0].view(-1, 1, 1, 1))
 
 
 def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: float = 0.0,
                   final: str = "inverse", denoiser=None, clip_percentile: float | None = 99.0,
-                  inverse_method: str = "sequential", batch_size: int = 256) -> np.ndarray:
-    """Algorithm 2 with the chosen exit -> uint8 (N, H, W, C). inverse_method: "sequential" or
-    "jacobi" (exact fixed-point decoding, transporter.inverse) for the exits that invert."""
+                  inverse_method: str = DEFAULT_METHOD) -> np.ndarray:
+    """One image per prompt -> uint8 (N, H, W, C): Algorithm 2 with the chosen exit (``EXITS``).
+
+    The noise is ``sampling``'s convention (one numpy generator seeded with ``seed``, drawn per chunk of
+    ``NOISE_BATCH`` prompts), so the runtime draws the same images. inverse_method: "jacobi" or
+    "sequential" (both exact, ``decoding``) for the exits that invert the transporter.
+    """
     if final not in EXITS:
         raise ConfigError(f"unknown exit {final!r}; choose one of: {', '.join(EXITS)}")
-    if model.config.objective == "fm":  # the flow-matching baseline has no u-space: Euler
-        return model.sample(prompts, steps=steps, seed=seed, guidance=guidance, batch_size=batch_size)
-    if final == "denoiser" and denoiser is None:
+    fm = model.config.objective == "fm"  # the flow-matching baseline has no u-space: Euler
+    if final == "denoiser" and denoiser is None and not fm:
         raise ConfigError("this checkpoint has no denoiser; train one with `ntm-edge train-denoiser` or pick another --final")
     rng = np.random.default_rng(seed)
-    t_min = denoiser.config.t0 if final == "denoiser" else model.config.t_min_sample
+    t_min = denoiser.config.t0 if final == "denoiser" and denoiser is not None else model.config.t_min_sample
     out = []
-    for i in range(0, len(prompts), batch_size):
-        ids, mask = model.tokenize(prompts[i : i + batch_size])
-        if final == "inverse+score":
+    for i in range(0, len(prompts), NOISE_BATCH):
+        ids, mask = model.tokenize(prompts[i : i + NOISE_BATCH])
+        if fm:
+            x = model.sample_euler(ids, mask, steps, rng, guidance)
+        elif final == "inverse+score":
             u, ts = model.sample_levels(ids, mask, steps, rng, guidance, t_min)
             with torch.no_grad():
                 traj = invert_levels(model, u, ts, inverse_method)
@@ -76,6 +88,8 @@ def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: 
                 if final == "denoiser":
                     x = denoiser(u, ids, mask)
                 else:
-                    x = model.transporter.inverse(u, t0, steps, method=inverse_method) / (1.0 - t0)
+                    x = schedule.decoder_mean(model.transporter.inverse(u, t0, steps, method=inverse_method), t0)
+        if not torch.isfinite(x).all():  # NaN would become black pixels: say so, as the runtime does
+            raise NumericsError(f"the sampler produced NaN or inf values (guidance {guidance}, seed {seed})")
         out.append(to_uint8(x))
     return np.concatenate(out)

@@ -202,19 +202,22 @@ def output_dir_problem(directory: Path, need_bytes: int = 0) -> str | None:
     file systems and a root user's unusual permissions), or its file system has less than
     ``need_bytes`` free. Nothing is left behind. Meant to run before long work that ends in a save."""
     directory = Path(directory)
-    if directory.is_symlink() and not directory.exists():
-        return f"{directory} is a broken symbolic link"
+    link = directory.absolute()
+    while not link.exists() and link != link.parent:  # a dangling link on the way cannot become a directory
+        if link.is_symlink():
+            return f"{link} is a broken symbolic link"
+        link = link.parent
     if directory.exists() and not directory.is_dir():
         return f"{directory} exists and is not a directory"
     base = nearest_existing(directory)
     if not base.is_dir():
-        return f"{directory} cannot be created: {base} is a file"
+        return f"{directory} cannot be created: {base} is a file, not a directory"
     try:
         fd, probe = tempfile.mkstemp(dir=base, prefix=temp_prefix("probe"), suffix=TMP_SUFFIX)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        return f"{directory} is not writable ({e.strerror or e} in {base})"
+        return f"{directory} is not writable: cannot write in {base} ({e.strerror or e})"
     free = shutil.disk_usage(base).free
     if free < need_bytes:
         return (f"{directory} needs about {_mb(need_bytes)} free for a checkpoint; its file system has "
@@ -239,4 +242,34 @@ def is_sealed(record: dict) -> bool:
 
 
 def _digest(record: dict) -> str:
+    return canonical_sha256(record)
+
+
+def canonical_sha256(record: dict) -> str:
+    """sha256 of ``record`` as canonical JSON (sorted keys, no spaces): the content hash of a metadata file."""
     return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; ValueError with the reason when it is not valid JSON or not an object
+    (the caller turns it into its own one-line error)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{e.__class__.__name__}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Move the finished directory ``tmp`` to ``out`` by renames; an existing ``out`` (which the caller
+    has checked is one of its own kind) is moved aside first and removed only once ``tmp`` is in place."""
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = make_temp_dir(out.parent, out.name)
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

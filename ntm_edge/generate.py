@@ -2,39 +2,59 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
-from .images import save_array, save_grid
+from . import validate
+from .decoding import DEFAULT_METHOD, METHODS
+from .images import save_images
 
 
 def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int = 0, guidance: float = 0.0,
-             out="samples.png", save_array_to=None, final: str | None = None, inverse_method: str = "sequential",
-             device: str = "cpu", log=print) -> np.ndarray:
-    """final: the exit from u-space (exits.EXITS); default: the denoiser when the checkpoint has one."""
-    if num < 1:
-        raise ConfigError("--num must be at least 1")
-    if steps < 1:
-        raise ConfigError("--steps must be at least 1")
-    if guidance < 0:
-        raise ConfigError("--guidance must be >= 0")
+             out="samples.png", save_array_to=None, final: str | None = None, inverse_method: str = DEFAULT_METHOD,
+             device: str = "cpu", log=print, warn=None) -> np.ndarray:
+    """final: the exit from u-space (exits.EXITS); default: the denoiser when the checkpoint has one and
+    was trained for ``steps`` (``validate.exit_for_steps``), else the exact inverse.
+
+    Every option and output path is checked before the sampler runs; warnings (``warn``, default: a
+    ``warning:`` line through ``log``) come after all checks have passed.
+    """
+    validate.count(num, "--num")
+    validate.count(steps, "--steps")
+    validate.seed(seed)
+    guidance = validate.guidance(guidance)
+    out = validate.image_path(out)
+    if save_array_to:
+        save_array_to = validate.array_path(save_array_to)
+    validate.choice(inverse_method, METHODS, "--inverse-method")
+    device = validate.torch_device(device)
     from .denoiser import has_denoiser, load_denoiser
-    from .exits import sample_images
+    from .exits import EXITS, sample_images
     from .model import NTM
 
+    if final:
+        validate.choice(final, EXITS, "--final")
+    if device != "cpu":  # the GPU path (ntm_edge/gpu.py): CUDA graphs and autocast
+        from .gpu import require_cuda, sample_images_gpu
+
+        require_cuda(device)
+        sample_images = functools.partial(sample_images_gpu, log=log)
     model = NTM.from_pretrained(checkpoint, device=device)
-    model.vocab.token_id(prompt)  # an unknown prompt fails here, before any work
-    final = final or ("denoiser" if has_denoiser(checkpoint) else "inverse")
-    denoiser = load_denoiser(checkpoint, device=device) if final == "denoiser" and has_denoiser(checkpoint) else None
+    cfg = model.config
+    model.vocab.check(prompt)  # an unknown prompt fails here, before any work
+    notes: list[str] = []
+    denoiser = load_denoiser(checkpoint, device=device) if has_denoiser(checkpoint) else None
+    final = validate.exit_for_steps(final, steps, denoiser.config.steps if denoiser else None, notes.append)
+    if cfg.objective != "fm":  # flow matching samples with Euler at any step count
+        validate.steps(steps, denoiser.config.t0 if final == "denoiser" and denoiser else cfg.t_min_sample, cfg.shift)
+    validate.fits_in_memory(num * cfg.dims, f"--num {num} ({cfg.dims} bytes per image)")
+    validate.flush(notes, warn, log)
     start = time.perf_counter()
     images = sample_images(model, [prompt] * num, steps=steps, seed=seed, guidance=guidance, final=final,
-                           denoiser=denoiser, inverse_method=inverse_method)
+                           denoiser=denoiser if final == "denoiser" else None, inverse_method=inverse_method)
     elapsed = time.perf_counter() - start
-    save_grid(images, Path(out))
-    if save_array_to:
-        save_array(images, Path(save_array_to))
-    log(f"wrote {out} ({num} images, {steps} steps, exit {final}, {elapsed:.2f} s, {num / elapsed:.1f} images/s)")
+    save_images(images, out, save_array_to, log)
+    log(f"wrote {out} ({num} images, {steps} steps, exit {final}, {elapsed:.2f} s)")
     return images

@@ -16,6 +16,7 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
+from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -46,12 +47,19 @@ class StopSignals:
 
     def __init__(self):
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # what signal.getsignal returned: a handler, SIG_DFL or None
         self._holding = 0
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    @property
+    def received(self) -> int:
+        """The signal that asked to stop (only once ``requested``)."""
+        if self.signum is None:
+            raise RuntimeError("no stop signal was received")
+        return self.signum
 
     @contextmanager
     def hold(self):

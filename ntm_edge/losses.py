@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import schedule
@@ -58,19 +59,27 @@ def end2end_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | N
     return losses
 
 
+def step_grids(shift: float) -> torch.Tensor:
+    """The time grids of every T in ``schedule.STEP_COUNTS`` (``schedule.time_grid`` with t_min = 0),
+    one row each, padded with 1 to the longest: (len(STEP_COUNTS), max T + 1), float32."""
+    longest = max(schedule.STEP_COUNTS)
+    rows = [np.pad(schedule.time_grid(T, 0.0, shift), (0, longest - T), constant_values=1.0) for T in schedule.STEP_COUNTS]
+    return torch.as_tensor(np.stack(rows), dtype=torch.float32)
+
+
 def pairwise_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | None = None) -> Losses:
     """One step per example: T ~ {4, 8, 16}, k ~ U{1..T}, NLL of x_{t_(k-1)} given x_{t_k} per dim."""
     cfg, B, dev = model.config, x0.shape[0], x0.device
     counts = torch.tensor(schedule.STEP_COUNTS, dtype=torch.float32, device=dev)
-    T = counts[torch.randint(len(counts), (B,), generator=g, device=dev)]  # (B,)
+    row = torch.randint(len(counts), (B,), generator=g, device=dev)  # (B,): which T
+    T = counts[row]  # (B,)
     k = torch.floor(torch.rand(B, generator=g, device=dev) * T) + 1  # (B,) in 1..T
-    t = schedule.shift_time(k / T, cfg.shift)
+    grids = step_grids(cfg.shift).to(dev)  # (3, 17)
+    t = grids[row, k.long()]
     t_min = draw_t_min(cfg, B, g, dev)
-    s = torch.where(k == 1, t_min, schedule.shift_time((k - 1) / T, cfg.shift))
-    view = (B, 1, 1, 1)
-    x_s = (1 - s).view(view) * x0 + s.view(view) * torch.randn(x0.shape, generator=g, device=dev)
-    a, b = schedule.markov_coeffs(s.view(view), t.view(view))
-    x_t = a * x_s + b * torch.randn(x0.shape, generator=g, device=dev)
+    s = torch.where(k == 1, t_min, grids[row, k.long() - 1])
+    levels = schedule.forward_trajectory(x0, torch.stack([s, t], dim=1), g)  # (B, 2, C, H, W): x_s, x_t
+    x_s, x_t = levels[:, 0], levels[:, 1]
     u, logdet = model.transporter(torch.cat([x_s, x_t]), torch.cat([s, t]), torch.cat([T, T]))
     nll, mu, x0_hat = model.step_terms(u[:B], logdet[:B], u[B:], s, t, T, ids, mask)
     losses = Losses(nll.mean() / cfg.dims, (x0_hat - x0).pow(2).mean())
@@ -84,9 +93,10 @@ def flow_matching_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: N
     B, dev = x0.shape[0], x0.device
     t = torch.rand(B, generator=g, device=dev)
     eps = torch.randn(x0.shape, generator=g, device=dev)
-    x_t = (1 - t).view(B, 1, 1, 1) * x0 + t.view(B, 1, 1, 1) * eps
+    mean, std = schedule.marginal_coeffs(t.view(B, 1, 1, 1))
+    x_t = mean * x0 + std * eps  # (2.1)
     v = model.predictor.velocity(x_t, t, model.prompt_encoder(ids), mask)
-    x0_hat = x_t - t.view(B, 1, 1, 1) * v
+    x0_hat = schedule.x0_from_velocity(x_t, t.view(B, 1, 1, 1), v)
     return Losses((v - (eps - x0)).pow(2).mean(), (x0_hat - x0).pow(2).mean())
 
 

@@ -1,4 +1,4 @@
-"""The predictor f_P: a Gaussian over u_s given u_t (paper 3.2, DESIGN.md 2).
+"""The predictor f_P: a Gaussian over u_s given u_t (paper 3.2, docs/design.md 2).
 
 The backbone knows nothing about the schedule. It maps (u_t, t, s, T, prompt) to a raw output
 (velocity v or x0-hat) and a log-scale residual d; ``Predictor`` turns that into the posterior
@@ -19,7 +19,8 @@ from torch import nn
 
 from . import schedule
 from .config import PredictorConfig
-from .layers import ConditionMLP, TransformerLayer, at_least_fp32, patchify, unpatchify
+from .layers import ConditionMLP, FP32Conv2d, FP32GroupNorm, FP32LayerNorm, FP32Linear, TransformerLayer
+from .numerics import at_least_fp32, patchify, unpatchify
 
 LOG_SCALE_CLAMP = 8.0  # |d| <= 8 (soft): sigma_P within C e^{+-8}
 
@@ -33,10 +34,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, cond_dim: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
+        self.norm1 = FP32GroupNorm(_groups(c_in), c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.film = nn.Linear(cond_dim, 2 * c_out)
-        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
+        self.norm2 = FP32GroupNorm(_groups(c_out), c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -73,10 +74,10 @@ class UNetBackbone(nn.Module):
                 c_prev = c
             if i > 0:
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
-        self.out_norm = nn.GroupNorm(_groups(c_prev), c_prev)
-        self.out = nn.Conv2d(c_prev, 2 * channels, 3, padding=1)
-        nn.init.zeros_(self.out.weight)  # raw output 0 and d = 0 at start
-        nn.init.zeros_(self.out.bias)
+        self.out_norm = FP32GroupNorm(_groups(c_prev), c_prev)
+        self.out = FP32Conv2d(c_prev, 2 * channels, 3, padding=1)
+        for p in self.out.parameters():  # weight and bias: raw output 0 and d = 0 at start
+            nn.init.zeros_(p)
 
     def forward(self, u_t, times, prompt_emb, prompt_mask):
         """u_t (B, C, H, W); times: (t, s, 1/T) or (t,), each (B,); prompt_emb (B, P, E), mask (B, P)
@@ -109,8 +110,8 @@ class TransformerBackbone(nn.Module):
         self.condition = ConditionMLP(3 if cfg.grid_conditioning else 1, W)
         self.prompt_proj = nn.Linear(prompt_dim, W)
         self.layers = nn.ModuleList(TransformerLayer(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(W)
-        self.out = nn.Linear(W, 2 * channels * p * p)
+        self.norm = FP32LayerNorm(W)
+        self.out = FP32Linear(W, 2 * channels * p * p)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -134,6 +135,7 @@ class Predictor(nn.Module):
     def __init__(self, cfg: PredictorConfig, channels: int, image_size: int, prompt_dim: int):
         super().__init__()
         self.param, self.grid_conditioning, self.learn_scale = cfg.param, cfg.grid_conditioning, cfg.learn_scale
+        self.backbone: nn.Module
         if cfg.backbone == "unet":
             self.backbone = UNetBackbone(cfg, channels, prompt_dim)
         else:
@@ -148,7 +150,7 @@ class Predictor(nn.Module):
         raw, d = self.backbone(u_t, (t, s, 1.0 / T) if self.grid_conditioning else (t,), prompt_emb, prompt_mask)
         view = (-1, 1, 1, 1)
         t4, s4 = t.view(view), s.view(view)
-        x0_hat = u_t - t4 * raw if self.param == "v" else raw
+        x0_hat = schedule.x0_from_velocity(u_t, t4, raw) if self.param == "v" else raw
         A, B, C = schedule.posterior_coeffs(s4, t4)
         mu = A * u_t + B * x0_hat
         log_C = torch.log(C).expand_as(mu)

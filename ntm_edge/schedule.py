@@ -8,11 +8,14 @@ Conventions: data x0 in [-1, 1], eps ~ N(0, I), time t in [0, 1] with t = 1 pure
     Markov step (2.3)     x_t = a x_s + b eps',  s < t            a = (1 - t)/(1 - s), b^2 = t^2 - a^2 s^2
     posterior (Prop. 2)   q(x_s | x_t, x0) = N(A x_t + B x0, C^2 I)
     covariance (Prop. 3)  Cov(x_ti, x_tj | x0) = S_ij I,  S_ij = min^2 (1 - max) / (1 - min)
+    likelihood (3.4)      -log p(x_t0..x_tT) = -log N(f_T(x_1); 0, I) + sum_k [-log N(f_T(x_s); mu_P, sigma_P^2)
+                                                                        - log|det df_T/dx_s|]
+    bound (docs/design.md 4)   bits/dim on -log p(x0) from the trajectory NLL (closed-form offset)
 
 This module imports numpy only: the torch-free runtime imports it. The coefficient functions use
 plain arithmetic (``*``, ``/``, ``**``), so they take numpy arrays, Python floats and torch tensors
-alike; the training code calls them on tensors and the runtime on arrays, and both get the same
-numbers.
+alike, and ``forward_trajectory`` picks its namespace from its argument (``numerics.namespace``): the
+training code calls them on tensors and the runtime on arrays, and both get the same numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import math
 
 import numpy as np
 
-STEP_COUNTS = (4, 8, 16)  # T drawn per example in pairwise training (DESIGN.md 2)
+from .numerics import gaussian_nll, namespace, standard_normal
+
+STEP_COUNTS = (4, 8, 16)  # T drawn per example in pairwise training (docs/design.md 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +72,7 @@ def time_grids(steps: int, t_min: np.ndarray, shift: float = 0.0) -> np.ndarray:
 
 
 def t_min_from_uniform(uniform, t_min_low: float, t_min_max: float):
-    """Map U[0, 1) draws (numpy or torch, any shape) to t_min ~ U[t_min_low, t_min_max] (DESIGN.md 1;
+    """Map U[0, 1) draws (numpy or torch, any shape) to t_min ~ U[t_min_low, t_min_max] (docs/design.md 1;
     the paper's low end is 0). Training draws the uniforms from its torch.Generator (exact resume)."""
     return t_min_low + (t_min_max - t_min_low) * uniform
 
@@ -124,30 +129,69 @@ def trajectory_covariance(ts) -> np.ndarray:
     return lo**2 * ratio
 
 
-def forward_trajectory(x0: np.ndarray, ts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Draw x_t0, ..., x_tT from the Markov forward process (numpy; the torch twin is in model.py).
+def forward_trajectory(x0, ts, rng):
+    """Draw x_t0, ..., x_tT from the Markov forward process: the marginal (2.1) at t_0, then one
+    step (2.3) per level. The one definition, for numpy (the runtime's audit) and torch (training).
 
-    x0: (B, ...) ; ts: (T + 1,) or (B, T + 1) -> (B, T + 1, ...).
+    x0: (B, ...) ; ts: (T + 1,) or (B, T + 1), in x0's namespace -> (B, T + 1, ...).
+    rng: a numpy Generator (noise float64) or a torch.Generator (noise in x0's dtype and device);
+    the noise is drawn level by level, t_0 first.
     """
-    ts = np.broadcast_to(np.asarray(ts, dtype=np.float64), (x0.shape[0], np.shape(ts)[-1]))
+    xp = namespace(x0)
+    ts = xp.asarray(ts)
+    ts = xp.broadcast_to(ts, (x0.shape[0], ts.shape[-1]))  # (B, K)
     bshape = (x0.shape[0],) + (1,) * (x0.ndim - 1)
     mean, std = marginal_coeffs(ts[:, 0].reshape(bshape))
-    x = mean * x0 + std * rng.standard_normal(x0.shape)
+    x = mean * x0 + std * standard_normal(rng, x0)
     levels = [x]
     for k in range(1, ts.shape[1]):
         a, b = markov_coeffs(ts[:, k - 1].reshape(bshape), ts[:, k].reshape(bshape))
-        x = a * x + b * rng.standard_normal(x0.shape)
+        x = a * x + b * standard_normal(rng, x0)
         levels.append(x)
-    return np.stack(levels, axis=1)
+    return xp.stack(levels, axis=1)
+
+
+def x0_from_velocity(x_t, t, v):
+    """x0-hat = x_t - t v: the clean image that a velocity v = eps - x0 of the straight path (2.1)
+    points back to (the predictor's "v" parametrisation and the flow-matching baseline)."""
+    return x_t - t * v
+
+
+def decoder_mean(x_t0, t0):
+    """x0 ~ x_t0 / (1 - t0): the mean of the decoder p(x0 | x_t0) that leaves the cleanest level
+    (the marginal (2.1) scales x0 by 1 - t0). Arrays, tensors or floats; t0 a float or broadcastable."""
+    return x_t0 / (1.0 - t0)
 
 
 # ---------------------------------------------------------------------------------------------
-# likelihood bookkeeping
+# likelihood bookkeeping (numpy or torch)
 # ---------------------------------------------------------------------------------------------
+
+
+def step_nll(u_s, logdet_s, mu, log_sigma):
+    """Exact -log p(x_s | x_t) of one step (paper 3.2-3.4): -log N(f_T(x_s); mu_P, sigma_P^2) -
+    log|det df_T/dx_s|. u_s (B, ...) = f_T(x_s), logdet_s (B,), mu, log_sigma (B, ...) -> (B,)."""
+    return gaussian_nll(u_s, mu, log_sigma) - logdet_s
+
+
+def trajectory_nll(u, logdet, mu, log_sigma):
+    """Exact -log p(x_t0, ..., x_tT) in nats (paper 3.4): the top level t_T = 1 is N(0, I), then one
+    ``step_nll`` per step k = T .. 1.
+
+    u (B, K, ...): f_T of every level t_0 .. t_T; logdet (B, K); mu, log_sigma (B, T, ...): entry
+    k - 1 is f_P's Gaussian over level k - 1 given level k -> (B,).
+    """
+    xp = namespace(u)
+    B, K = logdet.shape
+    T = K - 1
+    flat = lambda v: v.reshape(B * T, *v.shape[2:])  # noqa: E731  (B, T, ...) -> (B*T, ...)
+    steps = step_nll(flat(u[:, :-1]), logdet[:, :-1].reshape(B * T), flat(mu), flat(log_sigma)).reshape(B, T)
+    top = u[:, -1]
+    return step_nll(top, logdet[:, -1], xp.zeros_like(top), xp.zeros_like(top)) + steps.sum(1)
 
 
 def bound_offset_per_dim(ts) -> np.ndarray:
-    """Turn a trajectory NLL into a variational bound on -log p(x0) (DESIGN.md 4), per dimension.
+    """Turn a trajectory NLL into a variational bound on -log p(x0) (docs/design.md 4), per dimension.
 
     With the Markov forward process as q and the decoder p(x0 | x_t0) = N(x_t0 / (1 - t0),
     (t0 / (1 - t0))^2 I), -log p(x0) <= E_q[-log p(x0 | x_t0) - log p(x_t0..x_tT) + log q(x_t0..x_tT | x0)],
@@ -167,3 +211,9 @@ def bound_offset_per_dim(ts) -> np.ndarray:
 def bits_per_dim(nats_per_dim, bins: int = 256):
     """Nats per dim of data in [-1, 1] (bin width 2 / bins) -> bits per dim on the 8-bit scale."""
     return (np.asarray(nats_per_dim) + np.log(bins / 2)) / np.log(2)
+
+
+def bound_bits_per_dim(trajectory_nats_per_dim, ts, bins: int = 256):
+    """The variational bound on -log p(x0) in bits/dim on the 8-bit scale (docs/design.md 4), from the
+    trajectory NLL per dim (nats) on the grid ts: ``bits_per_dim`` of NLL / D + ``bound_offset_per_dim``."""
+    return bits_per_dim(trajectory_nats_per_dim + bound_offset_per_dim(ts), bins)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .captions import all_captions, caption_table
 from .checkpoint import (
     check_tensors,
     finish_interrupted,
@@ -38,7 +39,7 @@ from .checkpoint import (
     load_train_state,
     save_training_checkpoint,
 )
-from .config import OBJECTIVES, PRESET_MODES, NTMConfig, get_preset
+from .config import OBJECTIVES, PRESET_MODES, PRESET_TEXT_ENCODERS, NTMConfig, get_preset
 from .data import load_dataset
 from .distributed import (
     World,
@@ -56,13 +57,14 @@ from .evaluate import heldout_likelihood
 from .fileio import output_dir_problem, remove_stale_temporaries
 from .interrupts import Interrupted, StopSignals, signal_name
 from .losses import loss_function
-from .model import NTM, dequantize
-from .prompts import NULL_ID
+from .model import NTM
+from .numerics import dequantize
 
 MODES = ("end2end", "pairwise")
 PARALLEL = ("auto", "ddp", "fsdp")  # auto: FSDP2 for SHARDED_PRESETS, DDP otherwise (under torchrun)
 SHARDED_PRESETS = ("base",)
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on CPU
+TEXT_ENCODERS = {"minilm": "minilm", "labels": "label"}  # --text-encoder -> PromptConfig.kind
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class TrainArgs:
     grad_accum: int = 1  # micro-batches per rank and step: global batch = batch_size x ranks x grad_accum
     parallel: str = "auto"  # under torchrun: ddp | fsdp | auto (PARALLEL)
     precision: str = "auto"  # fp32 | bf16 (autocast) | auto (PRECISIONS)
+    text_encoder: str | None = None  # "minilm" | "labels" (None: the preset's, config.PRESET_TEXT_ENCODERS)
 
     def validate(self) -> TrainArgs:
         if self.mode is not None and self.mode not in MODES:
@@ -108,6 +111,8 @@ class TrainArgs:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
         get_preset(self.preset)
+        if self.text_encoder not in (None, *TEXT_ENCODERS):
+            raise ConfigError(f"unknown --text-encoder {self.text_encoder!r}; choose one of: {', '.join(TEXT_ENCODERS)}")
         return self
 
 
@@ -142,6 +147,47 @@ class Objective(torch.nn.Module):
 
     def forward(self, x0, ids, mask, g):
         return self.loss_fn(self.model, x0, ids, mask, g, self._teacher[0])
+
+
+def prompt_sampler(model: NTM, labels: torch.Tensor, class_names, dropout: float, g: torch.Generator,
+                   captions=None):
+    """-> draw(idx, gen=g) -> ids, mask (B, P): the training prompts of examples ``idx``, '' with probability
+    ``dropout`` (classifier-free guidance). A label model reads its class token; a text model a fresh
+    caption per example per step (drawn with ``gen``: ``g``, or a micro-batch's own generator, so
+    --resume and DDP stay bit-exact) from the table of all
+    captions, tokenised once (the encoder embeds each one once): the dataset's own ``captions`` (per
+    example) when it has them, else the templates filled with the example's class name."""
+    device = labels.device
+    null_ids, null_mask = model.null_prompt(1)
+    if model.config.prompt.kind == "label":
+        ids_all = labels + 1  # label k -> prompt id k + 1
+
+        def draw_label(idx, gen=g):
+            drop = torch.rand(len(idx), generator=gen, device=device) < dropout
+            ids = torch.where(drop, null_ids[0, 0], ids_all[idx])[:, None]  # (B, 1)
+            return ids, torch.ones_like(ids, dtype=torch.bool)
+
+        return draw_label
+    own = captions is not None  # owner of a table row: the example itself, or its class
+    table = caption_table(model.vocab, captions if own else all_captions(class_names))
+    owner = torch.arange(len(labels), device=device) if own else labels
+    ids_t, mask_t = (torch.from_numpy(a).to(device) for a in (table.ids, table.mask))  # (N, P)
+    start, count = (torch.from_numpy(a).to(device) for a in (table.start, table.count))  # (K,)
+    # embed every distinct caption and '' now, in fixed chunks: the encoder's float results depend on
+    # the batch a row is embedded in, so embedding rows as steps first draw them would break --resume
+    distinct = torch.unique(torch.cat([ids_t, null_ids.to(device)]), dim=0)  # sorted: the same in every run
+    for i in range(0, len(distinct), 256):
+        model.prompt_encoder(distinct[i : i + 256])
+
+    def draw_caption(idx, gen=g):
+        drop = torch.rand(len(idx), generator=gen, device=device) < dropout
+        k = owner[idx]
+        pick = torch.rand(len(idx), generator=gen, device=device)
+        row = start[k] + (pick * count[k]).long().clamp_max(count[k] - 1)  # (B,)
+        ids = torch.where(drop[:, None], null_ids.to(device), ids_t[row])  # (B, P)
+        return ids, torch.where(drop[:, None], null_mask.to(device), mask_t[row])
+
+    return draw_caption
 
 
 def _ema_update(ema: list[torch.Tensor], model: NTM, decay: float) -> None:
@@ -246,20 +292,15 @@ def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
                               f"resume it with the same value (got {getattr(args, key)!r})")
 
 
-def _draw_batch(images, ids_all, batch_size: int, dropout: float, g: torch.Generator):
-    """One micro-batch from generator ``g``: x0 (B, C, H, W) dequantised, prompt ids and mask (B, 1)."""
-    idx = torch.randint(len(images), (batch_size,), generator=g, device=images.device)
-    x0 = dequantize(images[idx], g)
-    drop = torch.rand(batch_size, generator=g, device=images.device) < dropout
-    ids = torch.where(drop, NULL_ID, ids_all[idx])[:, None]  # (B, 1)
-    return x0, ids, torch.ones_like(ids, dtype=torch.bool)
-
-
-def _micro_batch(objective, images, ids_all, g, args: TrainArgs, config: NTMConfig, autocast, step: int,
+def _micro_batch(objective, images, draw_prompts, g, args: TrainArgs, config: NTMConfig, autocast, step: int,
                  k: int) -> torch.Tensor:
-    """Global micro-batch ``k`` of ``step``: its draws, forward and loss -> (loss, main term, x0 MSE)."""
+    """Global micro-batch ``k`` of ``step``: its draws (all from the micro-batch's own generator: the
+    examples, the dequantisation noise, the prompts of prompt_sampler), forward and loss -> (loss,
+    main term, x0 MSE)."""
     gk = micro_generator(g, args.seed, step, k, images.device)
-    x0, ids, mask = _draw_batch(images, ids_all, args.batch_size, config.prompt_dropout, gk)
+    idx = torch.randint(len(images), (args.batch_size,), generator=gk, device=images.device)
+    x0 = dequantize(images[idx], gk)  # (B, C, H, W)
+    ids, mask = draw_prompts(idx, gk)  # (B, P): '' with probability prompt_dropout
     with autocast():
         losses = objective(x0, ids, mask, gk)
         loss = losses.total(config.x0_mse_weight, _align_weight_at(args, step))
@@ -271,15 +312,21 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
 
     With ``progress`` a rich progress bar shows the loss; without it (no terminal: CI, nohup) a
     plain line is logged every ``log_every`` steps. Under torchrun only rank 0 logs and saves.
+    SIGINT and SIGTERM are caught from the start, on every rank: one that arrives while the run
+    loads (or completes a killed run's save) stops it like one during training, with a checkpoint
+    and exit status 130 / 143 (under torchrun after the step that every rank agrees on).
     """
-    world = join(args.device)
-    with reporting(world):
-        args = args.validate()
-        quiet = not world.main
-        return _train(args, world, resume, progress and not quiet, (lambda *_: None) if quiet else log, log_every)
+    stop = StopSignals()
+    with stop:
+        world = join(args.device)
+        with reporting(world):
+            args = args.validate()
+            quiet = not world.main
+            return _train(args, world, resume, progress and not quiet, (lambda *_: None) if quiet else log, log_every,
+                          stop)
 
 
-def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log_every: int) -> dict:
+def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log_every: int, stop: StopSignals) -> dict:
     out = Path(args.out)
     state = from_main(world, lambda: _open_out(out, args, resume, log))
     preset = get_preset(args.preset)
@@ -292,7 +339,8 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
     image_size = config.image_size if config else preset.image_size
     data = load_dataset(args.dataset, "train", image_size=image_size, seed=0)
     if config is None:
-        config = preset.with_data(data.channels, data.class_names).for_objective(args.objective)
+        kind = TEXT_ENCODERS[args.text_encoder] if args.text_encoder else PRESET_TEXT_ENCODERS[args.preset]
+        config = preset.with_data(data.channels, data.class_names).with_text_encoder(kind).for_objective(args.objective)
         if args.x0_mse_weight is not None:
             config = dataclasses.replace(config, x0_mse_weight=args.x0_mse_weight)
     if config.prompt.class_names != data.class_names:
@@ -319,7 +367,8 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
     from_main(world, lambda: _check_room(out, model))
 
     images = torch.from_numpy(data.images).to(device)  # (N, H, W, C) uint8
-    ids_all = torch.from_numpy(data.labels + 1).to(device)  # label k -> prompt id k + 1
+    draw_prompts = prompt_sampler(model, torch.from_numpy(data.labels).to(device), data.class_names,
+                                  config.prompt_dropout, g, data.captions)
     unit = "mse" if config.objective == "fm" else "nats/dim"
     n_params = sum(p.numel() for p in model.parameters())
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
@@ -340,9 +389,9 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
     start = time.time()
     save = functools.partial(_save, world, out, model, ema, opt, g, args=args, history=history)
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
-    stop, signalled, budget_hit = StopSignals(), False, False
+    signalled, budget_hit = False, False
     try:
-        with stop, bar:
+        with bar:
             task = bar.add_task("train", total=args.steps, completed=step, info="")
             while step < args.steps and not (signalled or budget_hit):
                 budget = args.time_budget is not None and time.time() - start >= args.time_budget
@@ -351,7 +400,8 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
                     break
                 opt.zero_grad(set_to_none=True)
 
-                micro_batch = functools.partial(_micro_batch, objective, images, ids_all, g, args, config, autocast, step)
+                micro_batch = functools.partial(_micro_batch, objective, images, draw_prompts, g, args, config, autocast,
+                                                step)
                 # every rank's micro-batches, then agreement on the loss and on stopping after this step
                 (total, main, x0_mse), agreed = accumulate(world, objective, args.grad_accum, micro_batch,
                                                            (stop.requested, budget))
@@ -389,8 +439,8 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
         log(f"interrupted by {signal_name(signum)} at step {step}; checkpoint saved to {out}; "
             "continue with --resume")
         raise Interrupted(signum, saved=True)
-    summary = {"step": step, "mode": mode, "objective": config.objective, "train_loss": loss_avg,
-               "seconds": time.time() - start, "params": n_params}
+    summary: dict = {"step": step, "mode": mode, "objective": config.objective, "train_loss": loss_avg,
+                     "seconds": time.time() - start, "params": n_params}
     if args.eval_images > 0:
         ema_full = dict(zip([n for n, _ in model.named_parameters()], full(world, ema), strict=True))
     if args.eval_images > 0 and world.main:

@@ -1,36 +1,32 @@
-"""The likelihood audit on the runtime (DESIGN.md 4), numpy + onnxruntime.
+"""The likelihood audit on the runtime (docs/design.md 4), numpy + onnxruntime.
 
 - ``trajectory_nll``: the exact -log p(x_t0, ..., x_tT | y) of trajectories in x-space (paper 3.4),
   -log N(f_T(x_1); 0, I) + sum over steps [-log N(f_T(x_s); mu_P, sigma_P^2) - log|det df_T/dx_s|],
-  from the transporter-forward and predictor-step graphs (the twin of ``NTM.trajectory_nll``).
+  from the transporter-forward and predictor-step graphs, assembled by ``schedule.trajectory_nll``
+  (in float64) as ``NTM.trajectory_nll`` assembles it from the torch modules.
 - ``generated_nll``: that NLL for trajectories the sampler drew (every level inverted, then scored).
 - ``image_bound``: the variational bound on -log p(x0) of images in bits/dim on the 8-bit scale,
-  averaged over a few forward trajectories (the twin of ``evaluate.heldout_likelihood``).
+  averaged over a few forward trajectories (``schedule.forward_trajectory``, ``numerics.dequantize``;
+  what ``evaluate.heldout_likelihood`` computes with torch).
 
 Scores are under the conditional model (guidance weight 0): that is the model's density.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .. import schedule
-from ..errors import ConfigError
-from .inversion import DEFAULT_TOL, invert
+from ntm_edge import schedule
+from ntm_edge.decoding import DEFAULT_METHOD
+from ntm_edge.errors import ConfigError
+from ntm_edge.numerics import dequantize
+
+from .inversion import invert
 from .session import Runtime
 from .specs import PREDICTOR_STEP, PROMPT_ENCODER, TRANSPORTER_FORWARD
-
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def gaussian_nll(x: np.ndarray, mu, log_sigma) -> np.ndarray:
-    """-log N(x; mu, sigma^2) summed over all but the first axis, in float64: (B, ...) -> (B,)."""
-    x, mu, log_sigma = (np.asarray(v, dtype=np.float64) for v in (x, mu, log_sigma))
-    z = (x - mu) * np.exp(-log_sigma)
-    return (0.5 * z * z + log_sigma + HALF_LOG_2PI).reshape(len(x), -1).sum(1)
 
 
 def transport(rt: Runtime, x: np.ndarray, t: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,27 +45,19 @@ def trajectory_nll(rt: Runtime, x: np.ndarray, ts: np.ndarray, ids: np.ndarray, 
     u, logdet = zip(*(transport(rt, np.ascontiguousarray(x[:, k], dtype=np.float32), ts[:, k], T)
                       for k in range(K)), strict=True)
     emb = rt[PROMPT_ENCODER](ids=ids)["prompt_emb"]
-    nll = gaussian_nll(u[T], 0.0, 0.0) - logdet[T]  # the top level t_T = 1 is N(0, I)
-    for k in range(1, K):  # step t_k -> t_k-1
-        out = rt[PREDICTOR_STEP](u_t=u[k], t=ts[:, k], s=ts[:, k - 1], steps=np.full(B, T, dtype=np.float32),
-                                 prompt_emb=emb, prompt_mask=mask)
-        nll = nll + gaussian_nll(u[k - 1], out["mu"], out["log_sigma"]) - logdet[k - 1]
-    return nll
+    steps = [rt[PREDICTOR_STEP](u_t=u[k], t=ts[:, k], s=ts[:, k - 1], steps=np.full(B, T, dtype=np.float32),
+                                prompt_emb=emb, prompt_mask=mask) for k in range(1, K)]  # step k: level k-1 given k
+    f64 = lambda levels: np.stack(levels, axis=1).astype(np.float64)  # noqa: E731  sums of many terms: float64
+    return schedule.trajectory_nll(f64(u), f64(logdet), f64([o["mu"] for o in steps]), f64([o["log_sigma"] for o in steps]))
 
 
-def generated_nll(rt: Runtime, u: np.ndarray, ts: np.ndarray, ids, mask, method: str = "jacobi",
-                  tol: float = DEFAULT_TOL) -> np.ndarray:
+def generated_nll(rt: Runtime, u: np.ndarray, ts: np.ndarray, ids, mask, method: str = DEFAULT_METHOD,
+                  **settings) -> np.ndarray:
     """Exact NLL (nats, (B,)) of sampled trajectories given in u-space (B, K, C, H, W): invert every level
-    (``exits.invert_levels``), then score the x trajectory."""
+    (``exits.invert_levels``; ``settings``: segments, tol, max_iters), then score the x trajectory."""
     steps = u.shape[1] - 1
-    x = np.stack([invert(rt, u[:, k], ts[k], steps, method, tol)[0] for k in range(u.shape[1])], axis=1)
+    x = np.stack([invert(rt, u[:, k], ts[k], steps, method, **settings)[0] for k in range(u.shape[1])], axis=1)
     return trajectory_nll(rt, x, ts, ids, mask)
-
-
-def dequantize(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1]: (pixel + U[0, 1)) / 128 - 1 (``model.dequantize``)."""
-    x = images.transpose(0, 3, 1, 2).astype(np.float64)
-    return ((x + rng.random(x.shape)) / 128.0 - 1.0).astype(np.float32)
 
 
 def image_bound(rt: Runtime, images: np.ndarray, prompts, steps: int | None = None, trajectories: int = 4,
@@ -77,10 +65,10 @@ def image_bound(rt: Runtime, images: np.ndarray, prompts, steps: int | None = No
     """Bits/dim bound on -log p(x0 | y) of uint8 images (N, H, W, C), averaged over ``trajectories``
     forward trajectories per image (``evaluate.heldout_likelihood``) -> {"bits_per_dim" (N,), ...}."""
     cfg = rt.bundle.config
-    steps = steps or cfg.steps
+    steps = cfg.steps if steps is None else steps  # 0 is an error below, not the default
     t_min = cfg.t_min_sample if t_min is None else t_min
     if trajectories < 1 or steps < 1:
-        raise ConfigError("--trajectories and --steps must be at least 1")
+        raise ConfigError(f"--trajectories and --steps must be at least 1, got {trajectories} and {steps}")
     want = (cfg.image_size, cfg.image_size, cfg.channels)
     if images.ndim != 4 or images.shape[1:] != want or images.dtype != np.uint8:
         raise ConfigError(f"the model scores uint8 images of shape (H, W, C) = {want}, got {images.dtype} "
@@ -93,12 +81,11 @@ def image_bound(rt: Runtime, images: np.ndarray, prompts, steps: int | None = No
     for _ in range(trajectories):
         for b in range(0, len(images), batch):
             sl = slice(b, b + batch)
-            x0 = dequantize(images[sl], rng).astype(np.float64)
+            x0 = dequantize(images[sl], rng)  # float64
             x = schedule.forward_trajectory(x0, ts, rng).astype(np.float32)  # (B, K, C, H, W)
             total[sl] += trajectory_nll(rt, x, ts, ids[sl], mask[sl])
     nats = total / trajectories / cfg.dims
-    offset = float(schedule.bound_offset_per_dim(ts))
-    return {"bits_per_dim": schedule.bits_per_dim(nats + offset), "trajectory_nats_per_dim": nats,
+    return {"bits_per_dim": schedule.bound_bits_per_dim(nats, ts), "trajectory_nats_per_dim": nats,
             "steps": steps, "t_min": t_min, "trajectories": trajectories}
 
 
@@ -108,23 +95,30 @@ def load_images(path, channels: int) -> np.ndarray:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"image file {path} does not exist")
+        raise ConfigError(f"{path} is a directory, not an image file" if path.is_dir() else
+                          f"image file {path} does not exist" if not path.exists() else f"{path} is not a regular file")
     if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"{path} is not a readable .npy array ({e})") from None
+        try:  # memory-mapped first: a header that promises more than the file holds is refused, not allocated
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
+            raise ConfigError(f"{path} is not a readable .npy array ({str(e) or e.__class__.__name__})") from None
         if arr.dtype != np.uint8:
             raise ConfigError(f"{path} holds {arr.dtype}; the audit scores uint8 images (as `run --save-array` writes)")
+        arr = np.array(arr)
         if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == channels and arr.shape[0] != channels):
             arr = arr[None]  # one image, (H, W) or (H, W, C)
         arr = arr[..., None] if arr.ndim == 3 else arr  # (N, H, W) -> (N, H, W, 1)
         if arr.ndim != 4:
             raise ConfigError(f"{path} has shape {arr.shape}; expected (N, H, W, C), (N, H, W) or (H, W, C)")
+        if arr.size == 0:
+            raise ConfigError(f"{path} holds no images (shape {arr.shape})")
         return arr
     try:
-        img = Image.open(path).convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ConfigError(f"{path} is not a readable image ({e.__class__.__name__})") from None
+        with warnings.catch_warnings():  # Pillow's warning about a huge image: an error here, not a second line
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path).convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        too_big = isinstance(e, Image.DecompressionBombError | Image.DecompressionBombWarning)
+        raise ConfigError(f"{path} is not a readable image ({e if too_big else e.__class__.__name__})") from None
     arr = np.asarray(img, dtype=np.uint8)
     return (arr[..., None] if arr.ndim == 2 else arr)[None]

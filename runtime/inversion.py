@@ -1,94 +1,98 @@
-"""Exact inversion of the transporter on the runtime: x = f_T^-1(u, t, T) (DESIGN.md 3a), numpy only.
+"""Exact inversion of the transporter on the runtime: x = f_T^-1(u, t, T) (docs/design.md 3a), numpy only.
 
-The blocks are inverted in reverse order, each one of two ways (the torch twins are
-``TarFlowBlock.inverse_jacobi`` with one segment and ``TarFlowBlock.inverse``):
+The blocks are inverted in reverse order, each by the drivers of ``ntm_edge.decoding`` (the same ones
+the torch transporter runs), here over the bundle's graphs:
 
-- ``jacobi``: iterate the block's one-pass graph x <- mu(x_<n) + exp(alpha(x_<n)) u from x = u until
-  the relative change max|x_new - x| / max|x_new| is <= tol (worst example of the batch), or after
-  N - 1 passes, when it is exact whatever the change.
-- ``sequential``: N - 1 calls of the block's decoding-step graph, one token each, with the KV cache in
-  fixed-size buffers (L, B, heads, N, hd) passed in and out.
+- ``jacobi``: (Gauss-Seidel-)Jacobi, ``decoding.solve_segments`` over the block's one-pass graph
+  ``transporter_jacobi_<i>`` (x <- mu(x_<n) + exp(alpha(x_<n)) u); ``segments`` G > 1 solves the
+  tokens in G segments in scan order. The graph takes whole images, so a segment's pass runs on the
+  full sequence (the tokens after the segment cannot reach it) and keeps its prefix.
+- ``sequential``: ``decoding.decode_tokens`` over the decoding-step graph ``transporter_step_<i>``,
+  N - 1 calls with the KV cache in fixed-size buffers (L, B, heads, N, hd) passed in and out.
+
+Settings (method, segments, tol, max_iters; one value or one per block) mean what they mean for
+``Transporter.inverse`` and are validated by the same function.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ntm_edge.decoding import DEFAULT_METHOD, DEFAULT_TOL, InverseReport, decode_tokens, inverse_settings, solve_segments
+from ntm_edge.numerics import flip_tokens, patchify, unpatchify
+
 from .session import Runtime
 from .specs import jacobi_graph, step_graph
 
-METHODS = ("jacobi", "sequential")
-DEFAULT_TOL = 1e-5  # = ntm_edge.transporter.DEFAULT_TOL (a test pins them equal)
+
+class _Layout:
+    """Block ``block``'s token layout: images (B, C, H, W) <-> scan-ordered tokens (B, N, D)."""
+
+    def __init__(self, rt: Runtime, block: int, chw: tuple[int, ...]):
+        tp = rt.bundle.transporter
+        self.p, self.flip, self.chw = tp["patch_size"], tp["flip"][block], chw
+
+    def tokens(self, x: np.ndarray) -> np.ndarray:
+        xs = patchify(x, self.p)
+        return flip_tokens(xs) if self.flip else xs
+
+    def image(self, xs: np.ndarray) -> np.ndarray:
+        xs = flip_tokens(xs) if self.flip else xs
+        return unpatchify(np.ascontiguousarray(xs), self.p, *self.chw)
 
 
-def patchify(x: np.ndarray, p: int) -> np.ndarray:
-    """(B, C, H, W) -> (B, N, C p p), row-major patch order (``ntm_edge.layers.patchify``)."""
-    B, C, H, W = x.shape
-    x = x.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, p)
-    return x.transpose(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+def jacobi_block(rt: Runtime, block: int, u: np.ndarray, t: np.ndarray, steps: np.ndarray, segments: int = 1,
+                 tol: float = DEFAULT_TOL, max_iters: int | None = None):
+    """Invert one block by (GS-)Jacobi passes: u (B, C, H, W) -> x (B, C, H, W), and per segment the
+    passes used, final relative change, converged (as ``TarFlowBlock.inverse_jacobi``)."""
+    graph, layout = rt[jacobi_graph(block)], _Layout(rt, block, u.shape[1:])
+    us = layout.tokens(u)  # (B, N, D) scan order
+
+    def step(x_p: np.ndarray, u_p: np.ndarray) -> np.ndarray:
+        e = x_p.shape[1]
+        x_full = np.concatenate([x_p, us[:, e:]], axis=1)  # tokens >= e: any values, they cannot reach x_<e
+        out = graph(x=layout.image(x_full), u=u, t=t, steps=steps)["x_next"]
+        return layout.tokens(out)[:, :e]
+
+    xs, *report = solve_segments(step, us, segments, tol, max_iters)
+    return (layout.image(xs), *report)
 
 
-def unpatchify(tokens: np.ndarray, p: int, C: int, H: int, W: int) -> np.ndarray:
-    """(B, N, C p p) -> (B, C, H, W); the inverse of ``patchify``."""
-    B = tokens.shape[0]
-    x = tokens.reshape(B, H // p, W // p, C, p, p)  # (B, h, w, C, p, p)
-    return x.transpose(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
-
-
-def relative_change(new: np.ndarray, old: np.ndarray, eps: float = 1e-12) -> float:
-    """max|new - old| / max|new| per example, worst example of the batch (float64)."""
-    new, old = new.reshape(len(new), -1).astype(np.float64), old.reshape(len(old), -1).astype(np.float64)
-    return float((np.abs(new - old).max(1) / (np.abs(new).max(1) + eps)).max())
-
-
-def jacobi_block(rt: Runtime, block: int, u: np.ndarray, t: np.ndarray, steps: np.ndarray,
-                 tol: float = DEFAULT_TOL) -> tuple[np.ndarray, int]:
-    """Invert one block by Jacobi passes: u (B, C, H, W) -> x (B, C, H, W), passes used."""
-    graph = rt[jacobi_graph(block)]
-    bound = rt.bundle.transporter["num_tokens"] - 1  # token k is exact after k passes
-    x, used = u, 0
-    while used < bound:
-        new = graph(x=x, u=u, t=t, steps=steps)["x_next"]
-        change = relative_change(new, x)
-        x, used = new, used + 1
-        if change <= tol:
-            break
-    return x, used
-
-
-def sequential_block(rt: Runtime, block: int, u: np.ndarray, t: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, int]:
-    """Invert one block token by token: u (B, C, H, W) -> x (B, C, H, W), decoding steps used (N - 1)."""
+def sequential_block(rt: Runtime, block: int, u: np.ndarray, t: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Invert one block token by token: u (B, C, H, W) -> x (B, C, H, W), N - 1 decoding steps."""
     tp = rt.bundle.transporter
-    graph = rt[step_graph(block)]
-    p, flip = tp["patch_size"], tp["flip"][block]
-    us = patchify(u, p)  # (B, N, D)
-    us = us[:, ::-1] if flip else us  # scan order
-    B, N, _ = us.shape
-    k_cache = np.zeros((tp["layers"], B, tp["heads"], N, tp["head_dim"]), dtype=np.float32)
-    v_cache = np.zeros_like(k_cache)
-    xs = np.empty_like(us)
-    xs[:, 0] = us[:, 0]  # token 0 passes through: mu = alpha = 0
-    for n in range(N - 1):
-        out = graph(x_token=xs[:, n], position=np.array([n], dtype=np.int64), t=t, steps=steps,
-                    k_cache=k_cache, v_cache=v_cache)
-        k_cache, v_cache = out["k_cache_out"], out["v_cache_out"]
-        xs[:, n + 1] = us[:, n + 1] * np.exp(out["alpha"]) + out["mu"]  # fp32 island
-    xs = xs[:, ::-1] if flip else xs
-    return unpatchify(np.ascontiguousarray(xs), p, *u.shape[1:]), N - 1
+    graph, layout = rt[step_graph(block)], _Layout(rt, block, u.shape[1:])
+    us = layout.tokens(u)  # (B, N, D) scan order
+    empty = np.zeros((tp["layers"], us.shape[0], tp["heads"], us.shape[1], tp["head_dim"]), dtype=np.float32)
+
+    def step(x_token: np.ndarray, n: int, caches: tuple[np.ndarray, np.ndarray]):
+        out = graph(x_token=x_token, position=np.array([n], dtype=np.int64), t=t, steps=steps,
+                    k_cache=caches[0], v_cache=caches[1])
+        return out["mu"], out["alpha"], (out["k_cache_out"], out["v_cache_out"])
+
+    return layout.image(decode_tokens(step, us, (empty, empty)))
 
 
-def invert(rt: Runtime, u: np.ndarray, t, steps: int, method: str = "jacobi", tol: float = DEFAULT_TOL):
-    """x = f_T^-1(u, t, T): u (B, C, H, W), t scalar or (B,) -> x (B, C, H, W), passes per block
-    (indexed as the blocks; the last block is inverted first)."""
-    num_blocks = rt.bundle.transporter["num_blocks"]
+def check_settings(rt: Runtime, method: str, segments=1, tol=DEFAULT_TOL, max_iters=None):
+    """``decoding.inverse_settings`` for this bundle's transporter: one tuple entry per block."""
+    tp = rt.bundle.transporter
+    return inverse_settings(method, segments, tol, max_iters, tp["num_blocks"], tp["num_tokens"])
+
+
+def invert(rt: Runtime, u: np.ndarray, t, steps: int, method: str = DEFAULT_METHOD, segments=1, tol=DEFAULT_TOL,
+           max_iters=None) -> tuple[np.ndarray, InverseReport]:
+    """x = f_T^-1(u, t, T): u (B, C, H, W), t scalar or (B,) -> x (B, C, H, W), InverseReport (indexed
+    as the blocks; the last block is inverted first). Settings as ``Transporter.inverse_with_report``."""
+    segments, tol, max_iters = check_settings(rt, method, segments, tol, max_iters)
+    num_blocks, N = rt.bundle.transporter["num_blocks"], rt.bundle.transporter["num_tokens"]
     B = u.shape[0]
     t = np.broadcast_to(np.asarray(t, dtype=np.float32), (B,))
     T = np.full((B,), steps, dtype=np.float32)
-    passes = [0] * num_blocks
+    per_block: list = [None] * num_blocks  # (iterations, residuals, converged) of each block
     h = np.asarray(u, dtype=np.float32)
     for i in reversed(range(num_blocks)):  # f_T = blocks[-1] o ... o blocks[0]
         if method == "jacobi":
-            h, passes[i] = jacobi_block(rt, i, h, t, T, tol)
+            h, *per_block[i] = jacobi_block(rt, i, h, t, T, segments[i], tol[i], max_iters[i])
         else:
-            h, passes[i] = sequential_block(rt, i, h, t, T)
-    return h, passes
+            h, per_block[i] = sequential_block(rt, i, h, t, T), ((N - 1,), (0.0,), (True,))
+    return h, InverseReport.of_blocks(method, per_block)

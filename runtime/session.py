@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ntm_edge import validate
+from ntm_edge.errors import ConfigError
+
 from .bundle import Bundle, BundleError, load_bundle
 from .specs import GraphSpec
 
@@ -72,9 +75,10 @@ def engine_cache_dir(bundle: Bundle) -> Path:
 
 
 def default_threads() -> int | None:
-    """Intra-op threads: $OMP_NUM_THREADS when set (onnxruntime itself ignores it), else onnxruntime's own."""
+    """Intra-op threads: $OMP_NUM_THREADS when set (onnxruntime itself ignores it), bounded by the cores
+    this process may use, else None (onnxruntime's own choice: one thread per physical core)."""
     value = os.environ.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
+    return min(int(value), validate.cpu_count()) if value.isdigit() and int(value) > 0 else None
 
 
 class Graph:
@@ -97,6 +101,9 @@ class Graph:
         names = [i.name for i in self.session.get_inputs()]
         if names != spec.input_names or [o.name for o in self.session.get_outputs()] != spec.output_names:
             raise BundleError(f"{path} does not have the inputs and outputs its manifest entry lists; re-export the bundle")
+        for arg, tensor in zip((*self.session.get_inputs(), *self.session.get_outputs()), (*spec.inputs, *spec.outputs),
+                               strict=True):
+            _check_io(path, arg, tensor)
         self._dtypes = {t.name: NUMPY_DTYPES[t.dtype] for t in spec.inputs}
 
     @property
@@ -104,8 +111,23 @@ class Graph:
         return self.session.get_providers()
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        feed = {name: np.ascontiguousarray(inputs[name], dtype=dtype) for name, dtype in self._dtypes.items()}
+        feed: dict[str, np.ndarray] = {name: np.ascontiguousarray(inputs[name], dtype=dtype)
+                                       for name, dtype in self._dtypes.items()}
         return dict(zip(self.spec.output_names, self.session.run(None, feed), strict=True))
+
+
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "bool": "tensor(bool)"}
+
+
+def _check_io(path, arg, tensor) -> None:
+    """One input or output of a loaded graph against its IO spec: dtype, rank and every size the graph
+    fixes (a symbolic size in the graph fits anything; a fixed one must be the spec's static size)."""
+    shape = list(arg.shape)
+    fits = len(shape) == len(tensor.shape) and all(
+        not isinstance(got, int) or got == want for got, want in zip(shape, tensor.shape, strict=True))
+    if arg.type != ORT_TYPES[tensor.dtype] or not fits:
+        raise BundleError(f"{path}: {tensor.name} is {arg.type} {shape} in the graph, but the manifest's IO spec says "
+                          f"{tensor.dtype} {list(tensor.shape)}; re-export the bundle")
 
 
 class Runtime:
@@ -115,15 +137,31 @@ class Runtime:
     def __init__(self, bundle: Bundle, provider: str | None = None, threads: int | None = None,
                  precision: str = "fp32"):
         self.bundle, self.precision = bundle, precision
-        self.providers = choose_providers(provider)
+        # "tensorrt": the native engines of `ntm-edge build-engines` (runtime/tensorrt_backend.py, untested here);
+        # "ort-tensorrt": onnxruntime's TensorRT execution provider
+        self.native = provider == "tensorrt"
+        if self.native:
+            from .tensorrt_backend import import_tensorrt
+
+            import_tensorrt()  # one clear error line when TensorRT is missing, before any work
+            self.providers = ["TensorRT (native engines)"]
+        else:
+            self.providers = choose_providers("tensorrt" if provider == "ort-tensorrt" else provider)
+        threads = validate.threads(threads)  # -1: all cores; more than the cores: bounded
         self.threads = default_threads() if threads is None else (threads or None)
         self._graphs: dict[str, Graph] = {}
+        self._native_backend: Any = None  # a TensorRTBackend once a native graph is first used
 
     def __getitem__(self, name: str) -> Graph:
+        if name not in self._graphs and self.native:
+            from .tensorrt_backend import TensorRTBackend
+
+            self._native_backend = self._native_backend or TensorRTBackend(self.bundle, self.precision)
+            self._graphs[name] = self._native_backend.graph(name)
         if name not in self._graphs:
             path = self.bundle.file(name, self.precision)
             spec = self.bundle.graphs[name]
-            providers = list(self.providers)
+            providers: list = list(self.providers)
             if PROVIDERS["tensorrt"] in providers:
                 cache = engine_cache_dir(self.bundle)
                 cache.mkdir(parents=True, exist_ok=True)
@@ -134,7 +172,20 @@ class Runtime:
     def has(self, name: str) -> bool:
         return self.bundle.has(name, self.precision)
 
+    @property
+    def provider_name(self) -> str:
+        """Short name ("tensorrt", "cuda", "cpu") of the provider the graphs run on first."""
+        if self.native:
+            return "tensorrt"
+        return next(short for short, full in PROVIDERS.items() if full == self.providers[0])
 
-def open_runtime(path, provider: str | None = None, threads: int | None = None, precision: str = "fp32") -> Runtime:
-    """Load and verify the bundle at ``path`` (manifest, format version, sha256 of every file)."""
-    return Runtime(load_bundle(path), provider, threads, precision)
+
+def open_runtime(path, provider: str | None = None, threads: int | None = None, precision: str | None = "fp32") -> Runtime:
+    """Load and verify the bundle at ``path`` (manifest, format version, sha256 of every file).
+    ``precision`` None or "auto": the best the bundle holds for the provider (runtime/precision.py)."""
+    from .precision import choose_precision
+
+    bundle = load_bundle(path)
+    rt = Runtime(bundle, provider, threads)
+    rt.precision = choose_precision(bundle, rt.provider_name, precision)
+    return rt

@@ -1,4 +1,4 @@
-"""The IO spec of every exported graph, as data (STYLE: one place that export, calibration, engine
+"""The IO spec of every exported graph, as data (one place that export, calibration, engine
 build and the runtime all read). Pure Python: no torch, no onnxruntime.
 
 A ``GraphSpec`` names a graph's inputs and outputs, their dtypes and shapes; a shape entry is an int
@@ -7,19 +7,23 @@ A ``GraphSpec`` names a graph's inputs and outputs, their dtypes and shapes; a s
 them for one model; the exporter traces each graph with exactly these names, writes them into
 ``manifest.json``, and the runtime reads them back from there (it never rebuilds them).
 
-Graphs (DESIGN.md 5), all with a dynamic batch axis, float32 unless noted:
+Graphs (docs/design.md 5), all with a dynamic batch axis, float32 unless noted:
 
     prompt_encoder          ids int64 (B, P)                                   -> prompt_emb (B, P, E)
     predictor_step          u_t (B, C, H, W), t, s, steps (B,), prompt_emb, prompt_mask bool (B, P)
                                                                                -> mu, log_sigma (B, C, H, W)
     sampler_loop            u_top (B, C, H, W), noise (B, T, C, H, W), levels_t (T + 1,), prompt_emb,
-                            null_emb (B, P, E), prompt_mask, guidance (1,)     -> u_levels (B, T + 1, C, H, W)
+                            null_emb (B, P, E), prompt_mask, null_mask, guidance (1,)
+                                                                               -> u_levels (B, T + 1, C, H, W)
     transporter_forward     x (B, C, H, W), t, steps (B,)                      -> u (B, C, H, W), logdet (B,)
     transporter_jacobi_<i>  x, u (B, C, H, W), t, steps (B,)                   -> x_next (B, C, H, W)
     transporter_step_<i>    x_token (B, D), position int64 (1,), t, steps (B,), k_cache, v_cache
                             (L, B, heads, N, hd)                               -> mu, alpha (B, D), k_cache_out,
                                                                                   v_cache_out (L, B, heads, N, hd)
     denoiser                u (B, C, H, W), ids int64 (B, P), prompt_mask bool -> x0 (B, C, H, W)
+
+P is 1 for a label model (one learned token per class) and ``max_tokens`` for a text model, whose
+prompt encoder is the frozen MiniLM (E = 384; the mask is ids != [PAD] inside the graph, padding zeroed).
 
 ``steps`` is the coarse step count T as a float (the networks read 1/T). In ``sampler_loop``,
 ``noise[:, j]`` is the z that draws level j (j = 0 .. T - 1) and ``u_levels`` is ordered t_0 .. t_T.
@@ -127,13 +131,15 @@ def graph_specs(config, batch: int = 8, has_denoiser: bool = False) -> dict[str,
         raise ValueError("a flow-matching model has no u-space sampler to export")
     B = "batch"
     C, S = config.channels, config.image_size
-    P, E = 1, config.prompt.dim  # the label encoder: one prefix token per prompt
+    text = config.prompt.kind != "label"
+    P, E = (config.prompt.max_tokens if text else 1), config.prompt.dim  # word pieces, or one token per label
     K = config.steps + 1
     img = (B, C, S, S)
     one, two = {B: (1, batch, batch)}, {B: (1, 2 * batch, 2 * batch)}
     specs = [
         GraphSpec(PROMPT_ENCODER, (_t("ids", B, P, dtype="int64"),), (_t("prompt_emb", B, P, E),), two,
-                  "prompt ids -> prefix embeddings (the label table; row 0 is the null prompt)"),
+                  "prompt ids -> prefix embeddings (" + ("the frozen MiniLM; padding zeroed)" if text else
+                                                      "the label table; row 0 is the null prompt)")),
         GraphSpec(PREDICTOR_STEP,
                   (_t("u_t", *img), _t("t", B), _t("s", B), _t("steps", B), _t("prompt_emb", B, P, E),
                    _t("prompt_mask", B, P, dtype="bool")),
@@ -141,7 +147,8 @@ def graph_specs(config, batch: int = 8, has_denoiser: bool = False) -> dict[str,
                   "f_P: the Gaussian N(mu, exp(log_sigma)^2) over u_s given u_t (Prop. 2 parametrisation)"),
         GraphSpec(SAMPLER_LOOP,
                   (_t("u_top", *img), _t("noise", B, K - 1, C, S, S), _t("levels_t", K), _t("prompt_emb", B, P, E),
-                   _t("null_emb", B, P, E), _t("prompt_mask", B, P, dtype="bool"), _t("guidance", 1)),
+                   _t("null_emb", B, P, E), _t("prompt_mask", B, P, dtype="bool"),
+                   _t("null_mask", B, P, dtype="bool"), _t("guidance", 1)),
                   (_t("u_levels", B, K, C, S, S),), one,
                   f"Algorithm 2 steps 1-2 unrolled for T = {config.steps}, guided (C.5) with weight `guidance`"),
     ]

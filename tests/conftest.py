@@ -28,3 +28,27 @@ def trained_tiny(tmp_path_factory):
                      checkpoint_every=100, eval_images=297, seed=0)
     summary = train(args, progress=False, log=lambda *_: None)
     return out, summary
+
+
+TEXT_TRAIN_STEPS = 300  # tiny + MiniLM on digits captions: 150 steps still sits near chance, 300 follows paraphrases
+
+
+@pytest.fixture(scope="session")
+def trained_text_tiny(tmp_path_factory):
+    """Checkpoint dir of `tiny` trained with --text-encoder minilm on digits captions, once per session."""
+    from ntm_edge.train import TrainArgs, train
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny_text"
+    train(TrainArgs(dataset="digits", preset="tiny", steps=TEXT_TRAIN_STEPS, batch_size=64, lr=2e-3, out=str(out),
+                    text_encoder="minilm", eval_images=0, seed=0), progress=False, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_bundle(trained_text_tiny, tmp_path_factory):
+    """The export of ``trained_text_tiny`` (its prompt_encoder graph is the ~86 MB MiniLM): once per session."""
+    from ntm_edge.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny_text"
+    export_bundle(trained_text_tiny, out, batch=4, log=lambda *_: None)
+    return out

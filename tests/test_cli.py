@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ntm_edge.cli import app
 
 runner = CliRunner()
-COMMANDS = ["train", "sample", "train-denoiser", "eval", "compare", "export", "run", "audit", "presets"]
+COMMANDS = ["train", "sample", "train-denoiser", "eval", "compare", "export", "run", "audit", "presets", "bench"]
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])

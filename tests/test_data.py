@@ -98,7 +98,19 @@ def test_folder(tmp_path):
     np.testing.assert_array_equal(again.images, train.images)
     rgb = load_dataset(spec, image_size=5, channels=3)
     assert rgb.images.shape == (7, 5, 5, 3)
-    assert load_dataset(spec, image_size=6).channels == 1  # first image (ant/0.PNG) is grayscale
+    # channels not fixed: the images decide, and this folder mixes greyscale and colour (cat/1.PNG)
+    message = _data_error(spec, image_size=6)
+    assert "mixes greyscale and colour" in message and "cat/1.PNG" in message and "ant/0.PNG" in message
+
+
+def test_folder_channels_follow_the_images_when_they_agree(tmp_path):
+    for mode, channels in (("L", 1), ("RGB", 3), ("LA", 1), ("RGBA", 3)):
+        root = tmp_path / mode
+        for cls in ("a", "b"):
+            (root / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new(mode, (8, 8)).save(root / cls / f"{i}.png")
+        assert load_dataset(f"folder:{root}", image_size=8).channels == channels, mode
 
 
 def test_folder_sizes_must_match_without_image_size(tmp_path):

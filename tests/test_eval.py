@@ -37,7 +37,8 @@ def test_eval_report(report, trained_tiny):
     assert [row["steps"] for row in r["rows"]] == [4, 8]
     row = r["rows"][0]
     assert row["bits_per_dim"] == pytest.approx(trained_tiny[1]["heldout"]["bits_per_dim"], rel=1e-6)
-    assert 0.0 <= row["prompt_accuracy"] <= 1.0 and row["frechet"] > 0 and row["images_per_s"] > 0
+    assert 0.0 <= row["prompt_accuracy"] <= 1.0 and row["frechet"] > 0
+    assert "images_per_s" not in row  # speed is the bench's job (ntm-edge bench), not a quality figure
     # a (briefly) trained model is read as its prompts more often than chance, and sits closer to the
     # real data than noise does (noise is > 100 in this feature space, see test_metrics)
     assert row["prompt_accuracy"] > 0.3, row  # chance is 0.10; guidance 2 sharpens the prompt
@@ -49,7 +50,7 @@ def test_compare_table_and_plot(report, tmp_path):
     result = runner.invoke(app, ["compare", str(report), str(report), "--out", str(table), "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     lines = table.read_text().splitlines()
-    assert lines[0].startswith("| model | bits/dim | Frechet")
+    assert lines[0] == "| model | bits/dim | Frechet | prompt acc. |"
     # the same report twice is one model: merged, one row per step count
     assert sum("tiny NTM T=4" in line for line in lines) == 1 and "real held-out images" in lines[-1]
     assert sum("tiny NTM T=8" in line for line in lines) == 1

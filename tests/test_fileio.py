@@ -27,7 +27,7 @@ atomic_write(d / "out.bin", write)
 
 def _start_hanging_writer(directory: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", _HANG, str(directory)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing"
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
     return proc
 
 

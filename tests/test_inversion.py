@@ -25,9 +25,10 @@ import torch
 from ntm_edge import NTM
 from ntm_edge.config import TransporterConfig
 from ntm_edge.data import load_dataset
+from ntm_edge.decoding import DEFAULT_TOL, segment_bounds
 from ntm_edge.errors import ConfigError
-from ntm_edge.model import dequantize
-from ntm_edge.transporter import DEFAULT_TOL, Transporter, segment_bounds
+from ntm_edge.numerics import dequantize
+from ntm_edge.transporter import Transporter
 
 STEPS = 4
 
@@ -59,7 +60,7 @@ def sampled_u(model: NTM, n: int = 16):
 def real_u(model: NTM, n: int = 16):
     """Held-out digits through the forward process to level t0, then f_T: (u, x_t0, t0)."""
     data = load_dataset("digits", "test", image_size=model.config.image_size)
-    x0 = dequantize(torch.from_numpy(data.images[:n]), generator=torch.Generator().manual_seed(1))
+    x0 = dequantize(torch.from_numpy(data.images[:n]), torch.Generator().manual_seed(1))
     traj = model.forward_trajectory(x0, STEPS, generator=torch.Generator().manual_seed(2))
     x_t0, t0 = traj.x[:, 0], traj.t[:, 0]
     with torch.no_grad():

@@ -3,6 +3,7 @@
 1. Same seed, same images as the torch sampler (`ntm-edge sample`): every exit (inverse by Jacobi or
    sequential decoding, denoiser), with and without guidance, one graph per step or the unrolled loop,
    across engine batches and noise chunks: images within 1 uint8 level, u levels within 1e-4.
+   GS-Jacobi on the runtime (per-block segments and caps) equals sequential decoding.
 2. The runtime never imports torch (a subprocess that forbids it runs every command path).
 3. The audit: the exact trajectory NLL equals the torch model's; held-out digits score far fewer
    bits/dim than uniform noise.
@@ -11,7 +12,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -28,8 +28,9 @@ from typer.testing import CliRunner
 from ntm_edge.cli import app
 from ntm_edge.errors import ConfigError, PromptError
 from ntm_edge.runtime import BundleError, open_runtime
-from ntm_edge.runtime.bundle import MANIFEST
-from ntm_edge.runtime.sampler import NOISE_BATCH, generate
+from ntm_edge.runtime.bundle import FORMAT_VERSION, MANIFEST, seal
+from ntm_edge.runtime.sampler import generate
+from ntm_edge.sampling import NOISE_BATCH
 
 runner = CliRunner()
 
@@ -51,13 +52,30 @@ def rt(tiny_bundle):
     return open_runtime(tiny_bundle[1], provider="cpu", threads=1)
 
 
-def test_constants_pinned_to_the_torch_side():
-    from ntm_edge.exits import sample_images
-    from ntm_edge.runtime import inversion
-    from ntm_edge.transporter import DEFAULT_TOL
+@pytest.mark.parametrize("segments", [1, 2, (4, 2)], ids=["jacobi", "gs2", "gs4-2"])
+def test_runtime_gs_jacobi_matches_sequential_decoding(model, rt, segments):
+    """GS-Jacobi on the runtime, driven by the transporter's per-block settings: the exact inverse
+    (sequential decoding by torch) within float rounding, and the report of each block's segments."""
+    from ntm_edge.decoding import DEFAULT_TOL, segment_bounds
+    from ntm_edge.runtime.inversion import invert
 
-    assert inspect.signature(sample_images).parameters["batch_size"].default == NOISE_BATCH
-    assert inversion.DEFAULT_TOL == DEFAULT_TOL
+    ids, mask = model.tokenize([str(i) for i in range(8)])
+    u, t0 = model.sample_u(ids, mask, 4, np.random.default_rng(5), 0.0, model.config.t_min_sample)
+    with torch.no_grad():
+        ref = model.transporter.inverse(u, t0, 4, method="sequential").numpy()
+    x, report = invert(rt, u.numpy(), t0, 4, "jacobi", segments=segments)
+    assert np.abs(x - ref).max() < 1e-4 and np.abs(x - u.numpy()).max() > 0.05  # and far from the identity
+    N = model.transporter.num_tokens
+    per_block = segments if isinstance(segments, tuple) else (segments,) * 2
+    for i, (G, its, res) in enumerate(zip(per_block, report.iterations, report.residuals, strict=True)):
+        assert len(its) == G, f"block {i}: one entry per segment"
+        for (start, end), k, r in zip(segment_bounds(N, G), its, res, strict=True):
+            assert 0 < k <= end - start and (r <= DEFAULT_TOL or k == end - start - (start == 0))
+    # a per-block cap reaches the block it names (block 1 is inverted first)
+    _, capped = invert(rt, u.numpy(), t0, 4, "jacobi", max_iters=(N, 1))
+    assert capped.iterations[1] == (1,) and not capped.converged[1][0] and capped.all_converged is False
+    with pytest.raises(ConfigError, match="segments must be an integer from 1 to the 16 tokens"):
+        invert(rt, u.numpy(), t0, 4, "jacobi", segments=17)
 
 
 @pytest.mark.parametrize("final, method, guidance, unrolled", [
@@ -97,7 +115,7 @@ def test_run_matches_torch_across_noise_chunks(model, tiny_bundle, rt):
 def test_audit_nll_matches_torch(model, rt):
     from ntm_edge.data import load_dataset
     from ntm_edge.exits import invert_levels
-    from ntm_edge.model import dequantize
+    from ntm_edge.numerics import dequantize
     from ntm_edge.runtime.audit import generated_nll, trajectory_nll
 
     data = load_dataset("digits", "test", image_size=8)
@@ -118,7 +136,9 @@ def test_audit_nll_matches_torch(model, rt):
 
 
 def _mean_bits(output: str) -> float:
-    return float(re.search(r"mean: ([0-9.]+) bits/dim", output).group(1))
+    match = re.search(r"mean: ([0-9.]+) bits/dim", output)
+    assert match is not None, output
+    return float(match.group(1))
 
 
 def test_audit_cli_real_digits_beat_noise(model, tiny_bundle, rt, tmp_path):
@@ -188,9 +208,9 @@ def test_option_errors(tiny_bundle, tmp_path):
     _one_line_error(runner.invoke(app, ["run", "--prompt", "3", *out]), "--bundle is required")
     _one_line_error(runner.invoke(app, ["audit", "--prompt", "3", "--image", "x.png"]), "--bundle is required")
     _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "giraffe", *out]), "unknown prompt 'giraffe'")
-    _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "3", "--final", "x", *out]), "unknown exit")
+    _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "3", "--final", "x", *out]), "unknown --final")
     _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "3", "--inverse-method", "newton", *out]),
-                    "unknown inversion method")
+                    "unknown --inverse-method")
     _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "3", "--provider", "tpu", *out]),
                     "unknown provider")
     _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "3", "--steps", "8", "--unrolled", *out]),
@@ -253,13 +273,13 @@ def test_manifest_version_and_corruption(tiny_bundle, tmp_path):
     b = _copy(tiny_bundle[1], tmp_path)
     manifest = json.loads((b / MANIFEST).read_text())
     (b / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(BundleError, match="format version 99, this ntm-edge reads 1"):
+    with pytest.raises(BundleError, match=f"format version 99, this ntm-edge reads {FORMAT_VERSION}"):
         open_runtime(b)
     line = _one_line_error(runner.invoke(app, ["audit", "--bundle", str(b), "--prompt", "3", "--image", "x.png"]), "")
     assert "format version" in line
     files = dict(manifest["files"])
     files.pop("denoiser.fp32.onnx")
-    (b / MANIFEST).write_text(json.dumps({**manifest, "files": files}))
+    (b / MANIFEST).write_text(json.dumps(seal({**manifest, "files": files})))  # re-sealed: past the content hash
     with pytest.raises(BundleError, match="graph 'denoiser' has no sha256"):
         open_runtime(b)
     (b / MANIFEST).write_text("{not json")
@@ -292,15 +312,18 @@ def test_gaussian_model_without_transporter_or_denoiser(tmp_path):
         generate(rt, ["1"], final="denoiser")
 
 
-NO_TORCH = r"""
+FORBID_IMPORTS = r"""
 import sys
 
-class NoTorch:
+class Forbidden:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("the runtime must not import torch")
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"the runtime must not import {name}")
 
-sys.meta_path.insert(0, NoTorch())
+sys.meta_path.insert(0, Forbidden())
+"""
+
+NO_TORCH = FORBID_IMPORTS + r"""
 from ntm_edge.cli import app
 bundle, out = sys.argv[1], sys.argv[2]
 common = ["--bundle", bundle, "--prompt", "4", "--num", "3", "--threads", "1"]
@@ -315,7 +338,7 @@ try:
     app(["audit", "--bundle", bundle, "--prompt", "4", "--image", out + ".npy", "--threads", "1"])
 except SystemExit as e:
     assert e.code in (0, None), e.code
-assert "torch" not in sys.modules
+assert "torch" not in sys.modules and "transformers" not in sys.modules
 torch_side = {"model", "transporter", "predictor", "layers", "denoiser", "exits", "export"}
 assert not {m for m in sys.modules if m.startswith("ntm_edge.") and m.split(".")[1] in torch_side}
 print("NO TORCH OK")

@@ -12,6 +12,8 @@ What is checked, always against numbers produced here in a different way than th
 4. ``time_grid`` / ``time_grids`` / ``shift_time`` / ``shift_for_length`` shape and value rules.
 5. The coefficient functions give the same numbers on float64 torch tensors as on numpy arrays.
 6. Markov coefficients: b^2 == t^2 - a^2 s^2 (textbook form).
+7. The bound offset (docs/design.md 4) against a Monte Carlo estimate of E_q[-log p(x0 | x_t0) + log q],
+   and the 8-bit scale of bits_per_dim against two densities whose bits are known.
 
 Tolerances.  Monte Carlo checks use Z_MAX = 5 standard errors, where the standard error is the
 textbook large-N one for Gaussian data (mean: sigma/sqrt(N); std: sigma/sqrt(2N); covariance
@@ -55,11 +57,11 @@ def exact_posterior(s: float, t: float) -> tuple[Fraction, Fraction, Fraction]:
     Cov = a s^2 with a = (1-t)/(1-s) (Markov step).  Conditioning on x_t (Schur complement):
     E[x_s | x_t] = (1-s) x0 + (Cov/Var x_t)(x_t - (1-t) x0),  Var = Var x_s - Cov^2 / Var x_t.
     """
-    s, t = Fraction(s), Fraction(t)
-    a = (1 - t) / (1 - s)
-    var_s, var_t, cov = s * s, t * t, a * s * s
+    fs, ft = Fraction(s), Fraction(t)
+    a = (1 - ft) / (1 - fs)
+    var_s, var_t, cov = fs * fs, ft * ft, a * fs * fs
     A = cov / var_t
-    B = (1 - s) - A * (1 - t)
+    B = (1 - fs) - A * (1 - ft)
     C2 = var_s - cov * cov / var_t
     return A, B, C2
 
@@ -404,3 +406,38 @@ def test_markov_step_from_clean_data():
     a, b = sch.markov_coeffs(0.0, t)
     np.testing.assert_allclose(a, 1.0 - t, rtol=1e-15)
     np.testing.assert_allclose(b, t, rtol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. the likelihood bound (docs/design.md 4) and the 8-bit scale
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ts", [[0.025, 0.25, 0.5, 0.75, 1.0], [0.01, 0.3, 1.0]])
+def test_bound_offset_is_the_expected_log_ratio(ts):
+    """The offset per dim is E_q[-log p(x0 | x_t0) + log q(x_t0..x_tT | x0)] / D, with the decoder
+    N(x_t0 / (1 - t0), (t0 / (1 - t0))^2) and q the marginal at t0 times the Markov steps: here by
+    Monte Carlo over trajectories drawn step by step (textbook a, b), log densities from scipy."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(13)
+    x0 = np.linspace(-0.9, 0.9, 8)  # D = 8
+    x = (1 - ts[0]) * x0 + ts[0] * rng.standard_normal((N_MC, 8))
+    t0 = ts[0]
+    total = -norm.logpdf(x0, x / (1 - t0), t0 / (1 - t0)) + norm.logpdf(x, (1 - t0) * x0, t0)
+    for s, t in zip(ts[:-1], ts[1:], strict=True):
+        a = (1 - t) / (1 - s)
+        b = math.sqrt(t * t - a * a * s * s)
+        x_next = a * x + b * rng.standard_normal(x.shape)
+        total += norm.logpdf(x_next, a * x, b)
+        x = x_next
+    per_dim = total.mean(1)  # (N,)
+    assert_within_se(per_dim.mean(), sch.bound_offset_per_dim(ts), per_dim.std() / math.sqrt(N_MC), "offset")
+
+
+def test_bits_per_dim_on_the_8bit_scale():
+    """Uniform on [-1, 1]^D is 8 bits per pixel; all mass uniform inside one of the 256 bins is 0 bits."""
+    assert sch.bits_per_dim(math.log(2.0)) == pytest.approx(8.0, rel=1e-12)
+    assert sch.bits_per_dim(-math.log(128.0)) == pytest.approx(0.0, abs=1e-12)
+    ts = [0.025, 0.5, 1.0]
+    assert sch.bound_bits_per_dim(0.7, ts) == pytest.approx(sch.bits_per_dim(0.7 + sch.bound_offset_per_dim(ts)))

@@ -1,0 +1,159 @@
+"""Calibration inputs from real data, for every graph that INT8 quantizes (torch side).
+
+Two sources, both drawn with ``PrecisionOptions.calib_seed``:
+
+1. Forward trajectories of ``calib_images`` images of the TRAINING split, at every level of the
+   T-step schedule (t_0 = the sampling t_min, ..., t_T = 1), mapped to u-space by the transporter.
+   Every step k feeds the predictor (u_tk, t_k, t_k-1, T) twice: with the image's prompt and with the
+   null prompt, as classifier-free guidance runs it (the conditional and unconditional halves).
+2. The sampler's own trajectories (Algorithm 2) for ``calib_samples`` prompts cycling over the classes,
+   half at guidance 0 and half at ``calib_guidance``: the predictor sees its own outputs at every step,
+   a range that real trajectories do not cover. The unrolled sampler graph is calibrated on exactly
+   these runs (its inputs are the noises); the denoiser on the u_t0 they end in and on the forward
+   trajectories' u_t0 at the denoiser's level.
+
+``calibration_batches`` returns, per graph, a list of input dicts (numpy, the graph's IO names) of at
+most ``batch`` rows each: what ``onnxruntime.quantization``'s calibration reader feeds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import schedule
+from ..checkpoint import trained_on
+from ..data import load_dataset
+from ..errors import ConfigError
+from ..model import NTM
+from ..numerics import dequantize
+from ..prompts import NULL_ID
+from ..runtime import specs
+from .policy import PrecisionOptions
+
+
+def _training_images(model: NTM, checkpoint, n: int, rng: np.random.Generator):
+    """n training images (uint8 (n, H, W, C)) and their prompt ids (n, 1), drawn without replacement."""
+    cfg = model.config
+    dataset = trained_on(checkpoint)
+    if dataset is None:
+        raise ConfigError(f"{checkpoint} does not record its dataset: INT8 calibration needs its training images")
+    data = load_dataset(dataset, "train", image_size=cfg.image_size, channels=cfg.channels)
+    if tuple(data.class_names) != tuple(cfg.prompt.class_names):
+        raise ConfigError(f"{dataset} has classes {data.class_names}, the model {cfg.prompt.class_names}")
+    idx = rng.choice(len(data.images), size=min(n, len(data.images)), replace=False)
+    return data.images[idx], model.vocab.ids_for_labels(data.labels[idx])
+
+
+@torch.no_grad()
+def _forward_levels(model: NTM, images: np.ndarray, seed: int, t_min: float):
+    """x and u = f_T(x) at every level of forward trajectories: (n, K, C, H, W) each, ts (n, K)."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = dequantize(torch.from_numpy(images), g)
+    traj = model.forward_trajectory(x0, model.config.steps, generator=g, t_min=t_min)
+    n, K = traj.t.shape
+    u, _ = model.transporter(traj.x.reshape(n * K, *x0.shape[1:]), traj.t.reshape(-1), K - 1)
+    return traj.x, u.reshape(traj.x.shape), traj.t
+
+
+def _predictor_rows(model: NTM, u: torch.Tensor, ts: torch.Tensor, ids: torch.Tensor) -> dict[str, np.ndarray]:
+    """Predictor inputs of every step of trajectories u (n, K, ...) on grids ts (n, K), once with the
+    prompts and once with the null prompt -> rows (2 n T, ...)."""
+    n, K = ts.shape
+    T = K - 1
+    emb, null = model.prompt_encoder(ids), model.prompt_encoder(torch.full_like(ids, NULL_ID))
+    rows: dict[str, list] = {"u_t": [], "t": [], "s": [], "steps": [], "prompt_emb": [], "prompt_mask": []}
+    for k in range(1, K):
+        for e in (emb, null):
+            rows["u_t"].append(u[:, k])
+            rows["t"].append(ts[:, k])
+            rows["s"].append(ts[:, k - 1])
+            rows["steps"].append(torch.full((n,), float(T)))
+            rows["prompt_emb"].append(e)
+            rows["prompt_mask"].append(torch.ones_like(ids, dtype=torch.bool))
+    return {k: torch.cat(v).numpy() for k, v in rows.items()}
+
+
+def _batches(rows: dict[str, np.ndarray], batch: int, names: list[str]) -> list[dict[str, np.ndarray]]:
+    n = len(next(iter(rows.values())))
+    return [{k: np.ascontiguousarray(rows[k][i : i + batch]) for k in names} for i in range(0, n, batch)]
+
+
+def _cat(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@torch.no_grad()
+def calibration_batches(model: NTM, checkpoint, graphs: dict[str, specs.GraphSpec], opts: PrecisionOptions,
+                        denoiser=None, batch: int = 64) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Calibration inputs for each graph in ``graphs`` (name -> its IO spec) -> {name: [input dict, ...]}."""
+    cfg = model.config
+    T = cfg.steps
+    rng = np.random.default_rng(opts.calib_seed)
+    images, ids_np = _training_images(model, checkpoint, opts.calib_images, rng)
+    ids = torch.from_numpy(ids_np)
+    x, u, ts = _forward_levels(model, images, opts.calib_seed, cfg.t_min_sample)
+
+    # the sampler's own trajectories: half at guidance 0, half at calib_guidance
+    m = opts.calib_samples
+    s_ids = torch.arange(m)[:, None] % len(cfg.prompt.class_names) + 1  # every class (label ids), never the null id
+    s_mask = torch.ones_like(s_ids, dtype=torch.bool)
+    weights = [0.0] * (m - m // 2) + [opts.calib_guidance] * (m // 2)
+    sampled = []  # (ids, u levels (b, K, ...), grid (K,), guidance, noise list)
+    for j, w in enumerate(sorted(set(weights))):
+        sel = [i for i, v in enumerate(weights) if v == w]
+        levels, grid = model.sample_levels(s_ids[sel], s_mask[sel], T, np.random.default_rng([opts.calib_seed, 1, j]),
+                                           w, cfg.t_min_sample)
+        sampled.append((s_ids[sel], levels, grid, w))
+
+    out: dict[str, list[dict[str, np.ndarray]]] = {}
+    for name, spec in graphs.items():
+        names = spec.input_names
+        if name == specs.PREDICTOR_STEP:
+            parts = [_predictor_rows(model, u, ts, ids)]
+            for s_id, levels, grid, _ in sampled:
+                grid_t = torch.as_tensor(grid, dtype=torch.float32).expand(len(s_id), len(grid))
+                parts.append(_predictor_rows(model, levels, grid_t, s_id))
+            out[name] = _batches(_cat(*parts), batch, names)
+        elif name == specs.SAMPLER_LOOP:
+            out[name] = []
+            for j, (s_id, _, _, w) in enumerate(sampled):
+                noise_rng = np.random.default_rng([opts.calib_seed, 2, j])
+                shape = (len(s_id), cfg.channels, cfg.image_size, cfg.image_size)
+                rows = {"u_top": noise_rng.standard_normal(shape, dtype=np.float32),
+                        "noise": noise_rng.standard_normal((shape[0], T, *shape[1:]), dtype=np.float32),
+                        "prompt_emb": model.prompt_encoder(s_id).numpy(),
+                        "null_emb": model.prompt_encoder(torch.full_like(s_id, NULL_ID)).numpy(),
+                        "prompt_mask": np.ones((len(s_id), 1), dtype=bool),
+                        "null_mask": np.ones((len(s_id), 1), dtype=bool)}
+                for b in _batches(rows, batch, list(rows)):
+                    b["levels_t"] = schedule.time_grid(T, cfg.t_min_sample, cfg.shift).astype(np.float32)
+                    b["guidance"] = np.array([w], dtype=np.float32)
+                    out[name].append(b)
+        elif name == specs.DENOISER:
+            if denoiser is None:
+                raise ConfigError("the bundle lists a denoiser graph but the checkpoint has no denoiser")
+            t0 = denoiser.config.t0
+            _, u_den, _ = _forward_levels(model, images, opts.calib_seed, t0)
+            levels, _ = model.sample_levels(s_ids, s_mask, T, np.random.default_rng([opts.calib_seed, 3]), 0.0, t0)
+            rows = {"u": torch.cat([u_den[:, 0], levels[:, 0]]).numpy(), "ids": torch.cat([ids, s_ids]).numpy(),
+                    "prompt_mask": np.ones((len(ids) + m, 1), dtype=bool)}
+            out[name] = _batches(rows, batch, names)
+        elif name == specs.TRANSPORTER_FORWARD:
+            n, K = ts.shape
+            rows = {"x": x.reshape(n * K, *x.shape[2:]).numpy(), "t": ts.reshape(-1).numpy(),
+                    "steps": np.full(n * K, float(T), dtype=np.float32)}
+            out[name] = _batches(rows, batch, names)
+        elif name.startswith("transporter_jacobi_"):
+            from ..export.parity import block_io
+
+            n, K = ts.shape
+            flat_t = ts.reshape(-1)
+            h_in, h_out = block_io(model, x.reshape(n * K, *x.shape[2:]), flat_t, T)[int(name.rsplit("_", 1)[1])]
+            # the first pass (x = u) and the fixed point (x = the block's input): the range Jacobi sweeps
+            rows = {"x": np.concatenate([h_out, h_in]), "u": np.concatenate([h_out, h_out]),
+                    "t": np.tile(flat_t.numpy(), 2), "steps": np.full(2 * n * K, float(T), dtype=np.float32)}
+            out[name] = _batches(rows, batch, names)
+        else:
+            raise ConfigError(f"no calibration data is defined for graph {name!r}")
+    return out

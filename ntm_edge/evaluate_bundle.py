@@ -1,0 +1,71 @@
+"""`ntm-edge eval --bundle B --precision P`: a bundle judged by the same eval as a checkpoint.
+
+The same report as ``evaluate.evaluate_checkpoint`` (held-out bits/dim, Frechet distance and prompt
+accuracy under the same evaluation classifier), with the samples drawn and the held-out
+images scored by the torch-free runtime at the chosen precision. Held-out bits/dim: one forward
+trajectory per test image (the checkpoint eval draws one too, from torch's generator, so the two
+agree to sampling noise, not bit for bit).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samples: int = 500, guidance: float = 0.0,
+                    seed: int = 0, dataset: str | None = None, final: str = "inverse", provider: str | None = "cpu",
+                    threads: int | None = None, log=print) -> dict:
+    """The eval report of a bundle at one precision (None or "auto": the runtime's default)."""
+    from . import validate
+    from .data import load_dataset
+    from .evaluate import balanced_prompts, real_data_floor, sampled_quality
+    from .metrics import load_or_train_classifier
+    from .runtime.audit import image_bound
+    from .runtime.precision import describe
+    from .runtime.sampler import generate
+    from .runtime.session import open_runtime
+    from .runtime.specs import DENOISER
+
+    if not steps:
+        raise ConfigError("--steps must be given at least once")
+    for T in steps:
+        validate.count(T, "--steps")
+    validate.count(num_samples, "--num-samples", 2)  # a Frechet distance needs a covariance
+    guidance = validate.guidance(guidance)
+    validate.seed(seed)
+    if final not in ("inverse", "denoiser"):
+        raise ConfigError(f"a bundle leaves u-space by 'inverse' or 'denoiser', not {final!r} (score denoising needs torch)")
+    rt = open_runtime(bundle, provider, threads, precision)
+    cfg = rt.bundle.config
+    den = rt.bundle.denoiser if final == "denoiser" and rt.has(DENOISER) else None
+    for T in steps:  # the sampler's grid, as for a checkpoint
+        validate.exit_for_steps(final, T, den["steps"] if den else None)
+        validate.steps(T, den["t0"] if den else cfg.t_min_sample, cfg.shift)
+    dataset = dataset or rt.bundle.manifest["source"].get("dataset")
+    if dataset is None:
+        raise ConfigError(f"{bundle} does not record its dataset; pass --dataset")
+    test = load_dataset(dataset, "test", image_size=cfg.image_size, channels=cfg.channels)
+    if tuple(test.class_names) != tuple(cfg.prompt.class_names):
+        raise ConfigError(f"{dataset} has classes {test.class_names}, the model {cfg.prompt.class_names}")
+    clf = load_or_train_classifier(dataset, cfg.image_size, cfg.channels, log=log)
+    prompts, labels = balanced_prompts(cfg.prompt.class_names, num_samples)
+    test_prompts = [cfg.prompt.class_names[k] for k in test.labels]
+    log(describe(rt.bundle, rt.precision))
+    rows = []
+    for T in steps:
+        bound = image_bound(rt, test.images, test_prompts, steps=T, trajectories=1, seed=seed)
+        row = {"steps": int(T), "bits_per_dim": float(np.mean(bound["bits_per_dim"])),
+               "trajectory_nats_per_dim": float(np.mean(bound["trajectory_nats_per_dim"])), "t_min": bound["t_min"],
+               "num_images": int(len(test.images))}
+        kw = dict(steps=T, seed=seed, guidance=guidance, final=final)
+        row.update(sampled_quality(lambda p, kw=kw: generate(rt, p, **kw).images, prompts, labels, clf, test.images))
+        log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
+            f"prompt accuracy {row['prompt_accuracy']:.3f} ({rt.precision})")
+        rows.append(row)
+    return {
+        "bundle": str(bundle), "precision": rt.precision, "providers": rt.providers, "objective": cfg.objective,
+        "dataset": dataset, "final": final, "num_samples": num_samples, "guidance": guidance, "seed": seed,
+        **real_data_floor(clf, dataset, cfg, num_samples, test.images), "rows": rows,
+    }
