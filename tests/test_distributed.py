@@ -168,3 +168,28 @@ def test_bf16_autocast_keeps_the_likelihood_in_fp32():
     assert seen == [torch.float32, torch.bfloat16]  # the network ran in bf16 under autocast
     assert bf16.dtype == torch.float32
     assert abs(bf16.item() - fp32.item()) <= 0.05 * abs(fp32.item())
+
+
+def test_a_text_model_on_two_ranks_as_one_process(runs):
+    """Text prompts (MiniLM captions) are drawn from each micro-batch's generator too: a text model and
+    its denoiser train on 2 ranks as in one process with 2 micro-batches."""
+    from safetensors.torch import load_file
+
+    root, dataset, common, quiet, _ = runs
+    text = {**common, "text_encoder": "minilm"}
+    train(TrainArgs(steps=STEPS, grad_accum=2, out=str(root / "text-one"), **text), **quiet)
+    r = torchrun("train", "--dataset", dataset, "--preset", "tiny", "--batch-size", str(BATCH), "--checkpoint-every",
+                 str(EVERY), "--eval-images", "0", "--seed", "2", "--steps", str(STEPS), "--text-encoder", "minilm",
+                 "--parallel", "ddp", "--out", str(root / "text-ddp"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = load_train_state(root / "text-one"), load_train_state(root / "text-ddp")
+    assert a["config"]["prompt"]["kind"] == "minilm"
+    for key in ("model", "ema"):
+        assert max_diff(a[key], b[key]) <= TOL, key
+    train_denoiser(root / "text-one", steps=3, batch_size=4, trajectories=1, grad_accum=2, progress=False,
+                   log=lambda *_: None)
+    r = torchrun("train-denoiser", "--checkpoint", str(root / "text-ddp"), "--steps", "3", "--batch-size", "4",
+                 "--trajectories", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    den = [load_file(root / name / "denoiser.safetensors") for name in ("text-one", "text-ddp")]
+    assert max_diff(*den) <= TOL
