@@ -5,16 +5,20 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# The pinned CPU build of torch. Installing it first keeps pip from pulling a multi-GB CUDA
-# build when the project's `torch>=2.4` requirement is resolved.
-TORCH  ?= torch==2.13.0
+# torch is installed first, pinned, so that resolving the project's `torch>=2.4` never pulls another
+# build. Which build `torch==2.13.0` is depends on pip's configuration: this project's CI machines
+# resolve it to a CPU wheel; plain PyPI on Linux gives the CUDA build. TORCH_INDEX picks explicitly:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu      # CPU only (small download)
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cu128    # NVIDIA GPUs
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: venv install demo test lint typecheck clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
