@@ -52,6 +52,20 @@ def balanced_prompts(class_names, n: int) -> tuple[list[str], np.ndarray]:
     return [class_names[i] for i in labels], labels
 
 
+def check_eval_options(steps, num_samples: int, guidance: float, seed: int) -> float:
+    """The options every eval shares (a checkpoint's or a bundle's), checked before any work -> guidance."""
+    from . import validate
+    from .errors import ConfigError
+
+    if not steps:
+        raise ConfigError("--steps must be given at least once")
+    for T in steps:
+        validate.count(T, "--steps")
+    validate.count(num_samples, "--num-samples", 2)  # a Frechet distance needs a covariance
+    validate.seed(seed)
+    return validate.guidance(guidance)
+
+
 def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance: float = 0.0, seed: int = 0,
                         dataset: str | None = None, final: str = "inverse", device: str = "cpu", log=print) -> dict:
     """The report of `ntm-edge eval`: per step count, held-out bits/dim (exact trajectory NLL and the
@@ -64,13 +78,7 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
     from .exits import EXITS, sample_images
     from .metrics import load_or_train_classifier
 
-    if not steps:
-        raise ConfigError("--steps must be given at least once")
-    for T in steps:
-        validate.count(T, "--steps")
-    validate.count(num_samples, "--num-samples", 2)  # a Frechet distance needs a covariance
-    guidance = validate.guidance(guidance)
-    validate.seed(seed)
+    guidance = check_eval_options(steps, num_samples, guidance, seed)
     validate.choice(final, EXITS, "--final")
     device = validate.torch_device(device)
     model = NTM.from_pretrained(checkpoint, device=device)

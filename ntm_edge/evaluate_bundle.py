@@ -20,7 +20,7 @@ def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samp
     """The eval report of a bundle at one precision (None or "auto": the runtime's default)."""
     from . import validate
     from .data import load_dataset
-    from .evaluate import balanced_prompts, real_data_floor, sampled_quality
+    from .evaluate import balanced_prompts, check_eval_options, real_data_floor, sampled_quality
     from .metrics import load_or_train_classifier
     from .runtime.audit import image_bound
     from .runtime.precision import describe
@@ -28,13 +28,7 @@ def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samp
     from .runtime.session import open_runtime
     from .runtime.specs import DENOISER
 
-    if not steps:
-        raise ConfigError("--steps must be given at least once")
-    for T in steps:
-        validate.count(T, "--steps")
-    validate.count(num_samples, "--num-samples", 2)  # a Frechet distance needs a covariance
-    guidance = validate.guidance(guidance)
-    validate.seed(seed)
+    guidance = check_eval_options(steps, num_samples, guidance, seed)
     if final not in ("inverse", "denoiser"):
         raise ConfigError(f"a bundle leaves u-space by 'inverse' or 'denoiser', not {final!r} (score denoising needs torch)")
     rt = open_runtime(bundle, provider, threads, precision)
