@@ -46,6 +46,43 @@ def heldout_likelihood(model: NTM, images: np.ndarray, labels: np.ndarray, steps
     }
 
 
+TRANSPORTER_IMAGES = 200  # held-out images the transporter's displacement and log-det are averaged over
+
+
+@torch.no_grad()
+def transporter_activity(model: NTM, images: np.ndarray, steps: int | None = None, seed: int = 0,
+                         num_images: int = TRANSPORTER_IMAGES) -> list[dict]:
+    """How far f_T is from the identity, per level of the T-step grid (issue 13: a trained transporter
+    that stays at the identity leaves the model a Gaussian sampler with a learned scale, unseen).
+
+    Forward trajectories of the first ``num_images`` images (uint8 (N, H, W, C)) on the sampler's grid
+    t_0 .. t_T (t_0 = ``config.t_min_sample``); for each level t_k, over the images:
+    ``displacement`` = mean ||f_T(x_t) - x_t|| / ||x_t||, and ``logdet_per_dim`` = mean log|det df_T/dx|
+    / D in nats. Both are 0 for f_T = identity (no blocks, or blocks at their zero initialisation) and
+    at t = 1, where the gate makes f_T the identity by construction. Deterministic for a seed.
+    -> [{"t", "displacement", "logdet_per_dim"}, ...] ordered t_0 .. t_T.
+    """
+    steps = steps or model.config.steps
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    x0 = dequantize(torch.from_numpy(images[:num_images]).to(model.device), g)
+    traj = model.forward_trajectory(x0, steps, generator=g)
+    B, K = traj.t.shape
+    x = traj.x.reshape(B * K, *traj.x.shape[2:])  # (B K, C, H, W)
+    was_training = model.training
+    model.eval()
+    u, logdet = model.transporter(x, traj.t.reshape(B * K), steps)
+    model.train(was_training)
+    rel = ((u - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).reshape(B, K)  # (B, K)
+    ld = logdet.reshape(B, K) / model.config.dims  # (B, K) nats/dim
+    return [{"t": float(traj.t[0, k]), "displacement": float(rel[:, k].double().mean()),
+             "logdet_per_dim": float(ld[:, k].double().mean())} for k in range(K)]
+
+
+def format_activity(levels: list[dict]) -> str:
+    """One log line: t: displacement / log-det per dim, per level."""
+    return "  ".join(f"t={r['t']:.3g}: {r['displacement']:.4f} / {r['logdet_per_dim']:+.4f}" for r in levels)
+
+
 def balanced_prompts(class_names, n: int) -> tuple[list[str], np.ndarray]:
     """n prompts cycling through the classes -> (prompts, labels (n,))."""
     labels = np.arange(n) % len(class_names)
@@ -69,7 +106,8 @@ def check_eval_options(steps, num_samples: int, guidance: float, seed: int) -> f
 def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance: float = 0.0, seed: int = 0,
                         dataset: str | None = None, final: str = "inverse", device: str = "cpu", log=print) -> dict:
     """The report of `ntm-edge eval`: per step count, held-out bits/dim (exact trajectory NLL and the
-    bound), Frechet distance and prompt accuracy under the evaluation classifier."""
+    bound), Frechet distance and prompt accuracy under the evaluation classifier, and (not for FM) the
+    transporter's displacement and log-det per level of the grid (``transporter_activity``)."""
     from . import validate
     from .checkpoint import trained_on
     from .data import load_dataset
@@ -106,6 +144,9 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
         row.update(sampled_quality(lambda p, kw=kw: sample_images(model, p, **kw), prompts, labels, clf, test.images))
         log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
             f"prompt accuracy {row['prompt_accuracy']:.3f}")
+        if cfg.objective != "fm":  # FM has no transporter and samples on a grid of its own
+            row["transporter"] = transporter_activity(model, test.images, steps=T, seed=seed)
+            log(f"  transporter (displacement / log-det per dim, held-out): {format_activity(row['transporter'])}")
         rows.append(row)
     return {
         "checkpoint": str(checkpoint), "objective": cfg.objective, "dataset": dataset, "final": final,

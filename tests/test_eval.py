@@ -38,6 +38,10 @@ def test_eval_report(report, trained_tiny):
     row = r["rows"][0]
     assert row["bits_per_dim"] == pytest.approx(trained_tiny[1]["heldout"]["bits_per_dim"], rel=1e-6)
     assert 0.0 <= row["prompt_accuracy"] <= 1.0 and row["frechet"] > 0
+    # the transporter's activity per level of the grid t_0 .. t_4 (issue 13); t = 1 is the identity
+    assert [level["t"] for level in row["transporter"]][-1] == 1.0 and len(row["transporter"]) == 5
+    assert row["transporter"][-1]["displacement"] == 0.0 and row["transporter"][-1]["logdet_per_dim"] == 0.0
+    assert all(level["displacement"] >= 0.0 for level in row["transporter"])
     assert "images_per_s" not in row  # speed is the bench's job (ntm-edge bench), not a quality figure
     # a (briefly) trained model is read as its prompts more often than chance, and sits closer to the
     # real data than noise does (noise is > 100 in this feature space, see test_metrics)
