@@ -67,6 +67,8 @@ def train(
     align_weight: Annotated[float, typer.Option(help="mean-alignment lambda when finetuning (cosine-decayed)")] = 2.5,
     time_budget: Annotated[float | None, typer.Option(help="stop after this many seconds of training")] = None,
     x0_mse_weight: Annotated[float | None, typer.Option(help="weight of the hybrid x0-MSE term (default: the preset's)")] = None,
+    transporter_blocks: Annotated[int | None, typer.Option(help="TarFlow blocks of f_T (default: the preset's); "
+                                                         "0: the identity-transporter ablation")] = None,
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,
     device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
@@ -90,7 +92,8 @@ def train(
 
     args = TrainArgs(dataset=dataset, preset=preset, steps=steps, batch_size=batch_size, out=str(out),
                      mode=mode or None, objective=objective, init_from=str(init_from) if init_from else None,
-                     align_weight=align_weight, time_budget=time_budget, x0_mse_weight=x0_mse_weight, lr=lr,
+                     align_weight=align_weight, time_budget=time_budget, x0_mse_weight=x0_mse_weight,
+                     transporter_blocks=transporter_blocks, lr=lr,
                      device=device, seed=seed, checkpoint_every=checkpoint_every,
                      eval_images=eval_images, grad_accum=grad_accum, parallel=parallel, precision=precision,
                      text_encoder=text_encoder or None)

@@ -79,6 +79,9 @@ class TrainArgs:
     init_from: str | None = None  # a flow-matching checkpoint to finetune from (paper 3.6)
     align_weight: float = 2.5  # lambda of the mean-alignment loss when finetuning, cosine-decayed
     x0_mse_weight: float | None = None  # the hybrid x0-MSE term's weight (None: the preset's)
+    # TarFlow blocks of f_T (None: the preset's). 0 is the identity-transporter ablation of an NTM: the
+    # same predictor with its learned scale d, and f_T = identity (log-det exactly 0; issue 13)
+    transporter_blocks: int | None = None
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 1e-4
@@ -105,6 +108,13 @@ class TrainArgs:
             raise ConfigError(f"unknown --parallel {self.parallel!r}; choose one of: {', '.join(PARALLEL)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.transporter_blocks is not None:
+            if isinstance(self.transporter_blocks, bool) or not isinstance(self.transporter_blocks, int) \
+                    or self.transporter_blocks < 0:
+                raise ConfigError(f"--transporter-blocks must be a whole number >= 0, got {self.transporter_blocks!r}")
+            if self.objective != "ntm" and self.transporter_blocks:
+                raise ConfigError(f"--objective {self.objective} has no transporter; --transporter-blocks must be 0 "
+                                  "or left out")
         for name in ("steps", "batch_size", "checkpoint_every", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -286,7 +296,9 @@ def _shapes(model: NTM) -> dict:
 
 def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
     old = {**dataclasses.asdict(TrainArgs()), **state["args"]}  # older states lack newer fields
-    for key in ("dataset", "preset", "objective", "init_from"):
+    for key in ("dataset", "preset", "objective", "init_from", "transporter_blocks"):
+        if key == "transporter_blocks" and args.transporter_blocks is None:
+            continue  # not given: the saved config's own
         if old[key] != getattr(args, key):
             raise ConfigError(f"{out} was trained with --{key.replace('_', '-')} {old[key]!r}; "
                               f"resume it with the same value (got {getattr(args, key)!r})")
@@ -343,6 +355,9 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
         config = preset.with_data(data.channels, data.class_names).with_text_encoder(kind).for_objective(args.objective)
         if args.x0_mse_weight is not None:
             config = dataclasses.replace(config, x0_mse_weight=args.x0_mse_weight)
+    if state is None and args.transporter_blocks is not None:
+        transporter = dataclasses.replace(config.transporter, num_blocks=args.transporter_blocks)
+        config = dataclasses.replace(config, transporter=transporter).validate()
     if config.prompt.class_names != data.class_names:
         raise ConfigError(f"{args.dataset} has classes {data.class_names}, the model {config.prompt.class_names}")
     mode = args.mode or PRESET_MODES[args.preset]

@@ -95,3 +95,49 @@ def test_finetuning_trains_and_moves_away_from_identity(fm_checkpoint, tmp_path)
 def test_bad_objective():
     with pytest.raises(ConfigError, match="ntm, gaussian, fm"):
         get_preset("tiny").for_objective("gan")
+
+
+def test_identity_transporter_ablation_trains_with_exactly_zero_logdet(tmp_path):
+    """`train --transporter-blocks 0` (issue 13): the NTM's predictor with its learned scale d and f_T =
+    identity. It trains, its log-det is exactly 0, its d moves off the posterior scale, and the torch-free
+    runtime samples the same images from its bundle as torch does."""
+    from typer.testing import CliRunner
+
+    from ntm_edge.cli import app
+    from ntm_edge.export import export_bundle
+
+    runner, ckpt = CliRunner(), tmp_path / "ablation"
+    r = runner.invoke(app, ["train", "--dataset", "digits", "--preset", "tiny", "--transporter-blocks", "0",
+                            "--steps", "30", "--batch-size", "32", "--lr", "2e-3", "--eval-images", "50",
+                            "--out", str(ckpt)])
+    assert r.exit_code == 0, r.output
+    model = NTM.from_pretrained(ckpt)
+    cfg = model.config
+    assert cfg.objective == "ntm" and cfg.transporter.num_blocks == 0 and cfg.predictor.learn_scale
+    assert sum(p.numel() for p in model.transporter.parameters()) == 0
+    x = torch.randn(3, 1, 8, 8)
+    u, logdet = model.transporter(x, torch.full((3,), 0.3), 4)
+    assert torch.equal(u, x) and torch.equal(logdet, torch.zeros(3))
+    t, s, T = torch.full((3,), 0.5), torch.full((3,), 0.25), torch.full((3,), 4.0)
+    with torch.no_grad():
+        _, log_sigma, _ = model.predictor(x, t, s, T, model.prompt_encoder(torch.ones(3, 1).long()),
+                                          torch.ones(3, 1, dtype=torch.bool))
+    C = 0.25 * ((0.5 - 0.25) * (0.5 + 0.25 - 2 * 0.5 * 0.25)) ** 0.5 / (0.5 * (1 - 0.25))
+    assert (log_sigma - np.log(C)).abs().max() > 1e-3  # the learned scale: d is trained, not pinned to 0
+    # the torch-free runtime reads a bundle without transporter graphs and draws the same images
+    export_bundle(ckpt, tmp_path / "bundle", batch=4, log=lambda *_: None)
+    ours = tmp_path / "run.npy"
+    r = runner.invoke(app, ["run", "--bundle", str(tmp_path / "bundle"), "--prompt", "3", "--num", "4", "--seed", "1",
+                            "--final", "inverse", "--out", str(tmp_path / "g.png"), "--save-array", str(ours),
+                            "--provider", "cpu", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    theirs = sample_images(model, ["3"] * 4, steps=4, seed=1, final="inverse")
+    assert np.abs(np.load(ours).astype(int) - theirs.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("objective", ["gaussian", "fm"])
+def test_transporter_blocks_refused_for_a_baseline(objective, tmp_path):
+    with pytest.raises(ConfigError, match="has no transporter"):
+        TrainArgs(objective=objective, transporter_blocks=2, out=str(tmp_path / "x")).validate()
+    with pytest.raises(ConfigError, match="whole number >= 0"):
+        TrainArgs(transporter_blocks=-1, out=str(tmp_path / "x")).validate()
