@@ -69,6 +69,8 @@ def train(
     x0_mse_weight: Annotated[float | None, typer.Option(help="weight of the hybrid x0-MSE term (default: the preset's)")] = None,
     transporter_blocks: Annotated[int | None, typer.Option(help="TarFlow blocks of f_T (default: the preset's); "
                                                          "0: the identity-transporter ablation")] = None,
+    x0_mse_space: Annotated[str, typer.Option(help="target of the hybrid term: u (f_T(x0), the space of the "
+                                                   "predictor's x0-hat) | x (x0: the term before issue 13)")] = "u",
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,
     device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
@@ -93,7 +95,7 @@ def train(
     args = TrainArgs(dataset=dataset, preset=preset, steps=steps, batch_size=batch_size, out=str(out),
                      mode=mode or None, objective=objective, init_from=str(init_from) if init_from else None,
                      align_weight=align_weight, time_budget=time_budget, x0_mse_weight=x0_mse_weight,
-                     transporter_blocks=transporter_blocks, lr=lr,
+                     transporter_blocks=transporter_blocks, x0_mse_space=x0_mse_space, lr=lr,
                      device=device, seed=seed, checkpoint_every=checkpoint_every,
                      eval_images=eval_images, grad_accum=grad_accum, parallel=parallel, precision=precision,
                      text_encoder=text_encoder or None)

@@ -10,6 +10,7 @@ returns ``Losses``: the objective's main term plus the optional terms the config
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,7 @@ from .model import NTM
 @dataclass
 class Losses:
     main: torch.Tensor  # NLL in nats/dim (or the FM velocity MSE)
-    x0_mse: torch.Tensor  # ||x0-hat - x0||^2 per dim (the optional hybrid term)
+    x0_mse: torch.Tensor  # ||x0-hat - f_T(x0, s)||^2 per dim (the optional hybrid term, ``x0_target``)
     align: torch.Tensor | None = None  # ||mu_P - mu_FM||^2 per dim, with a teacher
 
     def total(self, x0_mse_weight: float, align_weight: float) -> torch.Tensor:
@@ -43,13 +44,39 @@ def teacher_mean(teacher: NTM | None, x_t, t, s, T, ids, mask) -> torch.Tensor |
         return teacher.predictor(x_t, t, s, T, teacher.prompt_encoder(ids), mask)[0]
 
 
-def end2end_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | None = None) -> Losses:
+X0_SPACES = ("u", "x")  # the hybrid term's target: f_T(x0, s) (consistent, the default) | x0 (before issue 13)
+
+
+@torch.no_grad()
+def x0_target(model: NTM, x0: torch.Tensor, s: torch.Tensor, T: torch.Tensor, space: str = "u") -> torch.Tensor:
+    """The hybrid term's target: x0 mapped into the u-space that the predictor's x0-hat lives in.
+
+    The predictor works in u-space: x0-hat = u_t - t v(u_t) enters mu_P = A u_t + B x0-hat, the mean of
+    u_s = f_T(x_s, s). Compared with x0 itself (x-space), the term is smallest when f_T is the identity,
+    so it pulls the transporter there (issue 13). Its target is therefore f_T(x0, s, T), x0 through the
+    transporter of the level s being predicted (where s -> 0, u_s -> f_T(x0, s): mu_P's target). With
+    no transporter (Gaussian baseline, identity ablation) that is x0 exactly, the term unchanged.
+    The target is held fixed (no gradient): the term trains the predictor's mean and leaves the shape
+    of f_T to the exact NLL, so f_T cannot lower it by shrinking u-space.
+
+    ``space`` "x" returns x0 itself: the inconsistent term as it was, kept only so that the comparison in
+    benchmarks/transporter_study.py stays reproducible (``train --x0-mse-space x``).
+
+    x0 (N, C, H, W), s (N,), T (N,) -> (N, C, H, W).
+    """
+    return x0 if space == "x" else model.transporter(x0, s, T)[0]
+
+
+def end2end_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | None = None,
+                 x0_space: str = "u") -> Losses:
     """Trajectory NLL per dim with T = config.steps and a random t_min per example."""
     cfg = model.config
     B, T, shape = x0.shape[0], cfg.steps, x0.shape[1:]
     traj = model.forward_trajectory(x0, T, generator=g, t_min=draw_t_min(cfg, B, g, x0.device))
-    nll, mu, x0_hat = model.trajectory_terms(traj, ids, mask)
-    losses = Losses(nll.mean() / cfg.dims, (x0_hat - x0[:, None]).pow(2).mean())
+    nll, mu, x0_hat = model.trajectory_terms(traj, ids, mask)  # x0_hat (B, T, C, H, W): step k predicts level k-1
+    target = x0_target(model, x0.repeat_interleave(T, dim=0), traj.t[:, :-1].reshape(B * T),
+                       torch.full((B * T,), float(T), device=x0.device), x0_space).reshape(B, T, *shape)
+    losses = Losses(nll.mean() / cfg.dims, (x0_hat - target).pow(2).mean())
     if teacher is not None:
         rep = lambda v: v.repeat_interleave(T, dim=0)  # noqa: E731  (B, ...) -> (B*T, ...)
         mu_fm = teacher_mean(teacher, traj.x[:, 1:].reshape(B * T, *shape), traj.t[:, 1:].reshape(-1),
@@ -67,7 +94,8 @@ def step_grids(shift: float) -> torch.Tensor:
     return torch.as_tensor(np.stack(rows), dtype=torch.float32)
 
 
-def pairwise_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | None = None) -> Losses:
+def pairwise_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | None = None,
+                  x0_space: str = "u") -> Losses:
     """One step per example: T ~ {4, 8, 16}, k ~ U{1..T}, NLL of x_{t_(k-1)} given x_{t_k} per dim."""
     cfg, B, dev = model.config, x0.shape[0], x0.device
     counts = torch.tensor(schedule.STEP_COUNTS, dtype=torch.float32, device=dev)
@@ -82,7 +110,7 @@ def pairwise_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | 
     x_s, x_t = levels[:, 0], levels[:, 1]
     u, logdet = model.transporter(torch.cat([x_s, x_t]), torch.cat([s, t]), torch.cat([T, T]))
     nll, mu, x0_hat = model.step_terms(u[:B], logdet[:B], u[B:], s, t, T, ids, mask)
-    losses = Losses(nll.mean() / cfg.dims, (x0_hat - x0).pow(2).mean())
+    losses = Losses(nll.mean() / cfg.dims, (x0_hat - x0_target(model, x0, s, T, x0_space)).pow(2).mean())
     if teacher is not None:
         losses.align = (mu - teacher_mean(teacher, x_t, t, s, T, ids, mask)).pow(2).mean()
     return losses
@@ -100,7 +128,8 @@ def flow_matching_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: N
     return Losses((v - (eps - x0)).pow(2).mean(), (x0_hat - x0).pow(2).mean())
 
 
-def loss_function(objective: str, mode: str):
+def loss_function(objective: str, mode: str, x0_space: str = "u"):
+    """The loss of an objective and mode; ``x0_space`` picks the hybrid term's target (``x0_target``)."""
     if objective == "fm":
         return flow_matching_loss
-    return end2end_loss if mode == "end2end" else pairwise_loss
+    return functools.partial(end2end_loss if mode == "end2end" else pairwise_loss, x0_space=x0_space)

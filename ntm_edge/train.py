@@ -56,7 +56,7 @@ from .errors import CheckpointError, ConfigError, NtmError
 from .evaluate import heldout_likelihood
 from .fileio import output_dir_problem, remove_stale_temporaries
 from .interrupts import Interrupted, StopSignals, signal_name
-from .losses import loss_function
+from .losses import X0_SPACES, loss_function
 from .model import NTM
 from .numerics import dequantize
 
@@ -82,6 +82,7 @@ class TrainArgs:
     # TarFlow blocks of f_T (None: the preset's). 0 is the identity-transporter ablation of an NTM: the
     # same predictor with its learned scale d, and f_T = identity (log-det exactly 0; issue 13)
     transporter_blocks: int | None = None
+    x0_mse_space: str = "u"  # the hybrid term's target: "u" f_T(x0, s) | "x" x0 (the term before issue 13)
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 1e-4
@@ -115,6 +116,8 @@ class TrainArgs:
             if self.objective != "ntm" and self.transporter_blocks:
                 raise ConfigError(f"--objective {self.objective} has no transporter; --transporter-blocks must be 0 "
                                   "or left out")
+        if self.x0_mse_space not in X0_SPACES:
+            raise ConfigError(f"unknown --x0-mse-space {self.x0_mse_space!r}; choose one of: {', '.join(X0_SPACES)}")
         for name in ("steps", "batch_size", "checkpoint_every", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -296,7 +299,7 @@ def _shapes(model: NTM) -> dict:
 
 def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
     old = {**dataclasses.asdict(TrainArgs()), **state["args"]}  # older states lack newer fields
-    for key in ("dataset", "preset", "objective", "init_from", "transporter_blocks"):
+    for key in ("dataset", "preset", "objective", "init_from", "transporter_blocks", "x0_mse_space"):
         if key == "transporter_blocks" and args.transporter_blocks is None:
             continue  # not given: the saved config's own
         if old[key] != getattr(args, key):
@@ -367,7 +370,7 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
     model = NTM(config).to(device).train()
     teacher = _init_from_fm(model, args.init_from) if args.init_from else None
     shard = args.parallel == "fsdp" or (args.parallel == "auto" and args.preset in SHARDED_PRESETS)
-    objective = wrap(world, Objective(model, loss_function(config.objective, mode), teacher), shard)
+    objective = wrap(world, Objective(model, loss_function(config.objective, mode, args.x0_mse_space), teacher), shard)
     ema = [p.detach().clone() for p in model.parameters()]  # EMA weights (sharded as the model is)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     g = torch.Generator(device=device).manual_seed(args.seed)
