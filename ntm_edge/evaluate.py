@@ -115,6 +115,7 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
     from .errors import ConfigError
     from .exits import EXITS, sample_images
     from .metrics import load_or_train_classifier
+    from .text_eval import paraphrase_report
 
     guidance = check_eval_options(steps, num_samples, guidance, seed)
     validate.choice(final, EXITS, "--final")
@@ -144,6 +145,11 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
         row.update(sampled_quality(lambda p, kw=kw: sample_images(model, p, **kw), prompts, labels, clf, test.images))
         log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
             f"prompt accuracy {row['prompt_accuracy']:.3f}")
+        if cfg.prompt.kind != "label":  # free-form text: the training templates against unseen paraphrases
+            row["captions"] = paraphrase_report(model, clf, guidance=guidance, seed=seed, steps=T, final=final,
+                                               denoiser=denoiser)
+            log(f"  captions: templates {row['captions']['templates']['accuracy']:.3f}, held-out paraphrases "
+                f"{row['captions']['heldout_paraphrases']['accuracy']:.3f}")
         if cfg.objective != "fm":  # FM has no transporter and samples on a grid of its own
             row["transporter"] = transporter_activity(model, test.images, steps=T, seed=seed)
             log(f"  transporter (displacement / log-det per dim, held-out): {format_activity(row['transporter'])}")

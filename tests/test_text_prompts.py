@@ -87,6 +87,21 @@ def test_caption_trained_model_follows_heldout_paraphrases(text_model, cache_dir
     assert held > 0.5 and held > 0.8 * templ, r
 
 
+def test_eval_reports_template_and_paraphrase_accuracy_of_a_text_model(trained_text_tiny, text_model, cache_dir):
+    """`ntm-edge eval` of a caption-trained model carries the template/paraphrase report of its own
+    sampler settings: the same numbers as ``paraphrase_report`` called with them."""
+    from ntm_edge.evaluate import evaluate_checkpoint
+    from ntm_edge.metrics import load_or_train_classifier
+    from ntm_edge.text_eval import paraphrase_report
+
+    report = evaluate_checkpoint(trained_text_tiny, steps=(4,), num_samples=20, guidance=1.0, seed=3,
+                                 log=lambda *_: None)
+    got = report["rows"][0]["captions"]
+    clf = load_or_train_classifier("digits", 8, 1, cache_dir=cache_dir, log=lambda *_: None)
+    assert got == paraphrase_report(text_model, clf, guidance=1.0, seed=3, steps=4, final="inverse")
+    assert got["templates"]["num_samples"] == 240 and got["heldout_paraphrases"]["num_samples"] == 240
+
+
 def test_onnx_encoder_agrees_with_torch(text_bundle, text_model):
     from ntm_edge.runtime import open_runtime
     from ntm_edge.runtime.sampler import encode
