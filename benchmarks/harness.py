@@ -34,7 +34,7 @@ from ntm_edge.model import NTM, Trajectory
 from ntm_edge.runtime.audit import trajectory_nll
 from ntm_edge.runtime.bundle import PRECISIONS, load_bundle
 from ntm_edge.runtime.inversion import invert
-from ntm_edge.runtime.sampler import StageTimer, draw_noise, encode, generate, predict, sample_levels
+from ntm_edge.runtime.sampler import StageTimer, denoise, draw_noise, encode, generate, predict, sample_levels
 from ntm_edge.runtime.session import PROVIDERS, available_providers, open_runtime
 from ntm_edge.runtime.specs import DENOISER, PREDICTOR_STEP, PROMPT_ENCODER, TRANSPORTER_FORWARD
 
@@ -289,7 +289,8 @@ class Harness:
             return Prepared(lambda: invert(rt, inp.u0, t0, STEPS, "jacobi", segments=GS_SEGMENTS),
                             flops.inverse_jacobi(cfg, work), {"passes": [list(block) for block in its]})
         if stage == "denoiser":
-            return Prepared(lambda: rt[DENOISER](u=inp.u0, ids=ids, prompt_mask=mask), den_flops)
+            den_emb = encode(rt, ids) if "prompt_emb" in rt.bundle.graphs[DENOISER].input_names else None  # text: its input
+            return Prepared(lambda: denoise(rt, inp.u0, ids, den_emb, mask), den_flops)
         if stage == "audit":
             return Prepared(lambda: trajectory_nll(rt, inp.x_traj, self.ts, ids, mask), flops.audit(cfg, STEPS))
         if stage == "e2e_denoiser":

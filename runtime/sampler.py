@@ -103,7 +103,7 @@ def encode_cached(rt: Runtime, ids: np.ndarray, timer: StageTimer) -> np.ndarray
     return emb
 
 
-def denoise(rt: Runtime, u0: np.ndarray, ids: np.ndarray, emb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def denoise(rt: Runtime, u0: np.ndarray, ids: np.ndarray, emb: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
     """x0 = g_phi(u_t0, prompt) (B, C, H, W). A label bundle's denoiser graph reads the ids (its own copy
     of the label table), a text bundle's the prompt encoder's output ``emb`` (B, P, E), so that the
     MiniLM runs once per prompt for the predictor and the denoiser both."""
