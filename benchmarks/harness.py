@@ -215,8 +215,9 @@ class Harness:
             with torch.no_grad():
                 return tr.inverse_with_report(u0, t0, STEPS, "jacobi", **kw)[1]
 
-        if stage == "text_encoder":
-            return Prepared(run(lambda: m.prompt_encoder(ids)), 0)
+        if stage == "text_encoder":  # a text model's encoder itself (its forward would answer from its cache)
+            enc = m.prompt_encoder.embed if cfg.prompt.kind != "label" else m.prompt_encoder
+            return Prepared(run(lambda: enc(ids)), flops.text_encoder(cfg))
         if stage == "predictor_step":
             return Prepared(run(lambda: m.predict(u_top, self.ts[-1], self.ts[-2], STEPS, ids, mask)),
                             flops.predictor_step(cfg))
@@ -266,7 +267,7 @@ class Harness:
         ids, mask = rt.bundle.vocab.tokenize(inp.prompts)
         shape = (cfg.channels, cfg.image_size, cfg.image_size)
         if stage == "text_encoder":
-            return Prepared(lambda: encode(rt, ids), 0)
+            return Prepared(lambda: encode(rt, ids), flops.text_encoder(cfg))
         if stage in ("predictor_step", "loop"):
             null_ids, null_mask = rt.bundle.vocab.null(len(ids))
             emb, null = encode(rt, ids), encode(rt, null_ids)
