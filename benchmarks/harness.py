@@ -34,7 +34,7 @@ from ntm_edge.model import NTM, Trajectory
 from ntm_edge.runtime.audit import trajectory_nll
 from ntm_edge.runtime.bundle import PRECISIONS, load_bundle
 from ntm_edge.runtime.inversion import invert
-from ntm_edge.runtime.sampler import StageTimer, draw_noise, encode, generate, predict, sample_levels
+from ntm_edge.runtime.sampler import StageTimer, denoise, draw_noise, encode, generate, predict, sample_levels
 from ntm_edge.runtime.session import PROVIDERS, available_providers, open_runtime
 from ntm_edge.runtime.specs import DENOISER, PREDICTOR_STEP, PROMPT_ENCODER, TRANSPORTER_FORWARD
 
@@ -215,8 +215,9 @@ class Harness:
             with torch.no_grad():
                 return tr.inverse_with_report(u0, t0, STEPS, "jacobi", **kw)[1]
 
-        if stage == "text_encoder":
-            return Prepared(run(lambda: m.prompt_encoder(ids)), 0)
+        if stage == "text_encoder":  # a text model's encoder itself (its forward would answer from its cache)
+            enc = m.prompt_encoder.embed if cfg.prompt.kind != "label" else m.prompt_encoder
+            return Prepared(run(lambda: enc(ids)), flops.text_encoder(cfg))
         if stage == "predictor_step":
             return Prepared(run(lambda: m.predict(u_top, self.ts[-1], self.ts[-2], STEPS, ids, mask)),
                             flops.predictor_step(cfg))
@@ -266,7 +267,7 @@ class Harness:
         ids, mask = rt.bundle.vocab.tokenize(inp.prompts)
         shape = (cfg.channels, cfg.image_size, cfg.image_size)
         if stage == "text_encoder":
-            return Prepared(lambda: encode(rt, ids), 0)
+            return Prepared(lambda: encode(rt, ids), flops.text_encoder(cfg))
         if stage in ("predictor_step", "loop"):
             null_ids, null_mask = rt.bundle.vocab.null(len(ids))
             emb, null = encode(rt, ids), encode(rt, null_ids)
@@ -289,7 +290,8 @@ class Harness:
             return Prepared(lambda: invert(rt, inp.u0, t0, STEPS, "jacobi", segments=GS_SEGMENTS),
                             flops.inverse_jacobi(cfg, work), {"passes": [list(block) for block in its]})
         if stage == "denoiser":
-            return Prepared(lambda: rt[DENOISER](u=inp.u0, ids=ids, prompt_mask=mask), den_flops)
+            den_emb = encode(rt, ids) if "prompt_emb" in rt.bundle.graphs[DENOISER].input_names else None  # text: its input
+            return Prepared(lambda: denoise(rt, inp.u0, ids, den_emb, mask), den_flops)
         if stage == "audit":
             return Prepared(lambda: trajectory_nll(rt, inp.x_traj, self.ts, ids, mask), flops.audit(cfg, STEPS))
         if stage == "e2e_denoiser":

@@ -122,7 +122,8 @@ class SequentialStepGraph(_BlockGraph):
 
 
 class DenoiserGraph(nn.Module):
-    """u (B, C, H, W), ids (B, P), prompt_mask (B, P) -> x0 (B, C, H, W)."""
+    """u (B, C, H, W), ids (B, P), prompt_mask (B, P) -> x0 (B, C, H, W): a label model's denoiser,
+    which embeds the ids with its own copy of the label table."""
 
     def __init__(self, denoiser):
         super().__init__()
@@ -130,6 +131,18 @@ class DenoiserGraph(nn.Module):
 
     def forward(self, u, ids, prompt_mask):
         return self.denoiser(u, ids, prompt_mask)
+
+
+class TextDenoiserGraph(nn.Module):
+    """u (B, C, H, W), prompt_emb (B, P, E), prompt_mask (B, P) -> x0 (B, C, H, W): a text model's
+    denoiser, given the prompt-encoder graph's output (the frozen MiniLM it shares with the NTM)."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, u, prompt_emb, prompt_mask):
+        return self.denoiser.denoise(u, prompt_emb, prompt_mask)
 
 
 def graph_modules(model: NTM, denoiser=None) -> dict[str, nn.Module]:
@@ -145,5 +158,6 @@ def graph_modules(model: NTM, denoiser=None) -> dict[str, nn.Module]:
             mods[specs.jacobi_graph(i)] = JacobiPassGraph(model, i)
             mods[specs.step_graph(i)] = SequentialStepGraph(model, i)
     if denoiser is not None:
-        mods[specs.DENOISER] = DenoiserGraph(denoiser)
+        text = denoiser.config.prompt_kind != "label"
+        mods[specs.DENOISER] = TextDenoiserGraph(denoiser) if text else DenoiserGraph(denoiser)
     return {name: m.eval() for name, m in mods.items()}

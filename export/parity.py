@@ -112,6 +112,24 @@ def parity_prompt_ids(vocab) -> np.ndarray:
     return vocab.tokenize(sorted(set(prompts)) + [""])[0]
 
 
+MIN_TEXT_COSINE = 0.999  # the text encoder graph against the torch MiniLM, every real token of every prompt
+
+
+@torch.no_grad()
+def text_encoder_agreement(rt: Runtime, module, vocab: TextVocab) -> dict:
+    """The text prompt-encoder graph against its torch module on the real prompts (``parity_prompt_ids``):
+    the lowest cosine between the two 384-d states of a real token, the max abs error over all
+    positions, and whether padding is exactly zero in the graph's output."""
+    ids = parity_prompt_ids(vocab)  # (N, P)
+    got = rt[specs.PROMPT_ENCODER](ids=ids)["prompt_emb"]  # (N, P, E)
+    ref = module(torch.from_numpy(ids)).numpy()
+    real = vocab.mask_of(ids)  # (N, P) real tokens
+    a, b = got[real].astype(np.float64), ref[real].astype(np.float64)  # (tokens, E)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return {"prompts": len(ids), "tokens": int(real.sum()), "min_cosine": float(cos.min()),
+            "max_abs": float(np.abs(got - ref).max()), "padding_zero": bool((got[~real] == 0).all())}
+
+
 @torch.no_grad()
 def block_io(model: NTM, x: torch.Tensor, t: torch.Tensor, T: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(input, output) images of every transporter block for x (B, C, H, W) at levels t (B,)."""
@@ -175,6 +193,6 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
             ref = unpatchify(ref, tr.cfg.patch_size, *shape).numpy()
             got = inversion.sequential_block(rt, i, h_out, t.numpy(), steps_all.numpy())
             result[specs.step_graph(i)] = max_abs({"x": got}, {"x": ref})
-    if specs.DENOISER in modules:
-        check(specs.DENOISER, {"u": u[:, 0], "ids": ids, "prompt_mask": mask})
+    if specs.DENOISER in modules:  # ids for a label model's denoiser, the prompt tokens for a text model's
+        check(specs.DENOISER, {"u": u[:, 0], "ids": ids, "prompt_emb": emb, "prompt_mask": mask})
     return result

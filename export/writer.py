@@ -37,6 +37,7 @@ from ntm_edge.checkpoint import load_info, trained_on
 from ntm_edge.errors import ConfigError, NtmError
 from ntm_edge.fileio import atomic_write_text, make_temp_dir, publish_dir, remove_stale_temporaries, sha256_file
 from ntm_edge.model import NTM
+from ntm_edge.prompts import TextVocab
 from ntm_edge.runtime import bundle as B
 from ntm_edge.runtime import specs as S
 from ntm_edge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, is_bundle, owned_files, seal
@@ -45,7 +46,7 @@ from ntm_edge.sampling import NOISE_BATCH
 from ntm_edge.text_tokenizer import encoder_files
 
 from .graphs import graph_modules
-from .parity import max_abs, random_inputs, real_parity, real_trajectories, torch_outputs
+from .parity import MIN_TEXT_COSINE, max_abs, random_inputs, real_parity, real_trajectories, text_encoder_agreement, torch_outputs
 from .simplify import simplify_file
 from .simplify import summary as simplify_summary
 
@@ -79,10 +80,6 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
     # the traced example inputs alone (the sampler loop's noise is the largest), before any tracing
     validate.fits_in_memory(4 * 2 * batch * (cfg.steps + 2) * cfg.dims, f"--batch {batch}")
     denoiser = load_denoiser(checkpoint).requires_grad_(False) if has_denoiser(checkpoint) else None
-    if denoiser is not None and cfg.prompt.kind != "label":
-        # its graph would need the MiniLM a second time (it reads ids); not exported yet
-        log("note: the denoiser of a text model is not exported yet; the bundle samples with --final inverse")
-        denoiser = None
     graph_specs = S.graph_specs(cfg, batch, has_denoiser=denoiser is not None)
     modules = graph_modules(model, denoiser)
     manifest = _manifest(checkpoint, model, denoiser, graph_specs, batch, opset, precisions)
@@ -94,9 +91,13 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
             rng = np.random.default_rng(seed)
             simplified = {}
             for name, spec in graph_specs.items():
-                example = random_inputs(spec, cfg, batch, rng)
-                _export_graph(modules[name], spec, example, tmp / f"{name}.{PRECISION}.onnx", opset)
-                simplified[name] = simplify_file(tmp / f"{name}.{PRECISION}.onnx")  # before parity and precision passes
+                path = tmp / f"{name}.{PRECISION}.onnx"
+                if name == S.PROMPT_ENCODER and cfg.prompt.kind != "label":
+                    # the frozen MiniLM: built without torch, byte for byte the file the runtime builds
+                    _build_text_encoder(path, opset)
+                else:
+                    _export_graph(modules[name], spec, random_inputs(spec, cfg, batch, rng), path, opset)
+                    simplified[name] = simplify_file(path)  # before parity and precision passes
                 bar.advance(task)
         manifest["simplify"] = {"tool": "onnxslim", "graphs": simplified}
         log(simplify_summary(simplified))
@@ -177,6 +178,21 @@ def _export_graph(module, spec: S.GraphSpec, example: dict[str, np.ndarray], pat
         raise ExportError(f"the exported graph {spec.name} does not pass onnx.checker ({str(e).splitlines()[0]})") from None
 
 
+def _build_text_encoder(path: Path, opset: int) -> None:
+    """The text prompt encoder graph by ``runtime.text_graph`` (no trace, no onnxslim: its bytes are the
+    builder's, so a runtime that builds it gets the sha256 of the manifest), checked by onnx.checker."""
+    import onnx
+
+    from ntm_edge.runtime.text_graph import supported_opsets as text_opsets
+    from ntm_edge.runtime.text_graph import write_text_encoder_onnx
+
+    lo, hi = text_opsets()
+    if not lo <= opset <= hi:
+        raise ExportError(f"the text encoder graph is built for opsets {lo} .. {hi}; choose --opset in that range")
+    write_text_encoder_onnx(path, opset)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
 def check_parity(bundle: Bundle, model: NTM, modules: dict, checkpoint, seed: int = 0, log=print) -> dict:
     """onnxruntime vs torch for every graph, random inputs (batch 3) and real trajectories -> the
     manifest's ``parity`` entry; raises ExportError past ATOL + RTOL * scale."""
@@ -186,6 +202,14 @@ def check_parity(bundle: Bundle, model: NTM, modules: dict, checkpoint, seed: in
     real = real_parity(rt, model, modules, traj, ids, seed)
     report = {"real_source": source, "tolerance": {"atol": ATOL, "rtol": RTOL}, "graphs": {}}
     log(f"parity, onnxruntime vs torch (max abs error; real: {source}):")
+    vocab = bundle.vocab
+    if isinstance(vocab, TextVocab):
+        report["text_encoder"] = text = text_encoder_agreement(rt, modules[S.PROMPT_ENCODER], vocab)
+        log(f"  text encoder: {text['prompts']} prompts, {text['tokens']} tokens, min cosine {text['min_cosine']:.6f}, "
+            f"max abs {text['max_abs']:.2e}")
+        if not (text["min_cosine"] > MIN_TEXT_COSINE and text["padding_zero"]):
+            raise ExportError(f"the text encoder graph differs from the torch MiniLM (min cosine {text['min_cosine']:.6f}, "
+                              f"padding zero: {text['padding_zero']}); the export is not faithful")
     for name, spec in bundle.graphs.items():
         inputs = random_inputs(spec, bundle.config, 3, rng)  # a batch other than the traced one
         rand = max_abs(rt[name](**inputs), torch_outputs(modules[name], spec, inputs))

@@ -211,7 +211,8 @@ def markdown(rows: list[Row], peaks: dict[str, float], probes: dict, machine: di
     lines += ["## What the columns count", "",
               "- FLOPs per image: the multiply-adds (x 2) of matrix products, convolutions and attention, counted from "
               "the model config (`ntm_edge/flops.py`, checked against torch's FlopCounterMode); elementwise work, "
-              "lookups and memory traffic are not counted, so the text encoder (a table lookup) has none. Jacobi and "
+              "lookups and memory traffic are not counted, so a label table has none (a text model's MiniLM is counted). "
+              "Jacobi and "
               "GS-Jacobi count the passes the run used.",
               "- GFLOP/s = FLOPs per image x batch / median time. % of peak = GFLOP/s over the peak of the same device: "
               "the best round of the fastest square-matmul probe (CPU fp32; on CUDA the fp32 probe for fp32 rows, the "

@@ -57,6 +57,19 @@ MINILM_DIM = 384  # all-MiniLM-L6-v2's token states
 
 
 @dataclass(frozen=True)
+class MiniLMConfig:
+    """The shape of the frozen all-MiniLM-L6-v2 (text_encoder.MiniLM; flops.text_encoder counts it)."""
+
+    vocab_size: int = 30522
+    width: int = MINILM_DIM
+    layers: int = 6
+    heads: int = 12
+    mlp_width: int = 1536
+    max_positions: int = 512
+    eps: float = 1e-12
+
+
+@dataclass(frozen=True)
 class PromptConfig:
     """The prompt encoder: ``label`` maps a class name to one learned token (P = 1); ``minilm`` reads
     free-form text through the frozen all-MiniLM-L6-v2 (P = ``max_tokens`` word pieces, dim 384)."""

@@ -104,8 +104,14 @@ class Denoiser(nn.Module):
 
     def forward(self, u_t0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """u_t0 (B, C, H, W), ids/mask (B, P) -> x0 (B, C, H, W)."""
+        return self.denoise(u_t0, self.prompt_encoder(ids), mask)
+
+    def denoise(self, u_t0: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """u_t0 (B, C, H, W), prompt tokens emb (B, P, E), mask (B, P) -> x0 (B, C, H, W): the network
+        behind ``forward``, given the prompt tokens (a text model's exported graph takes them from the
+        prompt-encoder graph, so the MiniLM is not traced a second time)."""
         t = torch.full((u_t0.shape[0],), self.config.t0, device=u_t0.device)
-        return self.net(u_t0, (t,), self.prompt_encoder(ids), mask)[0]
+        return self.net(u_t0, (t,), emb, mask)[0]
 
 
 def denoiser_config(model: NTM) -> DenoiserConfig:

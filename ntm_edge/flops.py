@@ -4,7 +4,8 @@ torch-free side can both read it).
 What is counted is what ``torch.utils.flop_counter`` counts: the multiply-adds of matrix products,
 convolutions and attention, two FLOPs each (attention as its full Q K^T and A V products, whatever
 the mask: causal blocks are counted as dense). Not counted: elementwise work (norms, activations,
-exp, the Gaussian arithmetic of a step), embedding lookups and memory traffic. Every count is per
+exp, the Gaussian arithmetic of a step), embedding lookups and memory traffic (so a label table costs
+nothing; the MiniLM of a text model is counted, ``text_encoder``). Every count is per
 image and exact for batch B as B times the count (no part of a graph is shared across a batch);
 tests/test_flops.py checks each against ``FlopCounterMode`` on the real modules.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .config import NTMConfig, PredictorConfig, TransporterConfig
+from .config import MiniLMConfig, NTMConfig, PredictorConfig, TransporterConfig
 
 FOURIER_DIM = 64  # = layers.ConditionMLP's feat_dim: features per conditioning scalar
 
@@ -170,6 +171,18 @@ def jacobi_work(cfg: NTMConfig, passes: Sequence[int]) -> list[list[tuple[int, i
 
 
 # -- the rest --------------------------------------------------------------------------------------
+
+
+def text_encoder(cfg: NTMConfig) -> int:
+    """The prompt encoder on one prompt: none for a label table (a lookup); for a text model the frozen
+    MiniLM (``text_encoder.MiniLM``) on its ``max_tokens`` positions, padding included (the graph
+    computes them): per layer the Q, K, V and output projections, attention, and the MLP."""
+    if cfg.prompt.kind == "label":
+        return 0
+    m, P = MiniLMConfig(), cfg.prompt.max_tokens
+    layer = (4 * linear(m.width, m.width, P) + attention(P, P, m.width) + linear(m.width, m.mlp_width, P)
+             + linear(m.mlp_width, m.width, P))
+    return m.layers * layer
 
 
 def denoiser(den_cfg, prompt_tokens: int = 1) -> int:

@@ -16,27 +16,16 @@ with no dependence on transformers at run time. Tokenisation is ``tokenizers`` a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import MiniLMConfig
 from .errors import ConfigError
 from .fileio import sha256_file
 from .text_tokenizer import encoder_files
-
-
-@dataclass(frozen=True)
-class MiniLMConfig:
-    vocab_size: int = 30522
-    width: int = 384
-    layers: int = 6
-    heads: int = 12
-    mlp_width: int = 1536
-    max_positions: int = 512
-    eps: float = 1e-12
 
 
 class _Layer(nn.Module):

@@ -103,6 +103,15 @@ def encode_cached(rt: Runtime, ids: np.ndarray, timer: StageTimer) -> np.ndarray
     return emb
 
 
+def denoise(rt: Runtime, u0: np.ndarray, ids: np.ndarray, emb: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
+    """x0 = g_phi(u_t0, prompt) (B, C, H, W). A label bundle's denoiser graph reads the ids (its own copy
+    of the label table), a text bundle's the prompt encoder's output ``emb`` (B, P, E), so that the
+    MiniLM runs once per prompt for the predictor and the denoiser both."""
+    graph = rt[DENOISER]
+    prompt = {"prompt_emb": emb} if "prompt_emb" in graph.spec.input_names else {"ids": ids}
+    return graph(u=u0, prompt_mask=mask, **prompt)["x0"]
+
+
 def predict(rt: Runtime, u_t, t: float, s: float, steps: int, emb, null_emb, mask, guidance: float,
             null_mask=None):
     """The guided Gaussian over u_s: u_t (B, C, H, W) -> mu, log_sigma (B, C, H, W), as ``NTM.predict``:
@@ -206,7 +215,7 @@ def generate(rt: Runtime, prompts, steps: int = 4, seed: int = 0, guidance: floa
             u = sampler(rt, emb, null_emb, mask, [n[sl] for n in noise], ts, guidance, timer, null_mask)  # (B, K, C, H, W)
             if final == "denoiser":
                 with timer("denoiser"):
-                    x = rt[DENOISER](u=u[:, 0], ids=ids, prompt_mask=mask)["x0"]
+                    x = denoise(rt, u[:, 0], ids, emb, mask)
             else:
                 with timer(f"inverse ({inverse_method})"):
                     x_t0, report = invert(rt, u[:, 0], t0, steps, **inversion)

@@ -20,10 +20,14 @@ Graphs (docs/design.md 5), all with a dynamic batch axis, float32 unless noted:
     transporter_step_<i>    x_token (B, D), position int64 (1,), t, steps (B,), k_cache, v_cache
                             (L, B, heads, N, hd)                               -> mu, alpha (B, D), k_cache_out,
                                                                                   v_cache_out (L, B, heads, N, hd)
-    denoiser                u (B, C, H, W), ids int64 (B, P), prompt_mask bool -> x0 (B, C, H, W)
+    denoiser                u (B, C, H, W), ids int64 (B, P) | prompt_emb (B, P, E), prompt_mask bool
+                                                                               -> x0 (B, C, H, W)
 
 P is 1 for a label model (one learned token per class) and ``max_tokens`` for a text model, whose
-prompt encoder is the frozen MiniLM (E = 384; the mask is ids != [PAD] inside the graph, padding zeroed).
+prompt encoder is the frozen MiniLM (E = 384; the mask is ids != [PAD] inside the graph, padding zeroed;
+built torch-free by ``runtime.text_graph``, the same file for every text model). The denoiser of a
+label model reads ids (it trains its own copy of the label table); the denoiser of a text model reads
+the prompt encoder's output, as the predictor does, so the MiniLM runs once for both.
 
 ``steps`` is the coarse step count T as a float (the networks read 1/T). In ``sampler_loop``,
 ``noise[:, j]`` is the z that draws level j (j = 0 .. T - 1) and ``u_levels`` is ordered t_0 .. t_T.
@@ -169,8 +173,8 @@ def graph_specs(config, batch: int = 8, has_denoiser: bool = False) -> dict[str,
                 (_t("mu", B, D), _t("alpha", B, D), _t("k_cache_out", *cache), _t("v_cache_out", *cache)), one,
                 f"one sequential decoding step of block {i}: token n (scan order) and the KV cache of tokens < n "
                 f"-> affine parameters of token n + 1 and the cache with token n written"))
-    if has_denoiser:
-        specs.append(GraphSpec(DENOISER, (_t("u", *img), _t("ids", B, P, dtype="int64"),
-                                          _t("prompt_mask", B, P, dtype="bool")),
+    if has_denoiser:  # a label denoiser reads ids (its own copy of the table); a text one the MiniLM's output
+        prompt = _t("prompt_emb", B, P, E) if text else _t("ids", B, P, dtype="int64")
+        specs.append(GraphSpec(DENOISER, (_t("u", *img), prompt, _t("prompt_mask", B, P, dtype="bool")),
                                (_t("x0", *img),), one, "g_phi: u_t0 and the prompt -> x0 in one pass (paper 3.9)"))
     return {s.name: s for s in specs}

@@ -52,3 +52,27 @@ def text_bundle(trained_text_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "tiny_text"
     export_bundle(trained_text_tiny, out, batch=4, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def text_denoiser_ckpt(trained_text_tiny, tmp_path_factory):
+    """A copy of ``trained_text_tiny`` with a denoiser trained for a few steps (its numbers are not the
+    point: the tests compare the exported graph with the torch denoiser), once per session."""
+    import shutil
+
+    from ntm_edge.denoiser import train_denoiser
+
+    ckpt = tmp_path_factory.mktemp("ckpt") / "tiny_text_denoiser"
+    shutil.copytree(trained_text_tiny, ckpt)
+    train_denoiser(ckpt, steps=5, trajectories=1, batch_size=16, progress=False, log=lambda *_: None)
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def text_denoiser_bundle(text_denoiser_ckpt, tmp_path_factory):
+    """The export of ``text_denoiser_ckpt``: the MiniLM encoder graph and the denoiser graph that reads its output."""
+    from ntm_edge.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny_text_denoiser"
+    export_bundle(text_denoiser_ckpt, out, batch=4, log=lambda *_: None)
+    return out

@@ -95,3 +95,13 @@ def test_identity_transporter_costs_nothing():
     cfg = get_preset("tiny").for_objective("gaussian")  # f_T = identity: no blocks
     assert flops.transporter_forward(cfg) == flops.inverse_sequential(cfg) == 0
     assert flops.audit(cfg, T) == T * flops.predictor_step(cfg)
+
+
+def test_text_encoder():
+    from ntm_edge.text_prompts import TextPromptEncoder
+
+    text = TINY.with_data(1, tuple("0123456789")).with_text_encoder("minilm")
+    enc = TextPromptEncoder(text.prompt.max_tokens)
+    ids, _ = enc.tokenizer.tokenize(["a handwritten seven", "", "3"])  # padding is computed too: P = 16 each
+    assert counted(lambda: enc.embed(torch.from_numpy(ids))) == B * flops.text_encoder(text) > 0
+    assert flops.text_encoder(TINY) == 0  # a label table is a lookup

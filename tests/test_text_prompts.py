@@ -186,29 +186,56 @@ def test_free_text_is_refused_by_a_label_model():
         vocab.check("a handwritten seven")
 
 
-def test_text_denoiser_shares_the_encoder(trained_text_tiny, tmp_path, cache_dir):
-    from ntm_edge.denoiser import WEIGHTS, load_denoiser, train_denoiser
+def test_text_denoiser_shares_the_encoder(text_denoiser_ckpt, tmp_path, cache_dir):
+    from ntm_edge.denoiser import WEIGHTS, load_denoiser
     from ntm_edge.text_prompts import shared_minilm
 
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(trained_text_tiny, ckpt)
-    train_denoiser(ckpt, steps=5, trajectories=1, batch_size=16, progress=False, log=lambda *_: None)
-    den = load_denoiser(ckpt)
+    den = load_denoiser(text_denoiser_ckpt)
     assert den.prompt_encoder.minilm is shared_minilm() and den.config.prompt_kind == "minilm"
     assert not [k for k in den.state_dict() if k.startswith("prompt_encoder")]
-    assert (ckpt / WEIGHTS).stat().st_size < 5 * 2**20
-    r = runner.invoke(app, ["sample", "--checkpoint", str(ckpt), "--prompt", "a handwritten five", "--num", "2",
-                            "--final", "denoiser", "--out", str(tmp_path / "d.png")])
+    assert (text_denoiser_ckpt / WEIGHTS).stat().st_size < 5 * 2**20
+    r = runner.invoke(app, ["sample", "--checkpoint", str(text_denoiser_ckpt), "--prompt", "a handwritten five", "--num",
+                            "2", "--final", "denoiser", "--out", str(tmp_path / "d.png")])
     assert r.exit_code == 0, r.output
+
+
+def test_text_denoiser_is_exported_and_reads_the_encoder_output(text_denoiser_bundle, text_bundle):
+    """The denoiser graph of a text bundle takes the prompt encoder's output (not ids), and the encoder
+    graph is the same file as in the bundle without a denoiser."""
+    manifest = json.loads((text_denoiser_bundle / "manifest.json").read_text())
+    inputs = [t["name"] for t in manifest["graphs"]["denoiser"]["inputs"]]
+    assert inputs == ["u", "prompt_emb", "prompt_mask"] and manifest["denoiser"] is not None
+    parity = manifest["parity"]["graphs"]["denoiser"]
+    assert parity["random"]["max_abs"] < 1e-3 and parity["real"]["max_abs"] < 1e-3, parity
+    plain = json.loads((text_bundle / "manifest.json").read_text())
+    assert manifest["files"]["prompt_encoder.fp32.onnx"] == plain["files"]["prompt_encoder.fp32.onnx"]
+
+
+def test_runtime_text_denoiser_draws_the_same_images_as_sample(text_denoiser_bundle, text_denoiser_ckpt, cache_dir):
+    from ntm_edge import NTM
+    from ntm_edge.denoiser import load_denoiser
+    from ntm_edge.exits import sample_images
+    from ntm_edge.runtime import open_runtime
+    from ntm_edge.runtime.sampler import generate
+
+    prompts = ["a handwritten seven", "someone wrote a 3 here", "", "the numeral 0 in ink", "1", "a messy 6"]
+    rt = open_runtime(text_denoiser_bundle, provider="cpu", threads=1)
+    got = generate(rt, prompts, steps=4, seed=3, guidance=2.0)  # the default exit of a bundle with a denoiser
+    model, den = NTM.from_pretrained(text_denoiser_ckpt), load_denoiser(text_denoiser_ckpt)
+    want = sample_images(model, prompts, steps=4, seed=3, guidance=2.0, final="denoiser", denoiser=den)
+    assert got.final == "denoiser" and "denoiser" in got.timer.seconds
+    assert np.abs(got.images.astype(int) - want).max() <= 1
+    inverse = generate(rt, prompts, steps=4, seed=3, guidance=2.0, final="inverse")
+    assert (inverse.images != got.images).any()  # the denoiser, not the inverse, made them
 
 
 NO_TORCH_TEXT = FORBID_IMPORTS + r"""
 from ntm_edge.cli import app
-bundle, out = sys.argv[1], sys.argv[2]
+bundle, out, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
 for prompt in ("a handwritten four", ""):  # each measured run follows a warm-up run: its prompts hit the cache
     try:
         app(["run", "--bundle", bundle, "--prompt", prompt, "--num", "2", "--threads", "1", "--guidance", "1",
-             "--out", out + ".png", "--save-array", out + ".npy"])
+             "--out", out + ".png", "--save-array", out + ".npy", *extra])
     except SystemExit as e:
         assert e.code in (0, None), e.code
 assert "torch" not in sys.modules and "transformers" not in sys.modules
@@ -223,6 +250,14 @@ def test_runtime_text_bundle_imports_neither_torch_nor_transformers(text_bundle,
     assert r.returncode == 0 and "NO TORCH OK" in r.stdout, r.stdout + r.stderr
     assert "text encoder (cache hit)" in r.stdout
     assert np.load(tmp_path / "s.npy").shape == (2, 8, 8, 1)
+
+
+def test_runtime_text_denoiser_imports_neither_torch_nor_transformers(text_denoiser_bundle, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NTM_EDGE_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", NO_TORCH_TEXT, str(text_denoiser_bundle), str(tmp_path / "s"),
+                        "--final", "denoiser"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "NO TORCH OK" in r.stdout, r.stdout + r.stderr
+    assert "denoiser" in r.stdout and np.load(tmp_path / "s.npy").shape == (2, 8, 8, 1)
 
 
 def _captioned_npz(path, n_per_class: int = 30):
