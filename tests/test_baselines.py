@@ -141,3 +141,5 @@ def test_transporter_blocks_refused_for_a_baseline(objective, tmp_path):
         TrainArgs(objective=objective, transporter_blocks=2, out=str(tmp_path / "x")).validate()
     with pytest.raises(ConfigError, match="whole number >= 0"):
         TrainArgs(transporter_blocks=-1, out=str(tmp_path / "x")).validate()
+    with pytest.raises(ConfigError, match="unknown --x0-mse-space 'v'; choose one of: u, x"):
+        TrainArgs(x0_mse_space="v", out=str(tmp_path / "x")).validate()

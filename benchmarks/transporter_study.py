@@ -1,0 +1,146 @@
+"""Does the transporter earn its place? (issue 13) A CPU-sized, reproducible comparison on `digits` with
+the `tiny` preset: NTM variants, the identity-transporter ablation and the baselines, at equal training
+compute, >= 2 seeds each, then one Markdown table.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transporter_study.py --out runs/transporter_study \
+        [--ntm-steps 600] [--seeds 0 1] [--rows ntm_u ntm_0 ...] [--table benchmarks/reports/transporter_study.md]
+
+Compute: by default every row trains ``--ntm-steps`` optimizer steps of batch 64, so no row gets more
+compute than the NTM (the ablation and the baselines cost less per step: the comparison leans their
+way). With ``--calibrate`` every row gets the CPU seconds of ``--ntm-steps`` NTM steps instead: each
+row's per-step CPU cost (process time of the training subprocess, one thread) is measured first as the
+slope between a 20-step and an 80-step run (which cancels start-up and loading), and its step count is
+scaled to match. The training CPU seconds actually spent (start-up included) are reported per row. Every row is evaluated with the
+same exit: the exact transporter inverse for the u-space models (no denoiser is trained, so none is
+counted), Euler for flow matching. One job at a time: runs are sequential.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "ntm_edge"]
+
+# name -> (label, extra `ntm-edge train` arguments). tiny's own x0_mse_weight is 0.
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "ntm_x": ("NTM, hybrid x0-MSE 1.0 in x-space (the term before issue 13)",
+              ["--x0-mse-weight", "1", "--x0-mse-space", "x"]),
+    "ntm_u": ("NTM, hybrid x0-MSE 1.0 in u-space (the fix)", ["--x0-mse-weight", "1", "--x0-mse-space", "u"]),
+    "ntm_0": ("NTM, x0-MSE 0 (tiny as-is)", ["--x0-mse-weight", "0"]),
+    "id_1": ("identity f_T + learned scale, x0-MSE 1.0", ["--transporter-blocks", "0", "--x0-mse-weight", "1"]),
+    "id_0": ("identity f_T + learned scale, x0-MSE 0", ["--transporter-blocks", "0", "--x0-mse-weight", "0"]),
+    "gauss_1": ("Gaussian (f_T = id, sigma = C), x0-MSE 1.0", ["--objective", "gaussian", "--x0-mse-weight", "1"]),
+    "fm": ("FM, Euler", ["--objective", "fm"]),
+}
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run one command to completion (output to ``log``) -> its CPU seconds."""
+    before = cpu_seconds()
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
+    return cpu_seconds() - before
+
+
+def train(out: Path, steps: int, extra: list[str], seed: int, eval_images: int = 0) -> float:
+    return run([*CLI, "train", "--dataset", "digits", "--preset", "tiny", "--steps", str(steps), "--batch-size", "64",
+                "--lr", "2e-3", "--checkpoint-every", "100000", "--eval-images", str(eval_images),
+                "--seed", str(seed), "--out", str(out), *extra], out.with_suffix(".log"))
+
+
+def per_step_cost(root: Path, name: str, extra: list[str]) -> float:
+    """CPU seconds per training step of a row: the slope between a 20- and an 80-step run."""
+    a = train(root / f"calib_{name}_20", 20, extra, 0)
+    b = train(root / f"calib_{name}_80", 80, extra, 0)
+    return (b - a) / 60
+
+
+def evaluate(ckpt: Path, num_samples: int) -> dict:
+    out = ckpt.with_name(ckpt.name + "_eval.json")
+    if not out.exists():
+        run([*CLI, "eval", "--checkpoint", str(ckpt), "--steps", "4", "--num-samples", str(num_samples),
+             "--out", str(out)], ckpt.with_name(ckpt.name + "_eval.log"))
+    return json.loads(out.read_text())
+
+
+def summarise(results: dict, rows: list[str]) -> str:
+    """Markdown: one line per row, mean and (min..max over seeds) of each figure."""
+    def cell(vals, fmt):
+        if len(vals) == 1:
+            return format(vals[0], fmt)
+        return f"{format(statistics.mean(vals), fmt)} ({format(min(vals), fmt)}..{format(max(vals), fmt)})"
+
+    lines = ["| row | steps | train CPU s | bits/dim | Frechet | prompt acc. | displacement t0..t3 | log-det/dim t0..t3 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in rows:
+        runs = results.get(name, [])
+        if not runs:
+            continue
+        evals = [r["eval"]["rows"][0] for r in runs]
+        act = [e.get("transporter") for e in evals]
+        disp = ldet = "-"
+        if all(act):
+            K = len(act[0]) - 1  # t = 1 is the identity by construction
+            disp = " / ".join(f"{statistics.mean(a[k]['displacement'] for a in act):.3f}" for k in range(K))
+            ldet = " / ".join(f"{statistics.mean(a[k]['logdet_per_dim'] for a in act):+.3f}" for k in range(K))
+        lines.append(f"| {ROWS[name][0]} | {runs[0]['steps']} | {cell([r['cpu_s'] for r in runs], '.0f')} | "
+                     f"{cell([e['bits_per_dim'] for e in evals], '.3f')} | {cell([e['frechet'] for e in evals], '.2f')} | "
+                     f"{cell([e['prompt_accuracy'] for e in evals], '.3f')} | {disp} | {ldet} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "transporter_study")
+    ap.add_argument("--ntm-steps", type=int, default=600)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--num-samples", type=int, default=500)
+    ap.add_argument("--calibrate", action="store_true", help="equal CPU seconds instead of equal steps")
+    ap.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    state_path = args.out / "study.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"cost": {}, "results": {}}
+    save = lambda: state_path.write_text(json.dumps(state, indent=1))  # noqa: E731  resumable study
+    for name in ["ntm_u", *args.rows] if args.calibrate else []:  # the NTM's cost is the budget's unit
+        if name not in state["cost"]:
+            state["cost"][name] = per_step_cost(args.out, name, ROWS[name][1])
+            print(f"{name}: {state['cost'][name]:.3f} CPU s/step", flush=True)
+            save()
+    budget = args.ntm_steps * state["cost"]["ntm_u"] if args.calibrate else 0.0
+    for seed in args.seeds:  # every row's first seed before any row's second
+        for name in args.rows:
+            steps = max(1, round(budget / state["cost"][name])) if args.calibrate else args.ntm_steps
+            if seed in {r["seed"] for r in state["results"].get(name, [])}:
+                continue
+            ckpt = args.out / f"{name}_s{seed}"
+            cpu = train(ckpt, steps, ROWS[name][1], seed)
+            report = evaluate(ckpt, args.num_samples)
+            state["results"].setdefault(name, []).append({"seed": seed, "steps": steps, "cpu_s": cpu, "eval": report})
+            row = report["rows"][0]
+            print(f"{name} seed {seed}: {steps} steps, {cpu:.0f} CPU s, {row['bits_per_dim']:.3f} bits/dim, "
+                  f"Frechet {row['frechet']:.2f}, acc {row['prompt_accuracy']:.3f}", flush=True)
+            save()
+    table = summarise(state["results"], args.rows)
+    print(table)
+    if args.table:
+        args.table.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
