@@ -30,9 +30,9 @@ CLI = [sys.executable, "-m", "ntm_edge"]
 
 # name -> (label, extra `ntm-edge train` arguments). tiny's own x0_mse_weight is 0.
 ROWS: dict[str, tuple[str, list[str]]] = {
-    "ntm_x": ("NTM, hybrid x0-MSE 1.0 in x-space (the term before issue 13)",
+    "ntm_x": ("NTM, hybrid x0-MSE 1.0 in x-space (the default target)",
               ["--x0-mse-weight", "1", "--x0-mse-space", "x"]),
-    "ntm_u": ("NTM, hybrid x0-MSE 1.0 in u-space (the fix)", ["--x0-mse-weight", "1", "--x0-mse-space", "u"]),
+    "ntm_u": ("NTM, hybrid x0-MSE 1.0 in u-space (--x0-mse-space u)", ["--x0-mse-weight", "1", "--x0-mse-space", "u"]),
     "ntm_0": ("NTM, x0-MSE 0 (tiny as-is)", ["--x0-mse-weight", "0"]),
     "id_1": ("identity f_T + learned scale, x0-MSE 1.0", ["--transporter-blocks", "0", "--x0-mse-weight", "1"]),
     "id_0": ("identity f_T + learned scale, x0-MSE 0", ["--transporter-blocks", "0", "--x0-mse-weight", "0"]),

@@ -69,8 +69,9 @@ def train(
     x0_mse_weight: Annotated[float | None, typer.Option(help="weight of the hybrid x0-MSE term (default: the preset's)")] = None,
     transporter_blocks: Annotated[int | None, typer.Option(help="TarFlow blocks of f_T (default: the preset's); "
                                                          "0: the identity-transporter ablation")] = None,
-    x0_mse_space: Annotated[str, typer.Option(help="target of the hybrid term: u (f_T(x0), the space of the "
-                                                   "predictor's x0-hat) | x (x0: the term before issue 13)")] = "u",
+    x0_mse_space: Annotated[str, typer.Option(help="target of the hybrid term: x (x0; pulls f_T toward the "
+                                                   "identity, measured best so far) | u (f_T(x0), the space of "
+                                                   "the predictor's x0-hat; lets f_T move)")] = "x",
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,
     device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",

@@ -68,7 +68,7 @@ def x0_target(model: NTM, x0: torch.Tensor, s: torch.Tensor, T: torch.Tensor, sp
 
 
 def end2end_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | None = None,
-                 x0_space: str = "u") -> Losses:
+                 x0_space: str = "x") -> Losses:
     """Trajectory NLL per dim with T = config.steps and a random t_min per example."""
     cfg = model.config
     B, T, shape = x0.shape[0], cfg.steps, x0.shape[1:]
@@ -95,7 +95,7 @@ def step_grids(shift: float) -> torch.Tensor:
 
 
 def pairwise_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | None = None,
-                  x0_space: str = "u") -> Losses:
+                  x0_space: str = "x") -> Losses:
     """One step per example: T ~ {4, 8, 16}, k ~ U{1..T}, NLL of x_{t_(k-1)} given x_{t_k} per dim."""
     cfg, B, dev = model.config, x0.shape[0], x0.device
     counts = torch.tensor(schedule.STEP_COUNTS, dtype=torch.float32, device=dev)
@@ -128,7 +128,7 @@ def flow_matching_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: N
     return Losses((v - (eps - x0)).pow(2).mean(), (x0_hat - x0).pow(2).mean())
 
 
-def loss_function(objective: str, mode: str, x0_space: str = "u"):
+def loss_function(objective: str, mode: str, x0_space: str = "x"):
     """The loss of an objective and mode; ``x0_space`` picks the hybrid term's target (``x0_target``)."""
     if objective == "fm":
         return flow_matching_loss

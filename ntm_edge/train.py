@@ -82,7 +82,7 @@ class TrainArgs:
     # TarFlow blocks of f_T (None: the preset's). 0 is the identity-transporter ablation of an NTM: the
     # same predictor with its learned scale d, and f_T = identity (log-det exactly 0; issue 13)
     transporter_blocks: int | None = None
-    x0_mse_space: str = "u"  # the hybrid term's target: "u" f_T(x0, s) | "x" x0 (the term before issue 13)
+    x0_mse_space: str = "x"  # the hybrid term's target: "x" x0 (measured best, the default) | "u" f_T(x0, s)
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 1e-4
