@@ -359,4 +359,10 @@ def build_engines(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as e:  # typer ends every command this way, with its exit status
+        distributed = sys.modules.get(f"{__package__}.distributed")  # loaded only by commands that train
+        if distributed is not None:  # a torchrun worker that used gloo ends here (os._exit; see end_process)
+            distributed.end_process(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
+        raise

@@ -58,20 +58,12 @@ def runs(tmp_path_factory):
     cli = ["train", "--dataset", dataset, "--preset", "tiny", "--batch-size", str(BATCH), "--checkpoint-every",
            str(EVERY), "--eval-images", "0", "--seed", "2", "--steps", str(STEPS)]
     results = {}
-    for parallel in ("ddp",):  # FSDP2: see FSDP_EXIT_CRASH
+    for parallel in ("ddp", "fsdp"):
         results[parallel] = torchrun(*cli, "--out", str(root / parallel), "--parallel", parallel)
     return root, dataset, common, quiet, results
 
 
-# A known, open bug: under FSDP2 on gloo (CPU), a rank sometimes aborts at process exit after the run
-# has finished and saved ("terminate called without an active exception", SIGABRT, so torchrun exits
-# non-zero). A barrier before destroy_process_group took it from 5 in 8 runs to 1 in 20; until it is
-# gone, the FSDP2 runs are not part of the suite, because a test that fails 1 run in 20 is no check.
-FSDP_EXIT_CRASH = pytest.param("fsdp", marks=pytest.mark.skip(
-    reason="FSDP2 on gloo: a rank intermittently aborts at process exit (open bug, README)"))
-
-
-@pytest.mark.parametrize("parallel", ["ddp", FSDP_EXIT_CRASH])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_train_as_one_process_with_the_same_global_batch(runs, parallel):
     root, _, _, _, results = runs
     r = results[parallel]
@@ -86,7 +78,22 @@ def test_two_ranks_train_as_one_process_with_the_same_global_batch(runs, paralle
     assert abs(a["loss_avg"] - b["loss_avg"]) <= 1e-6 * abs(a["loss_avg"])
 
 
-@pytest.mark.parametrize("parallel", ["ddp", FSDP_EXIT_CRASH])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_an_error_every_rank_meets_exits_1_with_one_line(runs, parallel):
+    """The status of a failed command survives the end of a gloo worker (os._exit, distributed.py):
+    resuming a run that is already at --steps fails on both ranks after the model is wrapped."""
+    root, dataset, _, _, results = runs
+    assert results[parallel].returncode == 0
+    step = load_train_state(root / parallel)["step"]
+    r = torchrun("train", "--dataset", dataset, "--preset", "tiny", "--batch-size", str(BATCH), "--eval-images", "0",
+                 "--seed", "2", "--steps", str(step), "--resume", "--parallel", parallel, "--out", str(root / parallel))
+    assert r.returncode == 1, r.stdout + r.stderr
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == [f"error: {root / parallel} is already at step {step}; pass a larger --steps to continue it"], r.stderr
+    assert "terminate called" not in r.stderr
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_two_rank_checkpoint_resumes_in_one_process(runs, parallel):
     root, _, common, quiet, results = runs
     assert results[parallel].returncode == 0
@@ -101,11 +108,12 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(runs, parallel):
         assert max_diff(a_, b_) <= TOL, key
 
 
-def test_a_rank_that_dies_ends_the_run_with_one_line(runs, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_rank_that_dies_ends_the_run_with_one_line(runs, tmp_path, parallel):
     _, dataset, _, _, _ = runs
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ntm_edge",
            "train", "--dataset", dataset, "--preset", "tiny", "--batch-size", "4", "--steps", "1000000",
-           "--eval-images", "0", "--out", str(tmp_path / "run")]
+           "--eval-images", "0", "--parallel", parallel, "--out", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().startswith("training tiny")
