@@ -25,15 +25,12 @@ from .policy import PrecisionOptions, runs_in
 def check_inputs(checkpoint, opts: PrecisionOptions) -> None:
     """What the passes need, checked before any long work: valid options; the checkpoint's dataset
     (calibration draws from its training split, the gate scores against its test split)."""
-    from ..checkpoint import load_config, trained_on
+    from ..checkpoint import trained_on
     from ..errors import ConfigError
 
     opts.validate()
     if opts.precisions and trained_on(checkpoint) is None:
         raise ConfigError(f"{checkpoint} does not record its dataset: --fp16/--int8 calibrate and judge on it")
-    if opts.precisions and load_config(checkpoint).prompt.kind != "label":
-        # calibration and the quality gate draw class-label prompts; text prompts are not wired into them yet
-        raise ConfigError("--fp16/--int8 support label-prompt models only for now; export this text-prompt model in fp32")
 
 
 def build_precisions(bundle: Bundle, model, checkpoint, denoiser, opts: PrecisionOptions, log=print) -> dict:

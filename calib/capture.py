@@ -12,6 +12,9 @@ Two sources, both drawn with ``PrecisionOptions.calib_seed``:
    these runs (its inputs are the noises); the denoiser on the u_t0 they end in and on the forward
    trajectories' u_t0 at the denoiser's level.
 
+Prompts are the dataset's classes: label ids, or for a text model the word pieces of each class name
+(``vocab.ids_for_labels``), with the model's own null prompt and masks.
+
 ``calibration_batches`` returns, per graph, a list of input dicts (numpy, the graph's IO names) of at
 most ``batch`` rows each: what ``onnxruntime.quantization``'s calibration reader feeds.
 """
@@ -27,7 +30,6 @@ from ..data import load_dataset
 from ..errors import ConfigError
 from ..model import NTM
 from ..numerics import dequantize
-from ..prompts import NULL_ID
 from ..runtime import specs
 from .policy import PrecisionOptions
 
@@ -58,19 +60,20 @@ def _forward_levels(model: NTM, images: np.ndarray, seed: int, t_min: float):
 
 def _predictor_rows(model: NTM, u: torch.Tensor, ts: torch.Tensor, ids: torch.Tensor) -> dict[str, np.ndarray]:
     """Predictor inputs of every step of trajectories u (n, K, ...) on grids ts (n, K), once with the
-    prompts and once with the null prompt -> rows (2 n T, ...)."""
+    prompts and once with the null prompt -> rows (2 n T, ...). ids (n, P): label ids or word pieces."""
     n, K = ts.shape
     T = K - 1
-    emb, null = model.prompt_encoder(ids), model.prompt_encoder(torch.full_like(ids, NULL_ID))
+    null_ids, null_mask = model.null_prompt(n)
+    halves = ((model.prompt_encoder(ids), model.vocab.mask_of(ids)), (model.prompt_encoder(null_ids), null_mask))
     rows: dict[str, list] = {"u_t": [], "t": [], "s": [], "steps": [], "prompt_emb": [], "prompt_mask": []}
     for k in range(1, K):
-        for e in (emb, null):
+        for emb, mask in halves:
             rows["u_t"].append(u[:, k])
             rows["t"].append(ts[:, k])
             rows["s"].append(ts[:, k - 1])
             rows["steps"].append(torch.full((n,), float(T)))
-            rows["prompt_emb"].append(e)
-            rows["prompt_mask"].append(torch.ones_like(ids, dtype=torch.bool))
+            rows["prompt_emb"].append(emb)
+            rows["prompt_mask"].append(mask)
     return {k: torch.cat(v).numpy() for k, v in rows.items()}
 
 
@@ -96,8 +99,8 @@ def calibration_batches(model: NTM, checkpoint, graphs: dict[str, specs.GraphSpe
 
     # the sampler's own trajectories: half at guidance 0, half at calib_guidance
     m = opts.calib_samples
-    s_ids = torch.arange(m)[:, None] % len(cfg.prompt.class_names) + 1  # every class (label ids), never the null id
-    s_mask = torch.ones_like(s_ids, dtype=torch.bool)
+    s_ids = torch.from_numpy(model.vocab.ids_for_labels(np.arange(m) % len(cfg.prompt.class_names)))  # every class
+    s_mask = model.vocab.mask_of(s_ids)
     weights = [0.0] * (m - m // 2) + [opts.calib_guidance] * (m // 2)
     sampled = []  # (ids, u levels (b, K, ...), grid (K,), guidance, noise list)
     for j, w in enumerate(sorted(set(weights))):
@@ -119,13 +122,13 @@ def calibration_batches(model: NTM, checkpoint, graphs: dict[str, specs.GraphSpe
             out[name] = []
             for j, (s_id, _, _, w) in enumerate(sampled):
                 noise_rng = np.random.default_rng([opts.calib_seed, 2, j])
+                null_ids, null_mask = model.null_prompt(len(s_id))
                 shape = (len(s_id), cfg.channels, cfg.image_size, cfg.image_size)
                 rows = {"u_top": noise_rng.standard_normal(shape, dtype=np.float32),
                         "noise": noise_rng.standard_normal((shape[0], T, *shape[1:]), dtype=np.float32),
                         "prompt_emb": model.prompt_encoder(s_id).numpy(),
-                        "null_emb": model.prompt_encoder(torch.full_like(s_id, NULL_ID)).numpy(),
-                        "prompt_mask": np.ones((len(s_id), 1), dtype=bool),
-                        "null_mask": np.ones((len(s_id), 1), dtype=bool)}
+                        "null_emb": model.prompt_encoder(null_ids).numpy(),
+                        "prompt_mask": model.vocab.mask_of(s_id).numpy(), "null_mask": null_mask.numpy()}
                 for b in _batches(rows, batch, list(rows)):
                     b["levels_t"] = schedule.time_grid(T, cfg.t_min_sample, cfg.shift).astype(np.float32)
                     b["guidance"] = np.array([w], dtype=np.float32)
@@ -136,8 +139,11 @@ def calibration_batches(model: NTM, checkpoint, graphs: dict[str, specs.GraphSpe
             t0 = denoiser.config.t0
             _, u_den, _ = _forward_levels(model, images, opts.calib_seed, t0)
             levels, _ = model.sample_levels(s_ids, s_mask, T, np.random.default_rng([opts.calib_seed, 3]), 0.0, t0)
-            rows = {"u": torch.cat([u_den[:, 0], levels[:, 0]]).numpy(), "ids": torch.cat([ids, s_ids]).numpy(),
-                    "prompt_mask": np.ones((len(ids) + m, 1), dtype=bool)}
+            all_ids = torch.cat([ids, s_ids])  # (n + m, P)
+            rows = {"u": torch.cat([u_den[:, 0], levels[:, 0]]).numpy(), "ids": all_ids.numpy(),
+                    "prompt_mask": model.vocab.mask_of(all_ids).numpy()}
+            if "prompt_emb" in names:  # a text model's denoiser reads the (shared, frozen) MiniLM's output
+                rows["prompt_emb"] = model.prompt_encoder(all_ids).numpy()
             out[name] = _batches(rows, batch, names)
         elif name == specs.TRANSPORTER_FORWARD:
             n, K = ts.shape

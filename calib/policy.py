@@ -7,7 +7,9 @@ manifest copies it into every graph's ``variants`` entry ("runs"), so a bundle s
 The transporter stays out of INT8 (measured, README "Precisions"): it is inverted by fixed-point
 iteration whose stopping test needs changes far below int8's resolution, and the audit reads its
 log-determinant directly; its share of the pipeline's compute is small. In an INT8 bundle it runs in
-fp32. The prompt encoder is a table lookup: nothing to compute, so it stays fp32 everywhere.
+fp32. The prompt encoder stays fp32 everywhere: a label model's is a table lookup (nothing to compute);
+a text model's is the frozen MiniLM, one file built by runtime/text_graph.py and pinned by its sha256
+(the same for every text model), run once per distinct prompt and cached, so there is little to gain.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ MAX_ACCURACY_DROP = 0.02  # the quality gate refuses a precision whose prompt ac
 
 # graph name pattern -> {bundle precision: (the precision the graph runs in, why)}; first match wins
 GRAPH_POLICY: tuple[tuple[str, dict[str, tuple[str, str]]], ...] = (
-    ("prompt_encoder", {"fp16": ("fp32", "a table lookup: nothing to compute"),
-                        "int8": ("fp32", "a table lookup: nothing to compute")}),
+    ("prompt_encoder", {"fp16": ("fp32", "a table lookup, or the frozen MiniLM: one fp32 file, cached per prompt"),
+                        "int8": ("fp32", "a table lookup, or the frozen MiniLM: one fp32 file, cached per prompt")}),
     ("transporter_*", {"fp16": ("fp16", "fp16 with fp32 islands keeps the inversion within fp16 rounding"),
                        "int8": ("fp32", "inverted and scored: int8 noise stops Jacobi from converging and "
                                         "moves the log-determinant (README, Precisions)")}),

@@ -20,7 +20,9 @@ from ntm_edge.sampling import reverse_levels
 
 class PromptEncoderGraph(nn.Module):
     """ids (B, P) -> prompt_emb (B, P, E): the label table, or the frozen MiniLM itself (its pure
-    ``TextPromptEncoder.embed``, without the cache), padding zeroed."""
+    ``TextPromptEncoder.embed``, without the cache), padding zeroed. A text model's graph file is not
+    traced from this module but built by ``runtime.text_graph`` (torch-free, deterministic bytes);
+    this module is then the torch reference the export checks that file against."""
 
     def __init__(self, model: NTM):
         super().__init__()

@@ -229,6 +229,39 @@ def test_runtime_text_denoiser_draws_the_same_images_as_sample(text_denoiser_bun
     assert (inverse.images != got.images).any()  # the denoiser, not the inverse, made them
 
 
+def test_text_denoiser_graph_equals_the_denoiser_on_ids(tmp_path):
+    """The exported text denoiser graph, fed the MiniLM's output, against the torch denoiser's own forward on
+    the ids, at full output scale: a fresh denoiser with every weight perturbed (the 5-step one of the
+    fixtures still outputs ~0.007, too small for parity to say much)."""
+    import onnxruntime
+
+    from ntm_edge.config import get_preset
+    from ntm_edge.denoiser import Denoiser, DenoiserConfig
+    from ntm_edge.export.graphs import TextDenoiserGraph
+    from ntm_edge.export.writer import _export_graph
+    from ntm_edge.runtime import specs
+
+    cfg = get_preset("tiny").with_data(1, tuple("0123456789")).with_text_encoder("minilm")
+    torch.manual_seed(0)
+    den = Denoiser(DenoiserConfig(image_size=cfg.image_size, channels=1, num_prompt_tokens=11, t0=0.025, steps=4,
+                                  prompt_dim=384, prompt_kind="minilm", max_tokens=16, width=32, depth=2, heads=2)).eval()
+    with torch.no_grad():
+        for param in den.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    spec = specs.graph_specs(cfg, 4, has_denoiser=True)[specs.DENOISER]
+    assert spec.input_names == ["u", "prompt_emb", "prompt_mask"]
+    ids, mask = den.prompt_encoder.tokenizer.tokenize(["a handwritten seven", "", "someone wrote a 3 here"])
+    u = torch.randn(3, 1, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        emb = den.prompt_encoder.embed(torch.from_numpy(ids))
+        ref = den(u, torch.from_numpy(ids), torch.from_numpy(mask)).numpy()  # the denoiser on ids, MiniLM inside
+    example = {"u": u.numpy(), "prompt_emb": emb.numpy(), "prompt_mask": mask}
+    _export_graph(TextDenoiserGraph(den).eval(), spec, example, tmp_path / "d.onnx", 17)
+    got = onnxruntime.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"]).run(None, example)[0]
+    scale = float(np.abs(ref).max())
+    assert scale > 0.3 and float(np.abs(got - ref).max()) <= 1e-4 + 1e-4 * scale, (scale, np.abs(got - ref).max())
+
+
 NO_TORCH_TEXT = FORBID_IMPORTS + r"""
 from ntm_edge.cli import app
 bundle, out, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -320,3 +353,50 @@ def test_folder_captions_and_their_errors(tmp_path):
     (tmp_path / "captions.jsonl").write_text(lines[0] + "\n" + json.dumps({"file": "a/1.png", "caption": " "}))
     with pytest.raises(DataError, match="a caption is empty"):
         both_splits()
+
+
+def test_text_model_exports_fp16_and_int8(tmp_path, monkeypatch):
+    """--fp16 --int8 on a text model with a denoiser: calibration and the quality gate take the class names
+    as prompts; the MiniLM stays the builder's fp32 file in every precision; each precision against torch
+    on real trajectories within the tolerances of tests/test_precision.py (fp16: 4 ulps, int8: 4% of scale).
+    The model is trained a few steps only (its own, cheaper than the session's 300-step fixture): the
+    checks compare graphs with torch, not sample quality."""
+    from ntm_edge import NTM
+    from ntm_edge.denoiser import load_denoiser, train_denoiser
+    from ntm_edge.export.graphs import graph_modules
+    from ntm_edge.export.parity import real_parity, real_trajectories
+    from ntm_edge.runtime import Runtime, load_bundle
+    from ntm_edge.runtime.sampler import generate
+    from ntm_edge.runtime.text_graph import expected_sha256
+    from ntm_edge.train import TrainArgs, train
+
+    monkeypatch.setenv("NTM_EDGE_CACHE", str(tmp_path / "cache"))
+    ckpt, out = tmp_path / "ckpt", tmp_path / "bundle"
+    train(TrainArgs(dataset="digits", preset="tiny", steps=20, batch_size=16, lr=2e-3, out=str(ckpt), text_encoder="minilm",
+                    eval_images=0, seed=0), progress=False, log=lambda *_: None)
+    train_denoiser(ckpt, steps=5, trajectories=1, batch_size=16, progress=False, log=lambda *_: None)
+    r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--out", str(out), "--batch", "4",
+                            "--fp16", "--int8", "--calib-images", "32", "--calib-samples", "8", "--quality-samples", "40",
+                            "--force"])  # the gate's verdict on a 20-step model is a coin toss: only its figures are checked
+    assert r.exit_code == 0, r.output
+    bundle = load_bundle(out)
+    graphs = bundle.manifest["graphs"]
+    for precision in ("fp16", "int8"):
+        assert graphs["prompt_encoder"]["variants"][precision]["file"] == "prompt_encoder.fp32.onnx"
+        assert graphs["denoiser"]["variants"][precision]["file"] == f"denoiser.{precision}.onnx"
+    assert bundle.manifest["files"]["prompt_encoder.fp32.onnx"] == expected_sha256()
+    rows = {row["precision"]: row for row in bundle.manifest["precision"]["quality"]["rows"]}
+    assert list(rows) == ["fp32", "fp16", "int8"] and all(row["finite"] for row in rows.values()), rows
+    assert 0 < rows["fp16"]["max_abs_du"] < rows["int8"]["max_abs_du"] and "quality gate" in r.output
+
+    model = NTM.from_pretrained(ckpt).requires_grad_(False)
+    modules = graph_modules(model, load_denoiser(ckpt))
+    traj, ids, _ = real_trajectories(model, ckpt, n=8)
+    for precision, rel in (("fp16", 4 * 2.0**-11), ("int8", 0.04)):
+        rt = Runtime(bundle, provider="cpu", threads=1, precision=precision)
+        for name, (err, scale) in real_parity(rt, model, modules, traj, ids).items():
+            runs = graphs[name]["variants"][precision]["runs"]
+            tol = 1e-4 + 1e-4 * scale if runs == "fp32" else rel * max(scale, 1.0)
+            assert np.isfinite(err) and err <= tol, (precision, name, err, scale)
+        got = generate(rt, ["a handwritten seven", ""], seed=1, guidance=2.0)
+        assert got.final == "denoiser" and np.isfinite(got.x0).all()
