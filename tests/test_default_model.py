@@ -162,17 +162,26 @@ def test_build_replaces_only_a_directory_of_its_own_kind(label_assets, tmp_path,
         check_out(ckpt / "default", ckpt)
 
 
-def test_rebuild_keeps_the_model_card(label_assets, tmp_path):
+def test_rebuild_keeps_the_model_card_and_ships_a_given_export(label_assets, trained_tiny, tmp_path):
     from ntm_edge.assets.build import build
+    from ntm_edge.export import export_bundle
 
     ckpt, out = label_assets
+    exported = tmp_path / "exported"
+    export_bundle(ckpt, exported, batch=4, log=quiet)
+    with pytest.raises(ConfigError, match="holds a denoiser that --checkpoint .* does not hold"):
+        build(trained_tiny[0], tmp_path / "other", bundle=exported, log=quiet)  # the same NTM, without the denoiser
     again = tmp_path / "default"
     shutil.copytree(out, again)
     (again / assets.MODEL_CARD).write_text("# filled in by hand\n")
-    index = build(ckpt, again, batch=4, placeholder=True, log=quiet)
+    index = build(ckpt, again, placeholder=True, bundle=exported, log=quiet)
     assert (again / assets.MODEL_CARD).read_text() == "# filled in by hand\n"
     assert index["placeholder"] is True and assets.verify(again) == index
-    assert not [p for p in tmp_path.iterdir() if p.name != "default"]  # no temporaries left next to it
+    assert index["files"]["bundle/weights.bin"] == assets.verify(out)["files"]["bundle/weights.bin"]  # same tensors
+    build(ckpt, again, bundle=exported, log=quiet)  # the real model replaces the placeholder: a fresh card
+    template = (REPO / "ntm_edge/assets/MODEL_CARD.template.md").read_text()
+    assert (again / assets.MODEL_CARD).read_text() == template
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default", "exported"]  # no temporaries left
 
 
 FORBID_TORCH = r"""

@@ -13,7 +13,8 @@
    stores each distinct tensor once (``share_initializers``: the exported graphs repeat the predictor
    and the transporter blocks). The bundle's manifest lists the files as shipped and is sealed again.
 5. Write assets.json (sha256 of every file, what the runtime adds, provenance), keep the earlier
-   MODEL_CARD.md or write the template, and rename the directory into place (``fileio.publish_dir``).
+   MODEL_CARD.md (or write the template: where there was none, or where a real model replaces a
+   ``--placeholder`` one), and rename the directory into place (``fileio.publish_dir``).
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def check_export(bundle: Path, checkpoint: Path) -> None:
     source = load_bundle(bundle).manifest.get("source", {})
     if source.get("weights_sha256") != load_info(checkpoint).get("weights_sha256"):
         raise ConfigError(f"--bundle {bundle} was exported from other weights than --checkpoint {checkpoint}")
-    den = source.get("denoiser_sha256")
-    if den is not None and den != sha256_file(checkpoint / DENOISER_FILES[0]):
-        raise ConfigError(f"--bundle {bundle} holds another denoiser than --checkpoint {checkpoint}")
+    den, den_file = source.get("denoiser_sha256"), checkpoint / DENOISER_FILES[0]
+    if den is not None and (not den_file.is_file() or den != sha256_file(den_file)):
+        raise ConfigError(f"--bundle {bundle} holds a denoiser that --checkpoint {checkpoint} does not hold")
 
 
 def build(checkpoint, out, batch: int = 8, placeholder: bool = False, bundle=None, log=print) -> dict:
@@ -105,8 +106,7 @@ def build(checkpoint, out, batch: int = 8, placeholder: bool = False, bundle=Non
         tmp = make_temp_dir(out.parent, out.name)
         try:
             index = _stage(checkpoint, exported, tmp, denoiser, text, placeholder)
-            card = out / assets.MODEL_CARD
-            shutil.copyfile(card if card.is_file() else TEMPLATE, tmp / assets.MODEL_CARD)
+            shutil.copyfile(_card_to_keep(out, placeholder) or TEMPLATE, tmp / assets.MODEL_CARD)
             publish_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -158,6 +158,19 @@ def share_initializers(bundle_dir: Path, graphs: list[str]) -> int:
         onnx.checker.check_model(str(bundle_dir / name), full_check=True)
     after = sum((bundle_dir / name).stat().st_size for name in graphs) + len(blob)
     return before - after
+
+
+def _card_to_keep(out: Path, placeholder: bool) -> Path | None:
+    """The earlier MODEL_CARD.md in ``out`` to keep, or None for the template: a real model replacing a
+    placeholder starts from the template (the placeholder's card describes the stand-in)."""
+    card = out / assets.MODEL_CARD
+    if not card.is_file():
+        return None
+    try:
+        was_placeholder = bool(assets.read_index(out).get("placeholder"))
+    except NtmError:
+        was_placeholder = False
+    return None if was_placeholder and not placeholder else card
 
 
 def _stage(checkpoint: Path, exported: Path, tmp: Path, denoiser: bool, text: bool, placeholder: bool) -> dict:
