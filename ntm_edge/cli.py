@@ -265,15 +265,16 @@ def export(
                   progress=sys.stderr.isatty(), log=_log, precisions=precisions)
 
 
-_NO_BUNDLE = ("--bundle is required for now: write one with `ntm-edge export --checkpoint DIR --out BUNDLE` "
-              "(an embedded default model comes later)")
+_NO_BUNDLE = "--bundle is required: write one with `ntm-edge export --checkpoint DIR --out BUNDLE`"
 
 
 @app.command("run")
 @_friendly
 def run_bundle(
     prompt: Prompt,
-    bundle: Annotated[Path | None, typer.Option(help="bundle directory written by `ntm-edge export` (required)")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="bundle directory written by `ntm-edge export` (default: the "
+                                                   "model shipped in the package, assembled in $NTM_EDGE_CACHE/bundles "
+                                                   "on first use)")] = None,
     num: NumImages = 16,
     steps: Steps = 4,
     seed: Seed = 0,
@@ -290,8 +291,6 @@ def run_bundle(
     precision: Annotated[str, typer.Option(help="auto (best the bundle holds for this provider) | fp32 | fp16 | int8")] = "auto",
 ):
     """Generate images on the torch-free runtime (numpy + onnxruntime) and print per-stage latency."""
-    if bundle is None:
-        raise NtmError(_NO_BUNDLE)
     from .runtime.app import run_prompt
 
     run_prompt(bundle, prompt, num=num, steps=steps, seed=seed, guidance=guidance, final=final or None,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .assets import resolve_checkpoint
 from .checkpoint import check_tensors, load_info, read_json, trained_on, verify_file
 from .config import PROMPT_KINDS, PredictorConfig
 from .distributed import World, accumulate, from_main, join, micro_generator, reporting, wrap
@@ -123,7 +124,7 @@ def denoiser_config(model: NTM) -> DenoiserConfig:
 
 
 def has_denoiser(checkpoint) -> bool:
-    return (Path(checkpoint) / META).exists()
+    return (Path(resolve_checkpoint(checkpoint)) / META).exists()
 
 
 def save_denoiser(den: Denoiser, checkpoint, info: dict) -> None:
@@ -147,10 +148,11 @@ def _finish_interrupted(path: Path) -> None:
 
 
 def load_denoiser(checkpoint, device: str = "cpu") -> Denoiser:
+    """The denoiser saved in ``checkpoint`` ("default": the shipped model's), verified and tied to its NTM weights."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(checkpoint)
+    path = Path(resolve_checkpoint(checkpoint))
     _finish_interrupted(path)
     retrain = "; retrain it with `ntm-edge train-denoiser`"
     try:

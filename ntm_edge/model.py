@@ -73,9 +73,12 @@ class NTM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device: str = "cpu") -> NTM:
+        """The model in checkpoint directory ``path``; the string "default" is the model shipped in the
+        package (``ntm_edge.assets``; every shipped file checked against its recorded sha256)."""
+        from .assets import resolve_checkpoint
         from .checkpoint import load_model
 
-        return load_model(path, device=device)
+        return load_model(resolve_checkpoint(path), device=device)
 
     def save_pretrained(self, path) -> None:
         from .checkpoint import save_model

@@ -16,6 +16,7 @@ from ntm_edge.images import save_images
 
 from .audit import image_bound, load_images
 from .bundle import NumericsError
+from .default_model import default_bundle
 from .precision import describe
 from .sampler import FINALS, RunResult, StageTimer, check_options, generate
 from .session import open_runtime
@@ -44,6 +45,8 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
                precision: str | None = None, log=print, warn=None) -> RunResult:
     """`ntm-edge run`: ``num`` images for ``prompt`` on the runtime, written as an image grid (and .npy).
 
+    ``bundle`` None: the default model shipped in the package (``default_model.default_bundle``: assembled
+    in the cache on first use, after the options are checked).
     ``precision``: fp32 | fp16 | int8, or None for the best the bundle holds for the provider. Every
     option, output path and the bundle are checked before the sampler runs; warnings (``warn``,
     default: a ``warning:`` line through ``log``) come after all checks have passed.
@@ -60,6 +63,8 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
     if save_array_to:
         save_array_to = validate.array_path(save_array_to)
     threads = validate.threads(threads, warn=notes.append)
+    if bundle is None:
+        bundle = default_bundle(log=log)
     rt = open_runtime(bundle, provider, threads, precision)
     rt.bundle.vocab.check(prompt)  # an unknown prompt fails here, before any work
     cfg, den = rt.bundle.config, rt.bundle.denoiser if rt.has(DENOISER) else None
