@@ -4,7 +4,6 @@ and a regression guard on what it draws for "7"."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -26,8 +25,6 @@ from ntm_edge.runtime.bundle import load_bundle
 runner = CliRunner()
 SHIPPED = assets.ROOT
 REPO = Path(__file__).resolve().parents[1]
-needs_text_graph = pytest.mark.skipif(importlib.util.find_spec("ntm_edge.runtime.text_graph") is None,
-                                      reason="needs ntm_edge.runtime.text_graph (branch i12)")
 
 
 def quiet(*_):
@@ -282,7 +279,6 @@ def test_a_foreign_directory_in_the_cache_is_never_replaced(label_assets, tmp_pa
 # -- the shipped (text) model on the runtime ---------------------------------------------------------------
 
 
-@needs_text_graph
 def test_shipped_model_runs_without_bundle_and_without_torch(tmp_path):
     first, second = _run_default("shipped", tmp_path / "s", "a handwritten seven", tmp_path / "cache")
     assert "first use of the default model" in first and "assembling" not in second
