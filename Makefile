@@ -27,10 +27,11 @@ install: $(VENV)/.installed
 # The default model shipped in the package (ntm_edge/assets/default) on the torch-free runtime: three
 # prompts, one labelled grid (demo.png), the per-stage latency table. The first run assembles the full
 # bundle in $NTM_EDGE_CACHE (default ~/.cache/ntm-edge); later runs reuse it. One thread per graph:
-# on a 2-core machine more threads only oversubscribe it.
+# on a 2-core machine more threads only oversubscribe it. Guidance 1: the setting the model card measures
+# (prompt accuracy 1.000 at 4 steps with the denoiser exit; 0.968 at guidance 0).
 DEMO_ARGS ?=
 demo: install
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ntm_edge.runtime.demo --out demo.png $(DEMO_ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ntm_edge.runtime.demo --out demo.png --guidance 1 $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q
