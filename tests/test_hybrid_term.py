@@ -61,7 +61,7 @@ def test_end2end_term_is_the_mean_over_steps_against_each_level_s():
     """The end-to-end term by hand: step k predicts level k - 1, so its target is f_T(x0, t_(k-1))."""
     model = _model(moved=True)
     x0, ids, mask = _batch()
-    losses = end2end_loss(model, x0, ids, mask, torch.Generator().manual_seed(5))
+    losses = end2end_loss(model, x0, ids, mask, torch.Generator().manual_seed(5), x0_space="u")
     g = torch.Generator().manual_seed(5)  # end2end_loss's draws, in its order
     from ntm_edge.losses import draw_t_min
 

@@ -205,7 +205,6 @@ def _one_line_error(r, start: str) -> str:
 def test_option_errors(tiny_bundle, tmp_path):
     b = str(tiny_bundle[1])
     out = ["--out", str(tmp_path / "x.png")]
-    _one_line_error(runner.invoke(app, ["run", "--prompt", "3", *out]), "--bundle is required")
     _one_line_error(runner.invoke(app, ["audit", "--prompt", "3", "--image", "x.png"]), "--bundle is required")
     _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "giraffe", *out]), "unknown prompt 'giraffe'")
     _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "3", "--final", "x", *out]), "unknown --final")
