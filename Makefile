@@ -33,8 +33,11 @@ DEMO_ARGS ?=
 demo: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ntm_edge.runtime.demo --out demo.png --guidance 1 $(DEMO_ARGS)
 
+# Two workers, one per core of the project's 2-core machines, each taking whole modules (TEST_WORKERS=0:
+# one process). tests/conftest.py builds the session's trained models once for both.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -262,7 +262,10 @@ def _run_suite(suites: Path, work: Path, threads: int, progress: bool, log) -> d
     (conftest.py: one line per test) to a file that this process follows. Returns the skips: reason ->
     the backends (or probes) skipped for it."""
     events = work / ".progress"
-    env = {**os.environ, SETUP_ENV: str(work / "setup.json"), PROGRESS_ENV: str(events), "OMP_NUM_THREADS": str(threads)}
+    # a pytest-xdist worker's variables (when bench runs inside one, as under `make test`) would make the
+    # child pytest act as a worker, and pytest-benchmark leaves the JSON to a controller that is not there
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env = {**inherited, SETUP_ENV: str(work / "setup.json"), PROGRESS_ENV: str(events), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "pytest", *[str(suites / s) for s in SUITES], "-q", "-p", "no:cacheprovider",
            f"--benchmark-json={work / JSON}", "--benchmark-columns=median,iqr,rounds"]
     with open(work / LOG, "w") as out, _bar(progress) as bar:
@@ -283,6 +286,8 @@ def _run_suite(suites: Path, work: Path, threads: int, progress: bool, log) -> d
         for line in tail:
             log(f"  | {line}")
         raise NtmError(f"the benchmark suite failed (pytest exit status {proc.returncode}; its last lines are above)")
+    if not (work / JSON).is_file():
+        raise NtmError(f"the benchmark suite passed but wrote no {JSON} (see {work / LOG})")
     return skipped
 
 

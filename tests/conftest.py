@@ -1,11 +1,41 @@
-"""Shared fixtures. One tiny model is trained once per session and reused (it costs ~20 s)."""
+"""Shared fixtures, and how the suite spreads over CPU cores.
+
+``make test`` runs the suite on two pytest-xdist workers with ``--dist loadfile``: each module's tests
+run on one worker, so a module-scoped fixture is built once. The session's trained models and bundles
+(a tiny model, ~100 s on one core; a tiny MiniLM model and its bundles, more) are built once per run
+for both workers (``built_once``): the first worker to need one builds it, the other waits and reuses it.
+"""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 TRAIN_STEPS = 300  # tiny on digits: enough to beat a uniform 8-bit model clearly (~6.6 bits/dim)
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The directory ``name``, made by ``build(path)`` once per test run, also under pytest-xdist: the first
+    worker to ask builds it (in the run's shared temporary root, under a file lock) and marks it done; the
+    others wait for it and reuse it. Used for the session's trained models, which no test writes to."""
+    import shutil
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker has its own basetemp under the run's
+        root = root.parent
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a failed build left (ours, in pytest's temporary root)
+            build(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -23,11 +53,14 @@ def trained_tiny(tmp_path_factory):
     """(checkpoint dir, training summary) of `tiny` trained on digits for TRAIN_STEPS steps."""
     from ntm_edge.train import TrainArgs, train
 
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    args = TrainArgs(dataset="digits", preset="tiny", steps=TRAIN_STEPS, batch_size=64, lr=2e-3, out=str(out),
-                     checkpoint_every=100, eval_images=297, seed=0)
-    summary = train(args, progress=False, log=lambda *_: None)
-    return out, summary
+    def build(root: Path) -> None:
+        args = TrainArgs(dataset="digits", preset="tiny", steps=TRAIN_STEPS, batch_size=64, lr=2e-3,
+                         out=str(root / "tiny"), checkpoint_every=100, eval_images=297, seed=0)
+        summary = train(args, progress=False, log=lambda *_: None)
+        (root / "summary.json").write_text(json.dumps(summary))
+
+    root = built_once(tmp_path_factory, "trained_tiny", build)
+    return root / "tiny", json.loads((root / "summary.json").read_text())
 
 
 TEXT_TRAIN_STEPS = 300  # tiny + MiniLM on digits captions: 150 steps still sits near chance, 300 follows paraphrases
@@ -35,44 +68,47 @@ TEXT_TRAIN_STEPS = 300  # tiny + MiniLM on digits captions: 150 steps still sits
 
 @pytest.fixture(scope="session")
 def trained_text_tiny(tmp_path_factory):
-    """Checkpoint dir of `tiny` trained with --text-encoder minilm on digits captions, once per session."""
+    """Checkpoint dir of `tiny` trained with --text-encoder minilm on digits captions, once per run."""
     from ntm_edge.train import TrainArgs, train
 
-    out = tmp_path_factory.mktemp("ckpt") / "tiny_text"
-    train(TrainArgs(dataset="digits", preset="tiny", steps=TEXT_TRAIN_STEPS, batch_size=64, lr=2e-3, out=str(out),
-                    text_encoder="minilm", eval_images=0, seed=0), progress=False, log=lambda *_: None)
-    return out
+    def build(root: Path) -> None:
+        train(TrainArgs(dataset="digits", preset="tiny", steps=TEXT_TRAIN_STEPS, batch_size=64, lr=2e-3,
+                        out=str(root / "tiny_text"), text_encoder="minilm", eval_images=0, seed=0),
+              progress=False, log=lambda *_: None)
+
+    return built_once(tmp_path_factory, "trained_text_tiny", build) / "tiny_text"
+
+
+def _export(tmp_path_factory, name: str, ckpt: Path) -> Path:
+    """The export of checkpoint ``ckpt`` (batch 4), once per run, as ``name``."""
+    from ntm_edge.export import export_bundle
+
+    build = lambda root: export_bundle(ckpt, root / "bundle", batch=4, log=lambda *_: None)  # noqa: E731
+    return built_once(tmp_path_factory, name, build) / "bundle"
 
 
 @pytest.fixture(scope="session")
 def text_bundle(trained_text_tiny, tmp_path_factory):
-    """The export of ``trained_text_tiny`` (its prompt_encoder graph is the ~86 MB MiniLM): once per session."""
-    from ntm_edge.export import export_bundle
-
-    out = tmp_path_factory.mktemp("bundle") / "tiny_text"
-    export_bundle(trained_text_tiny, out, batch=4, log=lambda *_: None)
-    return out
+    """The export of ``trained_text_tiny`` (its prompt_encoder graph is the ~86 MB MiniLM): once per run."""
+    return _export(tmp_path_factory, "text_bundle", trained_text_tiny)
 
 
 @pytest.fixture(scope="session")
 def text_denoiser_ckpt(trained_text_tiny, tmp_path_factory):
     """A copy of ``trained_text_tiny`` with a denoiser trained for a few steps (its numbers are not the
-    point: the tests compare the exported graph with the torch denoiser), once per session."""
+    point: the tests compare the exported graph with the torch denoiser), once per run."""
     import shutil
 
     from ntm_edge.denoiser import train_denoiser
 
-    ckpt = tmp_path_factory.mktemp("ckpt") / "tiny_text_denoiser"
-    shutil.copytree(trained_text_tiny, ckpt)
-    train_denoiser(ckpt, steps=5, trajectories=1, batch_size=16, progress=False, log=lambda *_: None)
-    return ckpt
+    def build(root: Path) -> None:
+        shutil.copytree(trained_text_tiny, root / "ckpt")
+        train_denoiser(root / "ckpt", steps=5, trajectories=1, batch_size=16, progress=False, log=lambda *_: None)
+
+    return built_once(tmp_path_factory, "text_denoiser_ckpt", build) / "ckpt"
 
 
 @pytest.fixture(scope="session")
 def text_denoiser_bundle(text_denoiser_ckpt, tmp_path_factory):
     """The export of ``text_denoiser_ckpt``: the MiniLM encoder graph and the denoiser graph that reads its output."""
-    from ntm_edge.export import export_bundle
-
-    out = tmp_path_factory.mktemp("bundle") / "tiny_text_denoiser"
-    export_bundle(text_denoiser_ckpt, out, batch=4, log=lambda *_: None)
-    return out
+    return _export(tmp_path_factory, "text_denoiser_bundle", text_denoiser_ckpt)

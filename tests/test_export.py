@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,29 +33,33 @@ runner = CliRunner()
 
 
 def make_tiny_bundle(tmp_path_factory) -> tuple:
-    """(checkpoint dir, bundle dir, CLI output of the export), built once per session."""
-    root = tmp_path_factory.getbasetemp() / "ntm_export_tiny"
-    ckpt, bundle, log = root / "ckpt", root / "bundle", root / "export.log"
-    if (bundle / MANIFEST).exists():
-        return ckpt, bundle, log.read_text()
-    from ntm_edge import NTM
-    from ntm_edge.denoiser import Denoiser, DenoiserConfig, save_denoiser
-    from ntm_edge.train import TrainArgs, train
+    """(checkpoint dir, bundle dir, CLI output of the export), built once per test run (``built_once``)."""
+    from conftest import built_once
 
-    torch.set_num_threads(1)
-    train(TrainArgs(dataset="digits", preset="tiny", steps=TRAIN_STEPS, batch_size=32, lr=2e-3, out=str(ckpt),
-                    eval_images=0), progress=False, log=lambda *_: None)
-    cfg = NTM.from_pretrained(ckpt).config
-    den = Denoiser(DenoiserConfig(image_size=cfg.image_size, channels=cfg.channels,
-                                  num_prompt_tokens=len(cfg.prompt.class_names) + 1, t0=cfg.t_min_sample,
-                                  steps=cfg.steps, prompt_dim=cfg.prompt.dim, width=32, depth=1, heads=2))
-    with torch.no_grad():
-        den.net.out.weight.copy_(torch.randn(den.net.out.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
-    save_denoiser(den.eval(), ckpt, {"note": "random weights, for the export tests"})
-    result = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--out", str(bundle), "--batch", str(BATCH)])
-    assert result.exit_code == 0, result.output
-    log.write_text(result.output)
-    return ckpt, bundle, result.output
+    def build(root: Path) -> None:
+        from ntm_edge import NTM
+        from ntm_edge.denoiser import Denoiser, DenoiserConfig, save_denoiser
+        from ntm_edge.train import TrainArgs, train
+
+        ckpt, bundle = root / "ckpt", root / "bundle"
+        torch.set_num_threads(1)
+        train(TrainArgs(dataset="digits", preset="tiny", steps=TRAIN_STEPS, batch_size=32, lr=2e-3, out=str(ckpt),
+                        eval_images=0), progress=False, log=lambda *_: None)
+        cfg = NTM.from_pretrained(ckpt).config
+        with torch.random.fork_rng():  # the denoiser's random weights: the same in every run, whatever ran before
+            torch.manual_seed(0)
+            den = Denoiser(DenoiserConfig(image_size=cfg.image_size, channels=cfg.channels,
+                                          num_prompt_tokens=len(cfg.prompt.class_names) + 1, t0=cfg.t_min_sample,
+                                          steps=cfg.steps, prompt_dim=cfg.prompt.dim, width=32, depth=1, heads=2))
+        with torch.no_grad():
+            den.net.out.weight.copy_(torch.randn(den.net.out.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+        save_denoiser(den.eval(), ckpt, {"note": "random weights, for the export tests"})
+        result = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--out", str(bundle), "--batch", str(BATCH)])
+        assert result.exit_code == 0, result.output
+        (root / "export.log").write_text(result.output)
+
+    root = built_once(tmp_path_factory, "ntm_export_tiny", build)
+    return root / "ckpt", root / "bundle", (root / "export.log").read_text()
 
 
 @pytest.fixture(scope="module")
