@@ -115,9 +115,11 @@ def test_fp16_keeps_io_float32_and_islands_fp32(exported, manifest):
                 assert producer[n.input[0]].op_type != "Cast", (name, n.name)
 
 
-@pytest.mark.xfail(strict=False, reason="open: on 2026-12-02 the int8 denoiser of the label model missed its "
-                   "tolerance (max abs 0.137 > 0.04 of scale 0.485) on main too, with onnxruntime 1.32.0; it passed "
-                   "in CI on 2026-11-29. Under investigation (closing note); fp16 and the other int8 graphs pass")
+@pytest.mark.xfail(strict=False, reason="open: the int8 graph of this fixture's random-weight denoiser misses 4% "
+                   "(max abs 0.14-0.23 over init seeds, onnxruntime 1.32). Measured by quantizing one node at a time on "
+                   "its own calibration inputs (so not a range miss): the token embedding (in_proj, output Q/DQ) alone "
+                   "gives 0.178 of 0.183, every other node <= 0.032, all but in_proj still 0.046. fp16 and the "
+                   "predictor's and sampler's int8 graphs pass")
 def test_fp16_and_int8_parity_on_real_trajectories(exported):
     """Each precision against torch's fp32 model on forward trajectories of held-out digits.
 
