@@ -38,6 +38,19 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     return path
 
 
+# Under pytest-xdist, worker -> the shared model it builds before its first test: the two most shared
+# builds start at once on the two cores, instead of both workers first meeting the same one (the second
+# would wait for it idle)
+WARM_UP = {"gw0": "trained_tiny", "gw1": "trained_text_tiny"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _warm_up(request, _one_thread):
+    name = WARM_UP.get(os.environ.get("PYTEST_XDIST_WORKER", ""))
+    if name and any(name in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue(name)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Every model in the suite is tiny: extra intra-op threads only spin-wait (up to 100x slower on
