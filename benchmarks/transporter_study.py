@@ -6,13 +6,15 @@ compute, >= 2 seeds each, then one Markdown table.
         [--ntm-steps 600] [--seeds 0 1] [--rows ntm_u ntm_0 ...] [--table benchmarks/reports/transporter_study.md]
 
 Compute: by default every row trains ``--ntm-steps`` optimizer steps of batch 64, so no row gets more
-compute than the NTM (the ablation and the baselines cost less per step: the comparison leans their
-way). With ``--calibrate`` every row gets the CPU seconds of ``--ntm-steps`` NTM steps instead: each
-row's per-step CPU cost (process time of the training subprocess, one thread) is measured first as the
-slope between a 20-step and an 80-step run (which cancels start-up and loading), and its step count is
-scaled to match. The training CPU seconds actually spent (start-up included) are reported per row. Every row is evaluated with the
+compute than the NTM with 2 blocks (the ablation and the baselines cost less per step: the comparison
+leans their way; the 4-block row costs more, its CPU seconds say how much). With ``--calibrate`` every
+row gets the CPU seconds of ``--ntm-steps`` NTM steps instead: each row's per-step CPU cost (process
+time of the training subprocess, one thread) is measured first as the slope between a 20-step and an
+80-step run (which cancels start-up and loading), and its step count is scaled to match. The training
+CPU seconds actually spent (start-up included) are reported per row. Every row is evaluated with the
 same exit: the exact transporter inverse for the u-space models (no denoiser is trained, so none is
-counted), Euler for flow matching. One job at a time: runs are sequential.
+counted), Euler for flow matching. Runs are sequential; to use two cores, run two seeds into two --out
+folders at once and join them with --merge.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ CLI = [sys.executable, "-m", "ntm_edge"]
 
 # name -> (label, extra `ntm-edge train` arguments). tiny's own x0_mse_weight is 0.
 ROWS: dict[str, tuple[str, list[str]]] = {
+    "ntm_0": ("NTM, NLL only (x0-MSE 0, tiny as-is)", ["--x0-mse-weight", "0"]),
+    "id_0": ("identity f_T + learned scale, NLL only", ["--transporter-blocks", "0", "--x0-mse-weight", "0"]),
+    "ntm_lr": ("NTM, NLL only, transporter lr x10", ["--x0-mse-weight", "0", "--transporter-lr-scale", "10"]),
+    "ntm_b4": ("NTM, NLL only, 4 transporter blocks", ["--x0-mse-weight", "0", "--transporter-blocks", "4"]),
     "ntm_x": ("NTM, hybrid x0-MSE 1.0 in x-space (the default target)",
               ["--x0-mse-weight", "1", "--x0-mse-space", "x"]),
     "ntm_u": ("NTM, hybrid x0-MSE 1.0 in u-space (--x0-mse-space u)", ["--x0-mse-weight", "1", "--x0-mse-space", "u"]),
-    "ntm_0": ("NTM, x0-MSE 0 (tiny as-is)", ["--x0-mse-weight", "0"]),
     "id_1": ("identity f_T + learned scale, x0-MSE 1.0", ["--transporter-blocks", "0", "--x0-mse-weight", "1"]),
-    "id_0": ("identity f_T + learned scale, x0-MSE 0", ["--transporter-blocks", "0", "--x0-mse-weight", "0"]),
     "gauss_1": ("Gaussian (f_T = id, sigma = C), x0-MSE 1.0", ["--objective", "gaussian", "--x0-mse-weight", "1"]),
     "fm": ("FM, Euler", ["--objective", "fm"]),
 }
@@ -77,6 +81,12 @@ def evaluate(ckpt: Path, num_samples: int) -> dict:
     return json.loads(out.read_text())
 
 
+def per_level(act: list[list[dict]], K: int, key: str, fmt: str) -> str:
+    """The mean over seeds of one activity figure, per level t_0 .. t_(K-1), "a / b / ..." ("nan": not
+    measured by that eval)."""
+    return " / ".join(format(statistics.mean(a[k].get(key, float("nan")) for a in act), fmt) for k in range(K))
+
+
 def summarise(results: dict, rows: list[str]) -> str:
     """Markdown: one line per row, mean and (min..max over seeds) of each figure."""
     def cell(vals, fmt):
@@ -84,22 +94,22 @@ def summarise(results: dict, rows: list[str]) -> str:
             return format(vals[0], fmt)
         return f"{format(statistics.mean(vals), fmt)} ({format(min(vals), fmt)}..{format(max(vals), fmt)})"
 
-    lines = ["| row | steps | train CPU s | bits/dim | Frechet | prompt acc. | displacement t0..t3 | log-det/dim t0..t3 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | steps | train CPU s | bits/dim | Frechet | prompt acc. | displacement t0..t3 "
+             "| beyond rescale t0..t3 | log-det/dim t0..t3 |", "|---|---|---|---|---|---|---|---|---|"]
     for name in rows:
         runs = results.get(name, [])
         if not runs:
             continue
         evals = [r["eval"]["rows"][0] for r in runs]
         act = [e.get("transporter") for e in evals]
-        disp = ldet = "-"
+        disp = shape = ldet = "-"
         if all(act):
             K = len(act[0]) - 1  # t = 1 is the identity by construction
-            disp = " / ".join(f"{statistics.mean(a[k]['displacement'] for a in act):.3f}" for k in range(K))
-            ldet = " / ".join(f"{statistics.mean(a[k]['logdet_per_dim'] for a in act):+.3f}" for k in range(K))
+            disp, shape, ldet = (per_level(act, K, key, fmt) for key, fmt in
+                                 (("displacement", ".3f"), ("shape_displacement", ".3f"), ("logdet_per_dim", "+.3f")))
         lines.append(f"| {ROWS[name][0]} | {runs[0]['steps']} | {cell([r['cpu_s'] for r in runs], '.0f')} | "
                      f"{cell([e['bits_per_dim'] for e in evals], '.3f')} | {cell([e['frechet'] for e in evals], '.2f')} | "
-                     f"{cell([e['prompt_accuracy'] for e in evals], '.3f')} | {disp} | {ldet} |")
+                     f"{cell([e['prompt_accuracy'] for e in evals], '.3f')} | {disp} | {shape} | {ldet} |")
     return "\n".join(lines) + "\n"
 
 
@@ -112,17 +122,20 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=500)
     ap.add_argument("--calibrate", action="store_true", help="equal CPU seconds instead of equal steps")
     ap.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="other --out folders of this study (e.g. another seed run at the same time): their results "
+                         "join the table")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / "study.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"cost": {}, "results": {}}
     save = lambda: state_path.write_text(json.dumps(state, indent=1))  # noqa: E731  resumable study
-    for name in ["ntm_u", *args.rows] if args.calibrate else []:  # the NTM's cost is the budget's unit
+    for name in ["ntm_0", *args.rows] if args.calibrate else []:  # the NTM's cost is the budget's unit
         if name not in state["cost"]:
             state["cost"][name] = per_step_cost(args.out, name, ROWS[name][1])
             print(f"{name}: {state['cost'][name]:.3f} CPU s/step", flush=True)
             save()
-    budget = args.ntm_steps * state["cost"]["ntm_u"] if args.calibrate else 0.0
+    budget = args.ntm_steps * state["cost"]["ntm_0"] if args.calibrate else 0.0
     for seed in args.seeds:  # every row's first seed before any row's second
         for name in args.rows:
             steps = max(1, round(budget / state["cost"][name])) if args.calibrate else args.ntm_steps
@@ -136,7 +149,12 @@ def main() -> None:
             print(f"{name} seed {seed}: {steps} steps, {cpu:.0f} CPU s, {row['bits_per_dim']:.3f} bits/dim, "
                   f"Frechet {row['frechet']:.2f}, acc {row['prompt_accuracy']:.3f}", flush=True)
             save()
-    table = summarise(state["results"], args.rows)
+    results = {k: list(v) for k, v in state["results"].items()}
+    for other in args.merge:
+        for name, runs in json.loads((other / "study.json").read_text())["results"].items():
+            seen = {r["seed"] for r in results.get(name, [])}
+            results.setdefault(name, []).extend(r for r in runs if r["seed"] not in seen)
+    table = summarise(results, args.rows)
     print(table)
     if args.table:
         args.table.write_text(table)
