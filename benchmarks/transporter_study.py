@@ -42,12 +42,21 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "id_1": ("identity f_T + learned scale, x0-MSE 1.0", ["--transporter-blocks", "0", "--x0-mse-weight", "1"]),
     "gauss_1": ("Gaussian (f_T = id, sigma = C), x0-MSE 1.0", ["--objective", "gaussian", "--x0-mse-weight", "1"]),
     "fm": ("FM, Euler", ["--objective", "fm"]),
+    "ntm_pw": ("NTM, NLL only, pairwise mode (one step per example, T in {4, 8, 16})",
+               ["--x0-mse-weight", "0", "--mode", "pairwise"]),
+    "id_0_eq": ("identity f_T + learned scale, NLL only, at the NTM's CPU seconds",
+                ["--transporter-blocks", "0", "--x0-mse-weight", "0"]),
+    "fm_eq": ("FM, Euler, at the NTM's CPU seconds", ["--objective", "fm"]),
     "ntm_ft": ("NTM finetuned from FM (the paper's route): FM for half the steps, then NTM, NLL + mean alignment",
                ["--x0-mse-weight", "0"]),
 }
 # rows that start from a flow-matching run of their own: it takes this share of the row's steps, and its
 # CPU seconds count in the row's (the NTM finetune reads it with --init-from and runs the rest)
 PRETRAINED = {"ntm_ft": 0.5}
+# rows that train --ntm-steps x this many steps: the ratio of CPU seconds per step measured side by side
+# (one thread, 800 steps, 2 seeds, in this study's first run) of the NTM (`ntm_0`: 276 s) and the row's
+# model (`id_0`: 241 s, `fm`: 70 s), so that the row gets the NTM's compute
+STEP_SCALE = {"id_0_eq": 276 / 241, "fm_eq": 276 / 70}
 
 
 def cpu_seconds() -> float:
@@ -124,8 +133,11 @@ def summarise(results: dict, rows: list[str]) -> str:
             K = len(act[0]) - 1  # t = 1 is the identity by construction
             disp, shape, ldet = (per_level(act, K, key, fmt) for key, fmt in
                                  (("displacement", ".3f"), ("shape_displacement", ".3f"), ("logdet_per_dim", "+.3f")))
+        # flow matching samples with deterministic Euler steps: its "bits/dim" (the trajectory likelihood of its
+        # Gaussian-posterior reading) is not the density of what it samples, so it is left out
+        bits = "-" if runs[0]["eval"]["objective"] == "fm" else cell([e["bits_per_dim"] for e in evals], ".3f")
         lines.append(f"| {ROWS[name][0]} | {runs[0]['steps']} | {cell([r['cpu_s'] for r in runs], '.0f')} | "
-                     f"{cell([e['bits_per_dim'] for e in evals], '.3f')} | {cell([e['frechet'] for e in evals], '.2f')} | "
+                     f"{bits} | {cell([e['frechet'] for e in evals], '.2f')} | "
                      f"{cell([e['prompt_accuracy'] for e in evals], '.3f')} | {disp} | {shape} | {ldet} |")
     return "\n".join(lines) + "\n"
 
@@ -155,7 +167,8 @@ def main() -> None:
     budget = args.ntm_steps * state["cost"]["ntm_0"] if args.calibrate else 0.0
     for seed in args.seeds:  # every row's first seed before any row's second
         for name in args.rows:
-            steps = max(1, round(budget / state["cost"][name])) if args.calibrate else args.ntm_steps
+            steps = max(1, round(budget / state["cost"][name])) if args.calibrate else \
+                round(args.ntm_steps * STEP_SCALE.get(name, 1.0))
             if seed in {r["seed"] for r in state["results"].get(name, [])}:
                 continue
             ckpt = args.out / f"{name}_s{seed}"
