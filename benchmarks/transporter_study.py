@@ -6,13 +6,15 @@ compute, >= 2 seeds each, then one Markdown table.
         [--ntm-steps 600] [--seeds 0 1] [--rows ntm_u ntm_0 ...] [--table benchmarks/reports/transporter_study.md]
 
 Compute: by default every row trains ``--ntm-steps`` optimizer steps of batch 64, so no row gets more
-compute than the NTM (the ablation and the baselines cost less per step: the comparison leans their
-way). With ``--calibrate`` every row gets the CPU seconds of ``--ntm-steps`` NTM steps instead: each
-row's per-step CPU cost (process time of the training subprocess, one thread) is measured first as the
-slope between a 20-step and an 80-step run (which cancels start-up and loading), and its step count is
-scaled to match. The training CPU seconds actually spent (start-up included) are reported per row. Every row is evaluated with the
+compute than the NTM with 2 blocks (the ablation and the baselines cost less per step: the comparison
+leans their way; the 4-block row costs more, its CPU seconds say how much). With ``--calibrate`` every
+row gets the CPU seconds of ``--ntm-steps`` NTM steps instead: each row's per-step CPU cost (process
+time of the training subprocess, one thread) is measured first as the slope between a 20-step and an
+80-step run (which cancels start-up and loading), and its step count is scaled to match. The training
+CPU seconds actually spent (start-up included) are reported per row. Every row is evaluated with the
 same exit: the exact transporter inverse for the u-space models (no denoiser is trained, so none is
-counted), Euler for flow matching. One job at a time: runs are sequential.
+counted), Euler for flow matching. Runs are sequential; to use two cores, run two seeds into two --out
+folders at once and join them with --merge.
 """
 
 from __future__ import annotations
@@ -30,15 +32,33 @@ CLI = [sys.executable, "-m", "ntm_edge"]
 
 # name -> (label, extra `ntm-edge train` arguments). tiny's own x0_mse_weight is 0.
 ROWS: dict[str, tuple[str, list[str]]] = {
+    "ntm_0": ("NTM, NLL only (x0-MSE 0, tiny as-is)", ["--x0-mse-weight", "0"]),
+    "id_0": ("identity f_T + learned scale, NLL only", ["--transporter-blocks", "0", "--x0-mse-weight", "0"]),
+    "ntm_lr": ("NTM, NLL only, transporter lr x10", ["--x0-mse-weight", "0", "--transporter-lr-scale", "10"]),
+    "ntm_b4": ("NTM, NLL only, 4 transporter blocks", ["--x0-mse-weight", "0", "--transporter-blocks", "4"]),
     "ntm_x": ("NTM, hybrid x0-MSE 1.0 in x-space (the default target)",
               ["--x0-mse-weight", "1", "--x0-mse-space", "x"]),
     "ntm_u": ("NTM, hybrid x0-MSE 1.0 in u-space (--x0-mse-space u)", ["--x0-mse-weight", "1", "--x0-mse-space", "u"]),
-    "ntm_0": ("NTM, x0-MSE 0 (tiny as-is)", ["--x0-mse-weight", "0"]),
     "id_1": ("identity f_T + learned scale, x0-MSE 1.0", ["--transporter-blocks", "0", "--x0-mse-weight", "1"]),
-    "id_0": ("identity f_T + learned scale, x0-MSE 0", ["--transporter-blocks", "0", "--x0-mse-weight", "0"]),
     "gauss_1": ("Gaussian (f_T = id, sigma = C), x0-MSE 1.0", ["--objective", "gaussian", "--x0-mse-weight", "1"]),
     "fm": ("FM, Euler", ["--objective", "fm"]),
+    "ntm_pw": ("NTM, NLL only, pairwise mode (one step per example, T in {4, 8, 16})",
+               ["--x0-mse-weight", "0", "--mode", "pairwise"]),
+    "id_0_eq": ("identity f_T + learned scale, NLL only, at the NTM's CPU seconds",
+                ["--transporter-blocks", "0", "--x0-mse-weight", "0"]),
+    "fm_eq": ("FM, Euler, at the NTM's CPU seconds", ["--objective", "fm"]),
+    "ntm_pw_eq": ("NTM, NLL only, pairwise mode, at the end-to-end NTM's CPU seconds",
+                  ["--x0-mse-weight", "0", "--mode", "pairwise"]),
+    "ntm_ft": ("NTM finetuned from FM (the paper's route): FM for half the steps, then NTM, NLL + mean alignment",
+               ["--x0-mse-weight", "0"]),
 }
+# rows that start from a flow-matching run of their own: it takes this share of the row's steps, and its
+# CPU seconds count in the row's (the NTM finetune reads it with --init-from and runs the rest)
+PRETRAINED = {"ntm_ft": 0.5}
+# rows that train --ntm-steps x this many steps: the ratio of CPU seconds per step measured side by side
+# (one thread, 800 steps, 2 seeds, in this study's first run) of the NTM (`ntm_0`: 276 s) and the row's
+# model (`id_0`: 241 s, `fm`: 70 s, `ntm_pw`: 89.5 s), so that the row gets the NTM's compute
+STEP_SCALE = {"id_0_eq": 276 / 241, "fm_eq": 276 / 70, "ntm_pw_eq": 276 / 89.5}
 
 
 def cpu_seconds() -> float:
@@ -62,6 +82,18 @@ def train(out: Path, steps: int, extra: list[str], seed: int, eval_images: int =
                 "--seed", str(seed), "--out", str(out), *extra], out.with_suffix(".log"))
 
 
+def train_row(ckpt: Path, name: str, steps: int, seed: int) -> float:
+    """Train one row's model into ``ckpt`` -> the CPU seconds of all its training (a pretraining included)."""
+    if name not in PRETRAINED:
+        return train(ckpt, steps, ROWS[name][1], seed)
+    fm_steps = max(1, round(steps * PRETRAINED[name]))
+    fm = ckpt.with_name(ckpt.name + "_fm")
+    spent = fm.with_suffix(".cpu_s")  # the pretraining's CPU seconds, kept for a resumed study
+    if not spent.exists():
+        spent.write_text(str(train(fm, fm_steps, ["--objective", "fm"], seed)))
+    return float(spent.read_text()) + train(ckpt, steps - fm_steps, [*ROWS[name][1], "--init-from", str(fm)], seed)
+
+
 def per_step_cost(root: Path, name: str, extra: list[str]) -> float:
     """CPU seconds per training step of a row: the slope between a 20- and an 80-step run."""
     a = train(root / f"calib_{name}_20", 20, extra, 0)
@@ -77,6 +109,12 @@ def evaluate(ckpt: Path, num_samples: int) -> dict:
     return json.loads(out.read_text())
 
 
+def per_level(act: list[list[dict]], K: int, key: str, fmt: str) -> str:
+    """The mean over seeds of one activity figure, per level t_0 .. t_(K-1), "a / b / ..." ("nan": not
+    measured by that eval)."""
+    return " / ".join(format(statistics.mean(a[k].get(key, float("nan")) for a in act), fmt) for k in range(K))
+
+
 def summarise(results: dict, rows: list[str]) -> str:
     """Markdown: one line per row, mean and (min..max over seeds) of each figure."""
     def cell(vals, fmt):
@@ -84,22 +122,25 @@ def summarise(results: dict, rows: list[str]) -> str:
             return format(vals[0], fmt)
         return f"{format(statistics.mean(vals), fmt)} ({format(min(vals), fmt)}..{format(max(vals), fmt)})"
 
-    lines = ["| row | steps | train CPU s | bits/dim | Frechet | prompt acc. | displacement t0..t3 | log-det/dim t0..t3 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | steps | train CPU s | bits/dim | Frechet | prompt acc. | displacement t0..t3 "
+             "| beyond rescale t0..t3 | log-det/dim t0..t3 |", "|---|---|---|---|---|---|---|---|---|"]
     for name in rows:
         runs = results.get(name, [])
         if not runs:
             continue
         evals = [r["eval"]["rows"][0] for r in runs]
         act = [e.get("transporter") for e in evals]
-        disp = ldet = "-"
+        disp = shape = ldet = "-"
         if all(act):
             K = len(act[0]) - 1  # t = 1 is the identity by construction
-            disp = " / ".join(f"{statistics.mean(a[k]['displacement'] for a in act):.3f}" for k in range(K))
-            ldet = " / ".join(f"{statistics.mean(a[k]['logdet_per_dim'] for a in act):+.3f}" for k in range(K))
+            disp, shape, ldet = (per_level(act, K, key, fmt) for key, fmt in
+                                 (("displacement", ".3f"), ("shape_displacement", ".3f"), ("logdet_per_dim", "+.3f")))
+        # flow matching samples with deterministic Euler steps: its "bits/dim" (the trajectory likelihood of its
+        # Gaussian-posterior reading) is not the density of what it samples, so it is left out
+        bits = "-" if runs[0]["eval"]["objective"] == "fm" else cell([e["bits_per_dim"] for e in evals], ".3f")
         lines.append(f"| {ROWS[name][0]} | {runs[0]['steps']} | {cell([r['cpu_s'] for r in runs], '.0f')} | "
-                     f"{cell([e['bits_per_dim'] for e in evals], '.3f')} | {cell([e['frechet'] for e in evals], '.2f')} | "
-                     f"{cell([e['prompt_accuracy'] for e in evals], '.3f')} | {disp} | {ldet} |")
+                     f"{bits} | {cell([e['frechet'] for e in evals], '.2f')} | "
+                     f"{cell([e['prompt_accuracy'] for e in evals], '.3f')} | {disp} | {shape} | {ldet} |")
     return "\n".join(lines) + "\n"
 
 
@@ -112,31 +153,40 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=500)
     ap.add_argument("--calibrate", action="store_true", help="equal CPU seconds instead of equal steps")
     ap.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="other --out folders of this study (e.g. another seed run at the same time): their results "
+                         "join the table")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / "study.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"cost": {}, "results": {}}
     save = lambda: state_path.write_text(json.dumps(state, indent=1))  # noqa: E731  resumable study
-    for name in ["ntm_u", *args.rows] if args.calibrate else []:  # the NTM's cost is the budget's unit
+    for name in ["ntm_0", *args.rows] if args.calibrate else []:  # the NTM's cost is the budget's unit
         if name not in state["cost"]:
             state["cost"][name] = per_step_cost(args.out, name, ROWS[name][1])
             print(f"{name}: {state['cost'][name]:.3f} CPU s/step", flush=True)
             save()
-    budget = args.ntm_steps * state["cost"]["ntm_u"] if args.calibrate else 0.0
+    budget = args.ntm_steps * state["cost"]["ntm_0"] if args.calibrate else 0.0
     for seed in args.seeds:  # every row's first seed before any row's second
         for name in args.rows:
-            steps = max(1, round(budget / state["cost"][name])) if args.calibrate else args.ntm_steps
+            steps = max(1, round(budget / state["cost"][name])) if args.calibrate else \
+                round(args.ntm_steps * STEP_SCALE.get(name, 1.0))
             if seed in {r["seed"] for r in state["results"].get(name, [])}:
                 continue
             ckpt = args.out / f"{name}_s{seed}"
-            cpu = train(ckpt, steps, ROWS[name][1], seed)
+            cpu = train_row(ckpt, name, steps, seed)
             report = evaluate(ckpt, args.num_samples)
             state["results"].setdefault(name, []).append({"seed": seed, "steps": steps, "cpu_s": cpu, "eval": report})
             row = report["rows"][0]
             print(f"{name} seed {seed}: {steps} steps, {cpu:.0f} CPU s, {row['bits_per_dim']:.3f} bits/dim, "
                   f"Frechet {row['frechet']:.2f}, acc {row['prompt_accuracy']:.3f}", flush=True)
             save()
-    table = summarise(state["results"], args.rows)
+    results = {k: list(v) for k, v in state["results"].items()}
+    for other in args.merge:
+        for name, runs in json.loads((other / "study.json").read_text())["results"].items():
+            seen = {r["seed"] for r in results.get(name, [])}
+            results.setdefault(name, []).extend(r for r in runs if r["seed"] not in seen)
+    table = summarise(results, args.rows)
     print(table)
     if args.table:
         args.table.write_text(table)

@@ -73,6 +73,7 @@ def train(
                                                    "identity, measured best so far) | u (f_T(x0), the space of "
                                                    "the predictor's x0-hat; lets f_T move)")] = "x",
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
+    transporter_lr_scale: Annotated[float, typer.Option(help="the transporter's learning rate is --lr x this")] = 1.0,
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,
     device: Annotated[str, typer.Option(help=_DEVICE)] = "cpu",
     seed: Annotated[int, typer.Option(help="seed of all training randomness")] = 0,
@@ -97,6 +98,7 @@ def train(
                      mode=mode or None, objective=objective, init_from=str(init_from) if init_from else None,
                      align_weight=align_weight, time_budget=time_budget, x0_mse_weight=x0_mse_weight,
                      transporter_blocks=transporter_blocks, x0_mse_space=x0_mse_space, lr=lr,
+                     transporter_lr_scale=transporter_lr_scale,
                      device=device, seed=seed, checkpoint_every=checkpoint_every,
                      eval_images=eval_images, grad_accum=grad_accum, parallel=parallel, precision=precision,
                      text_encoder=text_encoder or None)

@@ -57,10 +57,13 @@ def transporter_activity(model: NTM, images: np.ndarray, steps: int | None = Non
 
     Forward trajectories of the first ``num_images`` images (uint8 (N, H, W, C)) on the sampler's grid
     t_0 .. t_T (t_0 = ``config.t_min_sample``); for each level t_k, over the images:
-    ``displacement`` = mean ||f_T(x_t) - x_t|| / ||x_t||, and ``logdet_per_dim`` = mean log|det df_T/dx|
-    / D in nats. Both are 0 for f_T = identity (no blocks, or blocks at their zero initialisation) and
-    at t = 1, where the gate makes f_T the identity by construction. Deterministic for a seed.
-    -> [{"t", "displacement", "logdet_per_dim"}, ...] ordered t_0 .. t_T.
+    ``displacement`` = mean ||f_T(x_t) - x_t|| / ||x_t||; ``shape_displacement`` = the part of it that
+    is not a uniform rescale, mean ||u - c x|| / ||c x|| with c = <u, x> / <x, x> per image (a transporter
+    that only shrinks every image, as the u-space hybrid term taught it, scores 0 here); and
+    ``logdet_per_dim`` = mean log|det df_T/dx| / D in nats. All are 0 for f_T = identity (no blocks, or
+    blocks at their zero initialisation) and at t = 1, where the gate makes f_T the identity by
+    construction. Deterministic for a seed.
+    -> [{"t", "displacement", "shape_displacement", "logdet_per_dim"}, ...] ordered t_0 .. t_T.
     """
     steps = steps or model.config.steps
     g = torch.Generator(device=model.device).manual_seed(seed)
@@ -72,15 +75,20 @@ def transporter_activity(model: NTM, images: np.ndarray, steps: int | None = Non
     model.eval()
     u, logdet = model.transporter(x, traj.t.reshape(B * K), steps)
     model.train(was_training)
-    rel = ((u - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).reshape(B, K)  # (B, K)
-    ld = logdet.reshape(B, K) / model.config.dims  # (B, K) nats/dim
-    return [{"t": float(traj.t[0, k]), "displacement": float(rel[:, k].double().mean()),
-             "logdet_per_dim": float(ld[:, k].double().mean())} for k in range(K)]
+    u, x = u.flatten(1).double(), x.flatten(1).double()  # (B K, D)
+    rel = ((u - x).norm(dim=1) / x.norm(dim=1)).reshape(B, K)  # (B, K)
+    scale = (u * x).sum(dim=1, keepdim=True) / (x * x).sum(dim=1, keepdim=True)  # (B K, 1): best c in u ~ c x
+    shape = ((u - scale * x).norm(dim=1) / (scale * x).norm(dim=1).clamp_min(1e-12)).reshape(B, K)  # (B, K)
+    ld = logdet.reshape(B, K).double() / model.config.dims  # (B, K) nats/dim
+    return [{"t": float(traj.t[0, k]), "displacement": float(rel[:, k].mean()),
+             "shape_displacement": float(shape[:, k].mean()), "logdet_per_dim": float(ld[:, k].mean())}
+            for k in range(K)]
 
 
 def format_activity(levels: list[dict]) -> str:
     """One log line: t: displacement / log-det per dim, per level."""
-    return "  ".join(f"t={r['t']:.3g}: {r['displacement']:.4f} / {r['logdet_per_dim']:+.4f}" for r in levels)
+    return "  ".join(f"t={r['t']:.3g}: {r['displacement']:.4f} ({r['shape_displacement']:.4f}) / "
+                     f"{r['logdet_per_dim']:+.4f}" for r in levels)
 
 
 def balanced_prompts(class_names, n: int) -> tuple[list[str], np.ndarray]:

@@ -84,6 +84,8 @@ class TrainArgs:
     transporter_blocks: int | None = None
     x0_mse_space: str = "x"  # the hybrid term's target: "x" x0 (measured best, the default) | "u" f_T(x0, s)
     lr: float = 1e-3
+    # the transporter's learning rate is lr x this (issue 13: a per-module rate for the shallow f_T)
+    transporter_lr_scale: float = 1.0
     warmup: int = 100
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
@@ -118,6 +120,9 @@ class TrainArgs:
                                   "or left out")
         if self.x0_mse_space not in X0_SPACES:
             raise ConfigError(f"unknown --x0-mse-space {self.x0_mse_space!r}; choose one of: {', '.join(X0_SPACES)}")
+        if not (isinstance(self.transporter_lr_scale, (int, float)) and math.isfinite(self.transporter_lr_scale)
+                and self.transporter_lr_scale > 0):
+            raise ConfigError(f"--transporter-lr-scale must be a positive number, got {self.transporter_lr_scale!r}")
         for name in ("steps", "batch_size", "checkpoint_every", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -207,6 +212,17 @@ def _ema_update(ema: list[torch.Tensor], model: NTM, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema, model.parameters(), strict=True):
             e.lerp_(p.detach(), 1.0 - decay)
+
+
+def param_groups(model: NTM, transporter_lr_scale: float) -> list[dict]:
+    """AdamW's parameter groups: one group (every weight at the run's rate), or, when the transporter's
+    rate is scaled, the transporter's weights (``lr_scale`` = the scale) and all the others (1.0).
+    One group at scale 1 keeps the optimizer state of earlier checkpoints loadable."""
+    if transporter_lr_scale == 1.0:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    ours = {id(p) for p in model.transporter.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) in ours], "lr_scale": float(transporter_lr_scale)},
+            {"params": [p for p in model.parameters() if id(p) not in ours], "lr_scale": 1.0}]
 
 
 def _lr_at(args: TrainArgs, step: int) -> float:
@@ -299,7 +315,8 @@ def _shapes(model: NTM) -> dict:
 
 def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
     old = {**dataclasses.asdict(TrainArgs()), **state["args"]}  # older states lack newer fields
-    for key in ("dataset", "preset", "objective", "init_from", "transporter_blocks", "x0_mse_space"):
+    for key in ("dataset", "preset", "objective", "init_from", "transporter_blocks", "x0_mse_space",
+                "transporter_lr_scale"):
         if key == "transporter_blocks" and args.transporter_blocks is None:
             continue  # not given: the saved config's own
         if old[key] != getattr(args, key):
@@ -372,7 +389,8 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
     shard = args.parallel == "fsdp" or (args.parallel == "auto" and args.preset in SHARDED_PRESETS)
     objective = wrap(world, Objective(model, loss_function(config.objective, mode, args.x0_mse_space), teacher), shard)
     ema = [p.detach().clone() for p in model.parameters()]  # EMA weights (sharded as the model is)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, args.transporter_lr_scale), lr=args.lr, betas=(0.9, 0.99),
+                            weight_decay=args.weight_decay)
     g = torch.Generator(device=device).manual_seed(args.seed)
     step, history, loss_avg, saved_step = 0, [], None, None
     if state is not None:
@@ -427,7 +445,7 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
                     kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "nothing saved"
                     raise NtmError(f"the loss became {total} at step {step}; lower --lr ({kept})")
                 for group in opt.param_groups:
-                    group["lr"] = _lr_at(args, step)
+                    group["lr"] = _lr_at(args, step) * group.get("lr_scale", 1.0)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 opt.step()
                 _ema_update(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))

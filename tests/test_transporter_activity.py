@@ -36,7 +36,7 @@ def test_identity_transporter_reads_exactly_zero(images, num_blocks):
     assert len(levels) == 5 and levels[-1]["t"] == 1.0 and levels[0]["t"] == pytest.approx(0.025)
     assert [r["t"] for r in levels] == sorted(r["t"] for r in levels)
     for r in levels:
-        assert r["displacement"] == 0.0 and r["logdet_per_dim"] == 0.0, r
+        assert r["displacement"] == 0.0 and r["shape_displacement"] == 0.0 and r["logdet_per_dim"] == 0.0, r
 
 
 def _perturbed() -> NTM:
@@ -62,13 +62,51 @@ def test_moved_transporter_reports_its_exact_logdet(images):
     traj = model.forward_trajectory(dequantize(torch.from_numpy(images[:n]), g), 4, generator=g)
     D, f64 = model.config.dims, copy.deepcopy(model).double()
     for k, r in enumerate(levels[:-1]):
-        logdets, rels = [], []
+        logdets, rels, shapes = [], [], []
         for b in range(n):
             x, t = traj.x[b, k].double(), traj.t[b, k].double()
             f = lambda v, t=t: f64.transporter(v.view(1, 1, 8, 8), t.view(1), 4)[0].flatten()  # noqa: E731
             J = torch.autograd.functional.jacobian(f, x.flatten())  # (D, D)
             logdets.append(float(torch.linalg.slogdet(J.double())[1]))
             with torch.no_grad():
-                rels.append(float((f(x.flatten()) - x.flatten()).norm() / x.norm()))
+                u, v = f(x.flatten()), x.flatten()
+                rels.append(float((u - v).norm() / v.norm()))
+                c = float(u @ v / (v @ v))  # the best uniform rescale of x towards u
+                shapes.append(float((u - c * v).norm() / (c * v).norm()))
         assert r["logdet_per_dim"] == pytest.approx(sum(logdets) / n / D, abs=1e-5)
         assert r["displacement"] == pytest.approx(sum(rels) / n, rel=1e-4)
+        assert r["shape_displacement"] == pytest.approx(sum(shapes) / n, rel=1e-4)
+        assert 0 < r["shape_displacement"]
+
+
+
+def test_transporter_learning_rate_scale_makes_two_groups():
+    """--transporter-lr-scale: the transporter's weights in their own AdamW group at lr x scale, every
+    other weight in one group at lr; at scale 1 one group (so earlier checkpoints' optimizer state loads)."""
+    from ntm_edge.train import param_groups
+
+    model = _model()
+    assert [g["lr_scale"] for g in param_groups(model, 1.0)] == [1.0]
+    assert len(param_groups(model, 1.0)[0]["params"]) == len(list(model.parameters()))
+    groups = param_groups(model, 10.0)
+    assert [g["lr_scale"] for g in groups] == [10.0, 1.0]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.transporter.parameters()}
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+
+
+def test_transporter_learning_rate_scale_in_a_real_run(tmp_path):
+    """Two real training steps with --transporter-lr-scale 10: the saved optimizer's transporter group runs at
+    10x the other group's rate; resuming with another scale is refused in one line, before any step."""
+    from ntm_edge.errors import ConfigError
+    from ntm_edge.train import TrainArgs, train
+
+    out = tmp_path / "run"
+    args = TrainArgs(dataset="digits", preset="tiny", steps=2, batch_size=8, out=str(out), eval_images=0,
+                     transporter_lr_scale=10.0)
+    train(args, progress=False, log=lambda *_: None)
+    groups = torch.load(out / "train_state.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [10.0, 1.0]
+    assert groups[0]["lr"] == pytest.approx(10 * groups[1]["lr"]) and groups[1]["lr"] > 0
+    with pytest.raises(ConfigError, match="transporter-lr-scale"):
+        train(dataclasses.replace(args, steps=3, transporter_lr_scale=1.0), progress=False, log=lambda *_: None,
+              resume=True)
