@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=500)
     ap.add_argument("--calibrate", action="store_true", help="equal CPU seconds instead of equal steps")
     ap.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
+    ap.add_argument("--json", type=Path, default=None, help="also write every run's record (joined with --merge) here")
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="other --out folders of this study (e.g. another seed run at the same time): their results "
                          "join the table")
@@ -190,6 +191,8 @@ def main() -> None:
     print(table)
     if args.table:
         args.table.write_text(table)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": {k: ROWS[k][0] for k in args.rows}, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
