@@ -70,8 +70,8 @@ def train(
     transporter_blocks: Annotated[int | None, typer.Option(help="TarFlow blocks of f_T (default: the preset's); "
                                                          "0: the identity-transporter ablation")] = None,
     x0_mse_space: Annotated[str, typer.Option(help="target of the hybrid term: x (x0; pulls f_T toward the "
-                                                   "identity, measured best so far) | u (f_T(x0), the space of "
-                                                   "the predictor's x0-hat; lets f_T move)")] = "x",
+                                                   "identity, the better samples) | u (f_T(x0), the space of "
+                                                   "the predictor's x0-hat; f_T learns mostly to shrink)")] = "x",
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
     transporter_lr_scale: Annotated[float, typer.Option(help="the transporter's learning rate is --lr x this")] = 1.0,
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,

@@ -56,8 +56,10 @@ def x0_target(model: NTM, x0: torch.Tensor, s: torch.Tensor, T: torch.Tensor, sp
     so it pulls the transporter there (issue 13). Its target is therefore f_T(x0, s, T), x0 through the
     transporter of the level s being predicted (where s -> 0, u_s -> f_T(x0, s): mu_P's target). With
     no transporter (Gaussian baseline, identity ablation) that is x0 exactly, the term unchanged.
-    The target is held fixed (no gradient): the term trains the predictor's mean and leaves the shape
-    of f_T to the exact NLL, so f_T cannot lower it by shrinking u-space.
+    The target is held fixed within a step (no gradient), but it follows f_T from step to step, so a
+    transporter that shrinks every level still lowers the term: measured (README, "Does the transporter
+    move?"), that is mostly what f_T learns with it. Neither target is recommended over training on the
+    NLL alone for moving f_T; the x-space one gives better samples at some cost in likelihood.
 
     ``space`` "x" returns x0 itself: the inconsistent term as it was, kept only so that the comparison in
     benchmarks/transporter_study.py stays reproducible (``train --x0-mse-space x``).
