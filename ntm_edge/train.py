@@ -217,10 +217,11 @@ def _ema_update(ema: list[torch.Tensor], model: NTM, decay: float) -> None:
 def param_groups(model: NTM, transporter_lr_scale: float) -> list[dict]:
     """AdamW's parameter groups: one group (every weight at the run's rate), or, when the transporter's
     rate is scaled, the transporter's weights (``lr_scale`` = the scale) and all the others (1.0).
-    One group at scale 1 keeps the optimizer state of earlier checkpoints loadable."""
-    if transporter_lr_scale == 1.0:
-        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    One group at scale 1 (or with no transporter weights: f_T = identity) keeps the optimizer state of
+    earlier checkpoints loadable."""
     ours = {id(p) for p in model.transporter.parameters()}
+    if transporter_lr_scale == 1.0 or not ours:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
     return [{"params": [p for p in model.parameters() if id(p) in ours], "lr_scale": float(transporter_lr_scale)},
             {"params": [p for p in model.parameters() if id(p) not in ours], "lr_scale": 1.0}]
 

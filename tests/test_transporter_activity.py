@@ -92,6 +92,7 @@ def test_transporter_learning_rate_scale_makes_two_groups():
     assert [g["lr_scale"] for g in groups] == [10.0, 1.0]
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.transporter.parameters()}
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+    assert [g["lr_scale"] for g in param_groups(_model(num_blocks=0), 10.0)] == [1.0]  # nothing to scale
 
 
 def test_transporter_learning_rate_scale_in_a_real_run(tmp_path):
