@@ -21,7 +21,7 @@ from ntm_edge.checkpoint import load_train_state
 from ntm_edge.data import load_dataset
 from ntm_edge.train import TrainArgs, train
 
-STEPS, EVERY, BATCH, SEED = 40, 4, 8, 5
+STEPS, EVERY, BATCH, SEED = 60, 4, 8, 5
 # the order of the interruptions; a tuple is sent as fast as possible (a second Ctrl-C)
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, (signal.SIGINT, signal.SIGINT), signal.SIGKILL)
 EXPECTED_CODE = {signal.SIGKILL: -signal.SIGKILL, signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -41,12 +41,13 @@ def _saved_step(out: Path) -> int:
         return 0
 
 
-def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 120.0) -> None:
-    """Until the checkpoint of ``step`` (or later) is on disk, or the process has ended."""
+def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 120.0) -> float:
+    """Until the checkpoint of ``step`` (or later) is on disk, or the process has ended -> the time then."""
     end = time.monotonic() + timeout
     while _saved_step(out) < step and proc.poll() is None:
         assert time.monotonic() < end, "the training process made no progress"
         time.sleep(0.005)
+    return time.monotonic()
 
 
 def _temporaries(out: Path) -> list[str]:
@@ -71,9 +72,12 @@ def test_interrupted_runs_resume_bit_for_bit(tmp_path):
         proc = subprocess.Popen(_command(dataset, out, resume=(out / "checkpoint.json").exists()), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if sent is not None:
-            # a random point: after the next periodic save, a random part of the next interval
-            _wait_for_step(proc, out, start_step + EVERY)
-            time.sleep(rng.uniform(0.0, 0.3))
+            # a random point: a random part of the interval after the second periodic save, the interval's
+            # length measured on the first one (a fixed delay would span many intervals on a fast machine,
+            # and the run could end before the last signal)
+            first_save = _wait_for_step(proc, out, start_step + EVERY)
+            interval = _wait_for_step(proc, out, start_step + 2 * EVERY) - first_save
+            time.sleep(rng.uniform(0.0, 1.0) * interval)
             for sig in sent if isinstance(sent, tuple) else (sent,):
                 if proc.poll() is None:
                     proc.send_signal(sig)
