@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ntm_edge.checkpoint import load_train_state
@@ -54,6 +55,10 @@ def _temporaries(out: Path) -> list[str]:
     return [p.name for p in out.iterdir() if p.name.endswith(".tmp")] if out.exists() else []
 
 
+# Alone, not beside another pytest-xdist worker: in two clean-clone CI runs on two workers one interrupted
+# run reached its last step with exit 0, its signal apparently without effect (2 interruptions < 3); alone
+# it has always passed. Why is not known yet (the closing note of 2026-12-02 has what was measured).
+@pytest.mark.serial
 def test_interrupted_runs_resume_bit_for_bit(tmp_path):
     # digits as an .npz: the same images, and each training process starts without importing scikit-learn
     digits = load_dataset("digits", "train")
@@ -99,7 +104,7 @@ def test_interrupted_runs_resume_bit_for_bit(tmp_path):
     if proc.returncode != 0:  # the last planned interruption hit: run to the end
         proc = subprocess.run(_command(dataset, out, resume=True), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (log, proc.stdout, proc.stderr)
-    assert interruptions >= 3, log
+    assert interruptions >= 3, [entry[:4] + (entry[4].strip().splitlines()[-1:],) for entry in log]
 
     assert {p.name for p in out.iterdir()} == FILES  # no temporary left, not even a killed process's
     a, b = load_train_state(reference), load_train_state(out)
