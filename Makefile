@@ -36,14 +36,8 @@ demo: install
 # Two workers, one per core of the project's 2-core machines, each taking whole modules (TEST_WORKERS=0:
 # one process). tests/conftest.py builds the session's trained models once for both.
 TEST_WORKERS ?= 2
-# Tests marked `serial` (timing-sensitive: tests/test_kill.py) run after, alone.
 test: install
-ifeq ($(TEST_WORKERS),0)
-	$(PY) -m pytest -q
-else
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial"
-	$(PY) -m pytest -q -m serial
-endif
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 lint: install
 	$(VENV)/bin/ruff check .
