@@ -69,6 +69,10 @@ def train(
     x0_mse_weight: Annotated[float | None, typer.Option(help="weight of the hybrid x0-MSE term (default: the preset's)")] = None,
     transporter_blocks: Annotated[int | None, typer.Option(help="TarFlow blocks of f_T (default: the preset's); "
                                                          "0: the identity-transporter ablation")] = None,
+    transporter_patch: Annotated[int | None, typer.Option(help="f_T's patch size (default: the preset's); 1: a "
+                                                        "token per pixel, the most expressive ordering")] = None,
+    transporter_layers: Annotated[int | None, typer.Option(help="layers per TarFlow block (default: the preset's)")] = None,
+    transporter_width: Annotated[int | None, typer.Option(help="f_T's width (default: the preset's)")] = None,
     x0_mse_space: Annotated[str, typer.Option(help="target of the hybrid term: x (x0; pulls f_T toward the "
                                                    "identity, the better samples) | u (f_T(x0), the space of "
                                                    "the predictor's x0-hat; f_T learns mostly to shrink)")] = "x",
@@ -97,7 +101,8 @@ def train(
     args = TrainArgs(dataset=dataset, preset=preset, steps=steps, batch_size=batch_size, out=str(out),
                      mode=mode or None, objective=objective, init_from=str(init_from) if init_from else None,
                      align_weight=align_weight, time_budget=time_budget, x0_mse_weight=x0_mse_weight,
-                     transporter_blocks=transporter_blocks, x0_mse_space=x0_mse_space, lr=lr,
+                     transporter_blocks=transporter_blocks, transporter_patch=transporter_patch,
+                     transporter_layers=transporter_layers, transporter_width=transporter_width, x0_mse_space=x0_mse_space, lr=lr,
                      transporter_lr_scale=transporter_lr_scale,
                      device=device, seed=seed, checkpoint_every=checkpoint_every,
                      eval_images=eval_images, grad_accum=grad_accum, parallel=parallel, precision=precision,

@@ -61,6 +61,9 @@ from .model import NTM
 from .numerics import dequantize
 
 MODES = ("end2end", "pairwise")
+# TransporterConfig field -> the `train` option that overrides it (TrainArgs.transporter_<last word>)
+_TRANSPORTER_FLAGS = {"num_blocks": "transporter-blocks", "patch_size": "transporter-patch",
+                      "layers_per_block": "transporter-layers", "width": "transporter-width"}
 PARALLEL = ("auto", "ddp", "fsdp")  # auto: FSDP2 for SHARDED_PRESETS, DDP otherwise (under torchrun)
 SHARDED_PRESETS = ("base",)
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -82,6 +85,11 @@ class TrainArgs:
     # TarFlow blocks of f_T (None: the preset's). 0 is the identity-transporter ablation of an NTM: the
     # same predictor with its learned scale d, and f_T = identity (log-det exactly 0; issue 13)
     transporter_blocks: int | None = None
+    # the transporter's capacity (None: the preset's): its patch size (1: one pixel per token, so the
+    # autoregressive flow also orders the pixels within a patch), layers per block and width (issue 13)
+    transporter_patch: int | None = None
+    transporter_layers: int | None = None
+    transporter_width: int | None = None
     x0_mse_space: str = "x"  # the hybrid term's target: "x" x0 (measured best, the default) | "u" f_T(x0, s)
     lr: float = 1e-3
     # the transporter's learning rate is lr x this (issue 13: a per-module rate for the shallow f_T)
@@ -99,6 +107,11 @@ class TrainArgs:
     parallel: str = "auto"  # under torchrun: ddp | fsdp | auto (PARALLEL)
     precision: str = "auto"  # fp32 | bf16 (autocast) | auto (PRECISIONS)
     text_encoder: str | None = None  # "minilm" | "labels" (None: the preset's, config.PRESET_TEXT_ENCODERS)
+
+    def transporter_shape(self) -> dict[str, int]:
+        """The TransporterConfig fields this run overrides (its --transporter-* options that were given)."""
+        given = {key: getattr(self, "transporter_" + flag.split("-")[-1]) for key, flag in _TRANSPORTER_FLAGS.items()}
+        return {key: value for key, value in given.items() if value is not None}
 
     def validate(self) -> TrainArgs:
         if self.mode is not None and self.mode not in MODES:
@@ -118,6 +131,15 @@ class TrainArgs:
             if self.objective != "ntm" and self.transporter_blocks:
                 raise ConfigError(f"--objective {self.objective} has no transporter; --transporter-blocks must be 0 "
                                   "or left out")
+        for key, value in self.transporter_shape().items():
+            if key == "num_blocks":
+                continue
+            flag = "--" + _TRANSPORTER_FLAGS[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{flag} must be a whole number >= 1, got {value!r}")
+            if self.objective != "ntm" or self.transporter_blocks == 0:
+                raise ConfigError(f"{flag} shapes the transporter, and this run has none "
+                                  f"({'--transporter-blocks 0' if self.objective == 'ntm' else '--objective ' + self.objective})")
         if self.x0_mse_space not in X0_SPACES:
             raise ConfigError(f"unknown --x0-mse-space {self.x0_mse_space!r}; choose one of: {', '.join(X0_SPACES)}")
         if not (isinstance(self.transporter_lr_scale, (int, float)) and math.isfinite(self.transporter_lr_scale)
@@ -316,9 +338,9 @@ def _shapes(model: NTM) -> dict:
 
 def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
     old = {**dataclasses.asdict(TrainArgs()), **state["args"]}  # older states lack newer fields
-    for key in ("dataset", "preset", "objective", "init_from", "transporter_blocks", "x0_mse_space",
-                "transporter_lr_scale"):
-        if key == "transporter_blocks" and args.transporter_blocks is None:
+    shape = [f"transporter_{flag.split('-')[-1]}" for flag in _TRANSPORTER_FLAGS.values()]
+    for key in ("dataset", "preset", "objective", "init_from", *shape, "x0_mse_space", "transporter_lr_scale"):
+        if key in shape and getattr(args, key) is None:
             continue  # not given: the saved config's own
         if old[key] != getattr(args, key):
             raise ConfigError(f"{out} was trained with --{key.replace('_', '-')} {old[key]!r}; "
@@ -376,8 +398,8 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
         config = preset.with_data(data.channels, data.class_names).with_text_encoder(kind).for_objective(args.objective)
         if args.x0_mse_weight is not None:
             config = dataclasses.replace(config, x0_mse_weight=args.x0_mse_weight)
-    if state is None and args.transporter_blocks is not None:
-        transporter = dataclasses.replace(config.transporter, num_blocks=args.transporter_blocks)
+    if state is None and args.transporter_shape():
+        transporter = dataclasses.replace(config.transporter, **args.transporter_shape())
         config = dataclasses.replace(config, transporter=transporter).validate()
     if config.prompt.class_names != data.class_names:
         raise ConfigError(f"{args.dataset} has classes {data.class_names}, the model {config.prompt.class_names}")

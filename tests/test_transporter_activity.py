@@ -111,3 +111,44 @@ def test_transporter_learning_rate_scale_in_a_real_run(tmp_path):
     with pytest.raises(ConfigError, match="transporter-lr-scale"):
         train(dataclasses.replace(args, steps=3, transporter_lr_scale=1.0), progress=False, log=lambda *_: None,
               resume=True)
+
+
+def test_transporter_shape_options_in_a_real_run(tmp_path):
+    """--transporter-patch/-layers/-width reach the saved config; the trained patch-1 f_T moves and
+    still inverts exactly; a resume with another shape is refused in one line."""
+    from ntm_edge.checkpoint import load_model
+    from ntm_edge.errors import ConfigError
+    from ntm_edge.train import TrainArgs, train
+
+    out = tmp_path / "run"
+    args = TrainArgs(dataset="digits", preset="tiny", steps=3, batch_size=8, out=str(out), eval_images=0,
+                     transporter_patch=1, transporter_layers=2, transporter_width=16, transporter_lr_scale=50.0)
+    train(args, progress=False, log=lambda *_: None)
+    model = load_model(out).double()
+    cfg = model.config.transporter
+    assert (cfg.patch_size, cfg.layers_per_block, cfg.width, cfg.num_blocks) == (1, 2, 16, 2)
+    x = dequantize(torch.from_numpy(load_dataset("digits", "test", image_size=8, channels=1).images[:4]),
+                   torch.Generator().manual_seed(0)).double()
+    t = torch.full((4,), 0.25, dtype=torch.double)
+    with torch.no_grad():
+        u, logdet = model.transporter(x, t, torch.full((4,), 4.0, dtype=torch.double))
+        assert (u - x).abs().max() > 1e-4  # three steps at 50x the rate moved it
+        back = model.transporter.inverse(u, t, torch.full((4,), 4.0, dtype=torch.double))
+    assert (back - x).abs().max() < 1e-9
+    with pytest.raises(ConfigError, match="--transporter-patch"):
+        train(dataclasses.replace(args, steps=4, transporter_patch=2), progress=False, log=lambda *_: None, resume=True)
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(transporter_patch=0), "--transporter-patch must be a whole number >= 1"),
+    (dict(transporter_layers=True), "--transporter-layers must be a whole number >= 1"),
+    (dict(transporter_width=16, transporter_blocks=0), "--transporter-width shapes the transporter, and this run "
+                                                       "has none (--transporter-blocks 0)"),
+    (dict(transporter_patch=1, objective="fm"), "this run has none (--objective fm)"),
+])
+def test_transporter_shape_options_are_checked_up_front(tmp_path, given, message):
+    from ntm_edge.errors import ConfigError
+    from ntm_edge.train import TrainArgs
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainArgs(out=str(tmp_path / "x"), **given).validate()
