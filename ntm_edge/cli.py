@@ -12,7 +12,7 @@ import typer
 
 from . import validate
 from .decoding import DEFAULT_METHOD
-from .errors import NtmError
+from .errors import NtmError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Normalizing Trajectory Models: few-step generation with an exact likelihood.")
@@ -45,7 +45,7 @@ def _friendly(fn):
             return fn(*args, **kwargs)
         except NtmError as e:  # one line, even where the message quotes a path with a newline in it
             if not e.quiet:  # quiet: a torchrun rank other than 0, whose rank 0 reports it
-                typer.echo(f"error: {e}".replace("\r", "\\r").replace("\n", "\\n"), err=True)
+                typer.echo(one_line(e), err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:  # 130 for Ctrl-C; a run stopped by SIGTERM says 143 (interrupts.py)
             raise typer.Exit(getattr(e, "exit_code", 130)) from None

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ntm_edge import validate
-from ntm_edge.errors import NtmError
+from ntm_edge.errors import exit_status
 from ntm_edge.images import MIN_CELL, save_images
 
 from .app import latency_table
@@ -61,13 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=None, help="a bundle instead of the default model")
     parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: three)")
     args = parser.parse_args(argv)
-    try:
-        run_demo(tuple(args.prompt or PROMPTS), num=args.num, out=args.out, seed=args.seed, guidance=args.guidance,
-                 threads=args.threads, bundle=args.bundle, log=lambda m: print(m, flush=True))
-    except NtmError as e:
-        print(f"error: {e}".replace("\n", "\\n"), file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(lambda: run_demo(tuple(args.prompt or PROMPTS), num=args.num, out=args.out, seed=args.seed,
+                                        guidance=args.guidance, threads=args.threads, bundle=args.bundle,
+                                        log=lambda m: print(m, flush=True)))
 
 
 if __name__ == "__main__":

@@ -316,3 +316,16 @@ def test_sevens_are_read_as_seven():
     clf = load_or_train_classifier(trained_on(SHIPPED / assets.CHECKPOINT), cfg.image_size, cfg.channels, log=quiet)
     share = float(np.mean(classifier_predict(clf, images) == clf.class_names.index("7")))
     assert share >= GUARD_SHARE, f"only {share:.0%} of the samples for 'a handwritten seven' are read as 7"
+
+
+def test_demo_reports_a_bad_bundle_in_one_line(tmp_path, capsys):
+    """`python -m ntm_edge.runtime.demo` (what `make demo` runs) with a directory that is no bundle, whose name
+    holds a newline: exit status 1, one escaped line on stderr, no image written."""
+    from ntm_edge.runtime.demo import main
+
+    bad = tmp_path / "not\na bundle"
+    bad.mkdir()
+    assert main(["--bundle", str(bad), "--out", str(tmp_path / "demo.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "not\\na bundle" in err, err
+    assert not (tmp_path / "demo.png").exists()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ntm_edge import assets
 from ntm_edge.checkpoint import CONFIG, META, WEIGHTS, load_info
-from ntm_edge.errors import ConfigError, NtmError
+from ntm_edge.errors import ConfigError, NtmError, exit_status
 from ntm_edge.fileio import atomic_write_text, make_temp_dir, publish_dir, remove_stale_temporaries, seal, sha256_file
 from ntm_edge.runtime.bundle import MANIFEST, TOKENIZER, read_manifest
 from ntm_edge.runtime.bundle import seal as seal_manifest
@@ -212,12 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=None,
                         help="ship this fp32 export of --checkpoint (checked) instead of exporting it again")
     args = parser.parse_args(argv)
-    try:
-        build(args.checkpoint, args.out, batch=args.batch, placeholder=args.placeholder, bundle=args.bundle)
-    except NtmError as e:
-        print(f"error: {e}".replace("\n", "\\n"), file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(lambda: build(args.checkpoint, args.out, batch=args.batch, placeholder=args.placeholder,
+                                     bundle=args.bundle))
 
 
 if __name__ == "__main__":
