@@ -355,30 +355,28 @@ def test_folder_captions_and_their_errors(tmp_path):
         both_splits()
 
 
-def test_text_model_exports_fp16_and_int8(tmp_path, monkeypatch):
+def test_text_model_exports_fp16_and_int8(text_denoiser_ckpt, tmp_path, monkeypatch):
     """--fp16 --int8 on a text model with a denoiser: calibration and the quality gate take the class names
     as prompts; the MiniLM stays the builder's fp32 file in every precision; each precision against torch
     on real trajectories within the tolerances of tests/test_precision.py (fp16: 4 ulps, int8: 4% of scale).
-    The model is trained a few steps only (its own, cheaper than the session's 300-step fixture): the
-    checks compare graphs with torch, not sample quality."""
+    The model is the session's text model with its few-step denoiser (the checks compare graphs with torch,
+    not sample quality), exported into this test's own directory and cache."""
     from ntm_edge import NTM
-    from ntm_edge.denoiser import load_denoiser, train_denoiser
+    from ntm_edge.denoiser import load_denoiser
     from ntm_edge.export.graphs import graph_modules
     from ntm_edge.export.parity import real_parity, real_trajectories
     from ntm_edge.runtime import Runtime, load_bundle
     from ntm_edge.runtime.sampler import generate
     from ntm_edge.runtime.text_graph import expected_sha256
-    from ntm_edge.train import TrainArgs, train
 
     monkeypatch.setenv("NTM_EDGE_CACHE", str(tmp_path / "cache"))
-    ckpt, out = tmp_path / "ckpt", tmp_path / "bundle"
-    train(TrainArgs(dataset="digits", preset="tiny", steps=20, batch_size=16, lr=2e-3, out=str(ckpt), text_encoder="minilm",
-                    eval_images=0, seed=0), progress=False, log=lambda *_: None)
-    train_denoiser(ckpt, steps=5, trajectories=1, batch_size=16, progress=False, log=lambda *_: None)
+    ckpt, out = text_denoiser_ckpt, tmp_path / "bundle"
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
     r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--out", str(out), "--batch", "4",
                             "--fp16", "--int8", "--calib-images", "32", "--calib-samples", "8", "--quality-samples", "40",
-                            "--force"])  # the gate's verdict on a 20-step model is a coin toss: only its figures are checked
+                            "--force"])  # the gate's verdict on a small model is a coin toss: only its figures are checked
     assert r.exit_code == 0, r.output
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before  # the shared fixture is untouched
     bundle = load_bundle(out)
     graphs = bundle.manifest["graphs"]
     for precision in ("fp16", "int8"):
