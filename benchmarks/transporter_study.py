@@ -51,8 +51,6 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                   ["--x0-mse-weight", "0", "--mode", "pairwise"]),
     "ntm_p1": ("NTM, NLL only, transporter patch 1 (a token per pixel)",
                ["--x0-mse-weight", "0", "--transporter-patch", "1"]),
-    "id_0_eq_p1": ("identity f_T + learned scale, NLL only, at the patch-1 NTM's CPU seconds",
-                   ["--transporter-blocks", "0", "--x0-mse-weight", "0"]),
     "ntm_ft": ("NTM finetuned from FM (the paper's route): FM for half the steps, then NTM, NLL + mean alignment",
                ["--x0-mse-weight", "0"]),
 }
