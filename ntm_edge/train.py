@@ -61,9 +61,9 @@ from .model import NTM
 from .numerics import dequantize
 
 MODES = ("end2end", "pairwise")
-# TransporterConfig field -> the `train` option that overrides it (TrainArgs.transporter_<last word>)
-_TRANSPORTER_FLAGS = {"num_blocks": "transporter-blocks", "patch_size": "transporter-patch",
-                      "layers_per_block": "transporter-layers", "width": "transporter-width"}
+# TransporterConfig field -> the TrainArgs field (and `train` option, with dashes) that overrides it
+_TRANSPORTER_ARGS = {"num_blocks": "transporter_blocks", "patch_size": "transporter_patch",
+                     "layers_per_block": "transporter_layers", "width": "transporter_width"}
 PARALLEL = ("auto", "ddp", "fsdp")  # auto: FSDP2 for SHARDED_PRESETS, DDP otherwise (under torchrun)
 SHARDED_PRESETS = ("base",)
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -110,7 +110,7 @@ class TrainArgs:
 
     def transporter_shape(self) -> dict[str, int]:
         """The TransporterConfig fields this run overrides (its --transporter-* options that were given)."""
-        given = {key: getattr(self, "transporter_" + flag.split("-")[-1]) for key, flag in _TRANSPORTER_FLAGS.items()}
+        given = {key: getattr(self, name) for key, name in _TRANSPORTER_ARGS.items()}
         return {key: value for key, value in given.items() if value is not None}
 
     def validate(self) -> TrainArgs:
@@ -134,7 +134,7 @@ class TrainArgs:
         for key, value in self.transporter_shape().items():
             if key == "num_blocks":
                 continue
-            flag = "--" + _TRANSPORTER_FLAGS[key]
+            flag = "--" + _TRANSPORTER_ARGS[key].replace("_", "-")
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{flag} must be a whole number >= 1, got {value!r}")
             if self.objective != "ntm" or self.transporter_blocks == 0:
@@ -338,7 +338,7 @@ def _shapes(model: NTM) -> dict:
 
 def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
     old = {**dataclasses.asdict(TrainArgs()), **state["args"]}  # older states lack newer fields
-    shape = [f"transporter_{flag.split('-')[-1]}" for flag in _TRANSPORTER_FLAGS.values()]
+    shape = list(_TRANSPORTER_ARGS.values())
     for key in ("dataset", "preset", "objective", "init_from", *shape, "x0_mse_space", "transporter_lr_scale"):
         if key in shape and getattr(args, key) is None:
             continue  # not given: the saved config's own
