@@ -3,7 +3,8 @@ the `tiny` preset: NTM variants, the identity-transporter ablation and the basel
 compute, >= 2 seeds each, then one Markdown table.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transporter_study.py --out runs/transporter_study \
-        [--ntm-steps 600] [--seeds 0 1] [--rows ntm_u ntm_0 ...] [--table benchmarks/reports/transporter_study.md]
+        [--ntm-steps 600] [--seeds 0 1] [--rows ntm_u ntm_0 ...] [--guidance 0 0.5 1] \
+        [--table benchmarks/reports/transporter_study.md]
 
 Compute: by default every row trains ``--ntm-steps`` optimizer steps of batch 64, so no row gets more
 compute than the NTM with 2 blocks (the ablation and the baselines cost less per step: the comparison
@@ -13,8 +14,9 @@ time of the training subprocess, one thread) is measured first as the slope betw
 80-step run (which cancels start-up and loading), and its step count is scaled to match. The training
 CPU seconds actually spent (start-up included) are reported per row. Every row is evaluated with the
 same exit: the exact transporter inverse for the u-space models (no denoiser is trained, so none is
-counted), Euler for flow matching. Runs are sequential; to use two cores, run two seeds into two --out
-folders at once and join them with --merge.
+counted), Euler for flow matching, at guidance 0; ``--guidance`` adds a sweep of classifier-free guidance
+scales (Frechet and prompt accuracy trade against each other along it). Runs are sequential; to use two
+cores, run two seeds into two --out folders at once and join them with --merge.
 """
 
 from __future__ import annotations
@@ -103,11 +105,13 @@ def per_step_cost(root: Path, name: str, extra: list[str]) -> float:
     return (b - a) / 60
 
 
-def evaluate(ckpt: Path, num_samples: int) -> dict:
-    out = ckpt.with_name(ckpt.name + "_eval.json")
+def evaluate(ckpt: Path, num_samples: int, guidance: float = 0.0) -> dict:
+    """`ntm-edge eval` of one model at 4 steps (its report; kept beside the checkpoint, reused if there)."""
+    stem = ckpt.name + ("_eval" if guidance == 0 else f"_eval_g{guidance:g}")
+    out = ckpt.with_name(stem + ".json")
     if not out.exists():
         run([*CLI, "eval", "--checkpoint", str(ckpt), "--steps", "4", "--num-samples", str(num_samples),
-             "--out", str(out)], ckpt.with_name(ckpt.name + "_eval.log"))
+             "--guidance", f"{guidance:g}", "--out", str(out)], ckpt.with_name(stem + ".log"))
     return json.loads(out.read_text())
 
 
@@ -117,13 +121,15 @@ def per_level(act: list[list[dict]], K: int, key: str, fmt: str) -> str:
     return " / ".join(format(statistics.mean(a[k].get(key, float("nan")) for a in act), fmt) for k in range(K))
 
 
+def cell(vals: list[float], fmt: str) -> str:
+    """One figure over seeds: the value, or "mean (min..max)"."""
+    if len(vals) == 1:
+        return format(vals[0], fmt)
+    return f"{format(statistics.mean(vals), fmt)} ({format(min(vals), fmt)}..{format(max(vals), fmt)})"
+
+
 def summarise(results: dict, rows: list[str]) -> str:
     """Markdown: one line per row, mean and (min..max over seeds) of each figure."""
-    def cell(vals, fmt):
-        if len(vals) == 1:
-            return format(vals[0], fmt)
-        return f"{format(statistics.mean(vals), fmt)} ({format(min(vals), fmt)}..{format(max(vals), fmt)})"
-
     lines = ["| row | steps | train CPU s | bits/dim | Frechet | prompt acc. | displacement t0..t3 "
              "| beyond rescale t0..t3 | log-det/dim t0..t3 |", "|---|---|---|---|---|---|---|---|---|"]
     for name in rows:
@@ -146,6 +152,22 @@ def summarise(results: dict, rows: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summarise_guidance(results: dict, rows: list[str], guidance: list[float]) -> str:
+    """Markdown: Frechet and prompt accuracy of each row at each guidance scale (mean (min..max) over seeds)."""
+    lines = ["| row | " + " | ".join(f"guidance {g:g}: Frechet / acc." for g in guidance) + " |",
+             "|---|" + "---|" * len(guidance)]
+    for name in rows:
+        runs = results.get(name, [])
+        if not runs or any(f"{g:g}" not in r.get("guidance", {}) for r in runs for g in guidance):
+            continue
+        cells = []
+        for g in guidance:
+            evals = [r["guidance"][f"{g:g}"] for r in runs]
+            cells.append(f"{cell([e['frechet'] for e in evals], '.2f')} / {cell([e['prompt_accuracy'] for e in evals], '.3f')}")
+        lines.append(f"| {ROWS[name][0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "transporter_study")
@@ -153,6 +175,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--num-samples", type=int, default=500)
+    ap.add_argument("--guidance", type=float, nargs="+", default=[],
+                    help="also evaluate every trained model at these classifier-free guidance scales (the main table "
+                         "is at guidance 0) and print a second table: Frechet and prompt accuracy per scale")
     ap.add_argument("--calibrate", action="store_true", help="equal CPU seconds instead of equal steps")
     ap.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
     ap.add_argument("--json", type=Path, default=None, help="also write every run's record (joined with --merge) here")
@@ -160,6 +185,7 @@ def main() -> None:
                     help="other --out folders of this study (e.g. another seed run at the same time): their results "
                          "join the table")
     args = ap.parse_args()
+    args.out = args.out.resolve()  # the training and eval subprocesses run in the repository root
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / "study.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"cost": {}, "results": {}}
@@ -184,12 +210,21 @@ def main() -> None:
             print(f"{name} seed {seed}: {steps} steps, {cpu:.0f} CPU s, {row['bits_per_dim']:.3f} bits/dim, "
                   f"Frechet {row['frechet']:.2f}, acc {row['prompt_accuracy']:.3f}", flush=True)
             save()
+    for name in args.rows:  # the guidance sweep, also of models trained by an earlier call
+        for r in state["results"].get(name, []):
+            ckpt = args.out / f"{name}_s{r['seed']}"
+            for g in args.guidance:
+                if f"{g:g}" not in r.setdefault("guidance", {}):
+                    r["guidance"][f"{g:g}"] = evaluate(ckpt, args.num_samples, g)["rows"][0]
+                    save()
     results = {k: list(v) for k, v in state["results"].items()}
     for other in args.merge:
         for name, runs in json.loads((other / "study.json").read_text())["results"].items():
             seen = {r["seed"] for r in results.get(name, [])}
             results.setdefault(name, []).extend(r for r in runs if r["seed"] not in seen)
     table = summarise(results, args.rows)
+    if args.guidance:
+        table += "\n" + summarise_guidance(results, args.rows, args.guidance)
     print(table)
     if args.table:
         args.table.write_text(table)
