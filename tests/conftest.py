@@ -45,7 +45,21 @@ WARM_UP = {"gw0": "trained_tiny", "gw1": "trained_text_tiny"}
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _warm_up(request, _one_thread):
+def _run_cache(tmp_path_factory):
+    """$NTM_EDGE_CACHE for the whole run (subprocesses inherit it): one directory in the run's temporary root,
+    shared by the workers, so that no test reads or writes the user's ~/.cache/ntm-edge and what one test
+    caches (the eval classifier, prompt embeddings, calibration) serves the others. Tests that check a cache's
+    behaviour set their own."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NTM_EDGE_CACHE", str(root / "ntm_edge_cache"))
+        yield root / "ntm_edge_cache"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _warm_up(request, _one_thread, _run_cache):
     name = WARM_UP.get(os.environ.get("PYTEST_XDIST_WORKER", ""))
     if name and any(name in getattr(item, "fixturenames", ()) for item in request.session.items):
         request.getfixturevalue(name)
@@ -121,7 +135,29 @@ def text_denoiser_ckpt(trained_text_tiny, tmp_path_factory):
     return built_once(tmp_path_factory, "text_denoiser_ckpt", build) / "ckpt"
 
 
+# the precision passes of the text bundle with a denoiser: small calibration and quality-gate sets (the
+# gate's verdict on a 300-step model is a coin toss: --force keeps every precision, the tests check figures)
+TEXT_PRECISION_EXPORT = ["--fp16", "--int8", "--calib-images", "32", "--calib-samples", "8", "--quality-samples", "40",
+                         "--force"]
+
+
 @pytest.fixture(scope="session")
 def text_denoiser_bundle(text_denoiser_ckpt, tmp_path_factory):
-    """The export of ``text_denoiser_ckpt``: the MiniLM encoder graph and the denoiser graph that reads its output."""
-    return _export(tmp_path_factory, "text_denoiser_bundle", text_denoiser_ckpt)
+    """(bundle, CLI output) of `ntm-edge export --fp16 --int8` of ``text_denoiser_ckpt``, once per run: the MiniLM
+    encoder graph, the denoiser graph that reads its output, each graph in fp32 (what a runtime opens by
+    default), fp16 and int8. Its own cache directory (calibration, prompts, the eval classifier). Checks that
+    the export left the shared checkpoint untouched."""
+    from typer.testing import CliRunner
+
+    from ntm_edge.cli import app
+
+    def build(root: Path) -> None:
+        before = {p.name: p.read_bytes() for p in text_denoiser_ckpt.iterdir() if p.is_file()}
+        r = CliRunner().invoke(app, ["export", "--checkpoint", str(text_denoiser_ckpt), "--out", str(root / "bundle"),
+                                     "--batch", "4", *TEXT_PRECISION_EXPORT], env={"NTM_EDGE_CACHE": str(root / "cache")})
+        assert r.exit_code == 0, r.output
+        assert {p.name: p.read_bytes() for p in text_denoiser_ckpt.iterdir() if p.is_file()} == before
+        (root / "export.log").write_text(r.output)
+
+    root = built_once(tmp_path_factory, "text_denoiser_bundle", build)
+    return root / "bundle", (root / "export.log").read_text()

@@ -201,3 +201,22 @@ def test_import_does_not_load_torch():
     code = "import ntm_edge.data, sys; assert 'torch' not in sys.modules; assert 'sklearn' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_digits_are_scikit_learns_without_importing_it():
+    """digits is read from the file scikit-learn ships (importing scikit-learn costs every training process
+    2-3 s): the same images, rescaled 0..16 -> 0..255, and the same labels as its load_digits."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = ("import sys, ntm_edge.data as d; images, labels = d._digits_arrays(); assert 'sklearn' not in sys.modules; "
+            "print(images.shape, labels.shape)")
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.split() == ["(1797,", "8,", "8,", "1)", "(1797,)"], result.stderr
+
+    from sklearn.datasets import load_digits
+
+    from ntm_edge.data import _digits_arrays
+
+    images, labels = _digits_arrays()
+    ref = load_digits()
+    assert images.dtype == np.uint8 and (labels == ref.target).all()
+    assert (images[..., 0] == np.round(ref.images * (255.0 / 16.0)).astype(np.uint8)).all()

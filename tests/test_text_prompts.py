@@ -202,7 +202,7 @@ def test_text_denoiser_shares_the_encoder(text_denoiser_ckpt, tmp_path, cache_di
 def test_text_denoiser_is_exported_and_reads_the_encoder_output(text_denoiser_bundle, text_bundle):
     """The denoiser graph of a text bundle takes the prompt encoder's output (not ids), and the encoder
     graph is the same file as in the bundle without a denoiser."""
-    manifest = json.loads((text_denoiser_bundle / "manifest.json").read_text())
+    manifest = json.loads((text_denoiser_bundle[0] / "manifest.json").read_text())
     inputs = [t["name"] for t in manifest["graphs"]["denoiser"]["inputs"]]
     assert inputs == ["u", "prompt_emb", "prompt_mask"] and manifest["denoiser"] is not None
     parity = manifest["parity"]["graphs"]["denoiser"]
@@ -219,7 +219,7 @@ def test_runtime_text_denoiser_draws_the_same_images_as_sample(text_denoiser_bun
     from ntm_edge.runtime.sampler import generate
 
     prompts = ["a handwritten seven", "someone wrote a 3 here", "", "the numeral 0 in ink", "1", "a messy 6"]
-    rt = open_runtime(text_denoiser_bundle, provider="cpu", threads=1)
+    rt = open_runtime(text_denoiser_bundle[0], provider="cpu", threads=1)  # fp32, the default
     got = generate(rt, prompts, steps=4, seed=3, guidance=2.0)  # the default exit of a bundle with a denoiser
     model, den = NTM.from_pretrained(text_denoiser_ckpt), load_denoiser(text_denoiser_ckpt)
     want = sample_images(model, prompts, steps=4, seed=3, guidance=2.0, final="denoiser", denoiser=den)
@@ -287,7 +287,7 @@ def test_runtime_text_bundle_imports_neither_torch_nor_transformers(text_bundle,
 
 def test_runtime_text_denoiser_imports_neither_torch_nor_transformers(text_denoiser_bundle, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NTM_EDGE_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, "-c", NO_TORCH_TEXT, str(text_denoiser_bundle), str(tmp_path / "s"),
+    r = subprocess.run([sys.executable, "-c", NO_TORCH_TEXT, str(text_denoiser_bundle[0]), str(tmp_path / "s"),
                         "--final", "denoiser"], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "NO TORCH OK" in r.stdout, r.stdout + r.stderr
     assert "denoiser" in r.stdout and np.load(tmp_path / "s.npy").shape == (2, 8, 8, 1)
@@ -355,12 +355,13 @@ def test_folder_captions_and_their_errors(tmp_path):
         both_splits()
 
 
-def test_text_model_exports_fp16_and_int8(text_denoiser_ckpt, tmp_path, monkeypatch):
-    """--fp16 --int8 on a text model with a denoiser: calibration and the quality gate take the class names
-    as prompts; the MiniLM stays the builder's fp32 file in every precision; each precision against torch
-    on real trajectories within the tolerances of tests/test_precision.py (fp16: 4 ulps, int8: 4% of scale).
-    The model is the session's text model with its few-step denoiser (the checks compare graphs with torch,
-    not sample quality), exported into this test's own directory and cache."""
+def test_text_model_exports_fp16_and_int8(text_denoiser_bundle, text_denoiser_ckpt):
+    """--fp16 --int8 on a text model with a denoiser (the session's, exported once with the options of
+    conftest.TEXT_PRECISION_EXPORT, which also checks that the export left the checkpoint untouched):
+    calibration and the quality gate take the class names as prompts; the MiniLM stays the builder's fp32
+    file in every precision; each precision against torch on real trajectories within the tolerances of
+    tests/test_precision.py (fp16: 4 ulps, int8: 4% of scale). The model is the session's text model with its
+    few-step denoiser: the checks compare graphs with torch, not sample quality."""
     from ntm_edge import NTM
     from ntm_edge.denoiser import load_denoiser
     from ntm_edge.export.graphs import graph_modules
@@ -369,14 +370,7 @@ def test_text_model_exports_fp16_and_int8(text_denoiser_ckpt, tmp_path, monkeypa
     from ntm_edge.runtime.sampler import generate
     from ntm_edge.runtime.text_graph import expected_sha256
 
-    monkeypatch.setenv("NTM_EDGE_CACHE", str(tmp_path / "cache"))
-    ckpt, out = text_denoiser_ckpt, tmp_path / "bundle"
-    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
-    r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--out", str(out), "--batch", "4",
-                            "--fp16", "--int8", "--calib-images", "32", "--calib-samples", "8", "--quality-samples", "40",
-                            "--force"])  # the gate's verdict on a small model is a coin toss: only its figures are checked
-    assert r.exit_code == 0, r.output
-    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before  # the shared fixture is untouched
+    (out, output), ckpt = text_denoiser_bundle, text_denoiser_ckpt
     bundle = load_bundle(out)
     graphs = bundle.manifest["graphs"]
     for precision in ("fp16", "int8"):
@@ -385,7 +379,7 @@ def test_text_model_exports_fp16_and_int8(text_denoiser_ckpt, tmp_path, monkeypa
     assert bundle.manifest["files"]["prompt_encoder.fp32.onnx"] == expected_sha256()
     rows = {row["precision"]: row for row in bundle.manifest["precision"]["quality"]["rows"]}
     assert list(rows) == ["fp32", "fp16", "int8"] and all(row["finite"] for row in rows.values()), rows
-    assert 0 < rows["fp16"]["max_abs_du"] < rows["int8"]["max_abs_du"] and "quality gate" in r.output
+    assert 0 < rows["fp16"]["max_abs_du"] < rows["int8"]["max_abs_du"] and "quality gate" in output
 
     model = NTM.from_pretrained(ckpt).requires_grad_(False)
     modules = graph_modules(model, load_denoiser(ckpt))
