@@ -38,10 +38,12 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     return path
 
 
-# Under pytest-xdist, worker -> the shared model it builds before its first test: the two most shared
-# builds start at once on the two cores, instead of both workers first meeting the same one (the second
-# would wait for it idle)
-WARM_UP = {"gw0": "trained_tiny", "gw1": "trained_text_tiny"}
+# Under pytest-xdist, worker -> the shared builds it makes before its first test, in order: the two most
+# shared models start at once on the two cores, instead of both workers first meeting the same one (the
+# second would wait for it idle); the text model's worker then also builds the exported tiny bundle of
+# tests/test_export.py (``make_tiny_bundle``, which seven modules share: the first two of them to need it at
+# once left a worker waiting for it, ~40 s)
+WARM_UP = {"gw0": ["trained_tiny"], "gw1": ["trained_text_tiny", "make_tiny_bundle"]}
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -59,10 +61,15 @@ def _run_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _warm_up(request, _one_thread, _run_cache):
-    name = WARM_UP.get(os.environ.get("PYTEST_XDIST_WORKER", ""))
-    if name and any(name in getattr(item, "fixturenames", ()) for item in request.session.items):
-        request.getfixturevalue(name)
+def _warm_up(request, tmp_path_factory, _one_thread, _run_cache):
+    items = request.session.items
+    for name in WARM_UP.get(os.environ.get("PYTEST_XDIST_WORKER", ""), []):
+        if name == "make_tiny_bundle":
+            build = next((getattr(i.module, name) for i in items if hasattr(getattr(i, "module", None), name)), None)
+            if build is not None:
+                build(tmp_path_factory)
+        elif any(name in getattr(item, "fixturenames", ()) for item in items):
+            request.getfixturevalue(name)
 
 
 @pytest.fixture(autouse=True, scope="session")
