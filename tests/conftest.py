@@ -18,6 +18,13 @@ import torch
 TRAIN_STEPS = 300  # tiny on digits: enough to beat a uniform 8-bit model clearly (~6.6 bits/dim)
 
 
+def run_root(tmp_path_factory) -> Path:
+    """The run's temporary root, the same for every worker (under pytest-xdist each worker has its own
+    basetemp inside it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 def built_once(tmp_path_factory, name: str, build) -> Path:
     """The directory ``name``, made by ``build(path)`` once per test run, also under pytest-xdist: the first
     worker to ask builds it (in the run's shared temporary root, under a file lock) and marks it done; the
@@ -26,9 +33,7 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker has its own basetemp under the run's
-        root = root.parent
+    root = run_root(tmp_path_factory)
     path, done = root / name, root / f"{name}.done"
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
@@ -52,9 +57,7 @@ def _run_cache(tmp_path_factory):
     shared by the workers, so that no test reads or writes the user's ~/.cache/ntm-edge and what one test
     caches (the eval classifier, prompt embeddings, calibration) serves the others. Tests that check a cache's
     behaviour set their own."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
+    root = run_root(tmp_path_factory)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NTM_EDGE_CACHE", str(root / "ntm_edge_cache"))
         yield root / "ntm_edge_cache"
