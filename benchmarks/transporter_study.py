@@ -55,6 +55,12 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                  ["--x0-mse-weight", "1", "--x0-mse-space", "x", "--mode", "pairwise"]),
     "ntm_pw_x_eq": ("NTM, pairwise mode, hybrid x0-MSE 1.0 in x-space, at the end-to-end NTM's CPU seconds",
                     ["--x0-mse-weight", "1", "--x0-mse-space", "x", "--mode", "pairwise"]),
+    "ntm_pw4": ("NTM, NLL only, pairwise mode on the 4-step grid alone (T = 4, as end-to-end trains)",
+                ["--x0-mse-weight", "0", "--mode", "pairwise", "--pairwise-steps", "4"]),
+    "ntm_pw4_eq": ("NTM, NLL only, pairwise mode, T = 4 alone, at the end-to-end NTM's CPU seconds",
+                   ["--x0-mse-weight", "0", "--mode", "pairwise", "--pairwise-steps", "4"]),
+    "id_pw4": ("identity f_T + learned scale, NLL only, pairwise mode, T = 4 alone",
+               ["--transporter-blocks", "0", "--x0-mse-weight", "0", "--mode", "pairwise", "--pairwise-steps", "4"]),
     "ntm_p1": ("NTM, NLL only, transporter patch 1 (a token per pixel)",
                ["--x0-mse-weight", "0", "--transporter-patch", "1"]),
     "ntm_ft": ("NTM finetuned from FM (the paper's route): FM for half the steps, then NTM, NLL + mean alignment",
@@ -66,7 +72,9 @@ PRETRAINED = {"ntm_ft": 0.5}
 # rows that train --ntm-steps x this many steps: the ratio of CPU seconds per step measured side by side
 # (one thread, 800 steps, 2 seeds, in this study's first run) of the NTM (`ntm_0`: 276 s) and the row's
 # model (`id_0`: 241 s, `fm`: 70 s, `ntm_pw`: 89.5 s), so that the row gets the NTM's compute
-STEP_SCALE = {"id_0_eq": 276 / 241, "fm_eq": 276 / 70, "ntm_pw_eq": 276 / 89.5, "ntm_pw_x_eq": 276 / 89.5}
+# (a pairwise step costs the same whatever grid T is drawn from)
+STEP_SCALE = {"id_0_eq": 276 / 241, "fm_eq": 276 / 70, "ntm_pw_eq": 276 / 89.5, "ntm_pw_x_eq": 276 / 89.5,
+              "ntm_pw4_eq": 276 / 89.5}
 
 
 def cpu_seconds() -> float:

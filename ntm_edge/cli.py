@@ -62,6 +62,8 @@ def train(
     batch_size: Annotated[int, typer.Option(help="examples per step")] = 64,
     out: Annotated[Path, typer.Option(help="checkpoint directory to write")] = Path("runs/ntm"),
     mode: Annotated[str, typer.Option(help="end2end | pairwise (default: the preset's)")] = "",
+    pairwise_steps: Annotated[str, typer.Option(help="pairwise mode: the step counts T is drawn from, comma-separated "
+                                                "(default 4,8,16; 4: only the 4-step grid, as end2end trains)")] = "",
     objective: Annotated[str, typer.Option(help="ntm | gaussian (f_T = id, sigma = C) | fm (flow matching)")] = "ntm",
     init_from: Annotated[Path | None, typer.Option(help="finetune from this flow-matching checkpoint")] = None,
     align_weight: Annotated[float, typer.Option(help="mean-alignment lambda when finetuning (cosine-decayed)")] = 2.5,
@@ -99,7 +101,8 @@ def train(
     from .train import train as run
 
     args = TrainArgs(dataset=dataset, preset=preset, steps=steps, batch_size=batch_size, out=str(out),
-                     mode=mode or None, objective=objective, init_from=str(init_from) if init_from else None,
+                     mode=mode or None, pairwise_steps=validate.whole_numbers(pairwise_steps, "--pairwise-steps"),
+                     objective=objective, init_from=str(init_from) if init_from else None,
                      align_weight=align_weight, time_budget=time_budget, x0_mse_weight=x0_mse_weight,
                      transporter_blocks=transporter_blocks, transporter_patch=transporter_patch,
                      transporter_layers=transporter_layers, transporter_width=transporter_width, x0_mse_space=x0_mse_space, lr=lr,

@@ -3,7 +3,7 @@
 returns ``Losses``: the objective's main term plus the optional terms the config weighs in.
 
 - end-to-end NLL: all T levels of an example in one pass (paper 3.4);
-- pairwise NLL: one (t, s) step per example, T ~ {4, 8, 16};
+- pairwise NLL: one (t, s) step per example, T drawn from a set of step counts ({4, 8, 16} by default);
 - flow matching: velocity MSE (the baseline, objective "fm");
 - mean alignment (paper 3.7): lambda ||mu_P - mu_FM||^2 against a frozen flow-matching teacher.
 """
@@ -44,7 +44,7 @@ def teacher_mean(teacher: NTM | None, x_t, t, s, T, ids, mask) -> torch.Tensor |
         return teacher.predictor(x_t, t, s, T, teacher.prompt_encoder(ids), mask)[0]
 
 
-X0_SPACES = ("u", "x")  # the hybrid term's target: f_T(x0, s) (consistent, the default) | x0 (before issue 13)
+X0_SPACES = ("u", "x")  # the hybrid term's target: f_T(x0, s) (the predictor's own space) | x0 (the default)
 
 
 @torch.no_grad()
@@ -53,16 +53,15 @@ def x0_target(model: NTM, x0: torch.Tensor, s: torch.Tensor, T: torch.Tensor, sp
 
     The predictor works in u-space: x0-hat = u_t - t v(u_t) enters mu_P = A u_t + B x0-hat, the mean of
     u_s = f_T(x_s, s). Compared with x0 itself (x-space), the term is smallest when f_T is the identity,
-    so it pulls the transporter there (issue 13). Its target is therefore f_T(x0, s, T), x0 through the
-    transporter of the level s being predicted (where s -> 0, u_s -> f_T(x0, s): mu_P's target). With
+    so it pulls the transporter there (issue 13). ``space`` "u" targets f_T(x0, s, T) instead, x0 through
+    the transporter of the level s being predicted (where s -> 0, u_s -> f_T(x0, s): mu_P's target). With
     no transporter (Gaussian baseline, identity ablation) that is x0 exactly, the term unchanged.
     The target is held fixed within a step (no gradient), but it follows f_T from step to step, so a
     transporter that shrinks every level still lowers the term: measured (README, "Does the transporter
     move?"), that is mostly what f_T learns with it. Neither target is recommended over training on the
     NLL alone for moving f_T; the x-space one gives better samples at some cost in likelihood.
 
-    ``space`` "x" returns x0 itself: the inconsistent term as it was, kept only so that the comparison in
-    benchmarks/transporter_study.py stays reproducible (``train --x0-mse-space x``).
+    ``space`` "x" (the default of ``train --x0-mse-space``) returns x0 itself.
 
     x0 (N, C, H, W), s (N,), T (N,) -> (N, C, H, W).
     """
@@ -88,23 +87,24 @@ def end2end_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | N
     return losses
 
 
-def step_grids(shift: float) -> torch.Tensor:
-    """The time grids of every T in ``schedule.STEP_COUNTS`` (``schedule.time_grid`` with t_min = 0),
-    one row each, padded with 1 to the longest: (len(STEP_COUNTS), max T + 1), float32."""
-    longest = max(schedule.STEP_COUNTS)
-    rows = [np.pad(schedule.time_grid(T, 0.0, shift), (0, longest - T), constant_values=1.0) for T in schedule.STEP_COUNTS]
+def step_grids(shift: float, counts: tuple[int, ...] = schedule.STEP_COUNTS) -> torch.Tensor:
+    """The time grids of every T in ``counts`` (``schedule.time_grid`` with t_min = 0), one row each,
+    padded with 1 to the longest: (len(counts), max T + 1), float32."""
+    longest = max(counts)
+    rows = [np.pad(schedule.time_grid(T, 0.0, shift), (0, longest - T), constant_values=1.0) for T in counts]
     return torch.as_tensor(np.stack(rows), dtype=torch.float32)
 
 
 def pairwise_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | None = None,
-                  x0_space: str = "x") -> Losses:
-    """One step per example: T ~ {4, 8, 16}, k ~ U{1..T}, NLL of x_{t_(k-1)} given x_{t_k} per dim."""
+                  x0_space: str = "x", step_counts: tuple[int, ...] = schedule.STEP_COUNTS) -> Losses:
+    """One step per example: T ~ U(step_counts), k ~ U{1..T}, NLL of x_{t_(k-1)} given x_{t_k} per dim.
+    ``step_counts`` (4,) trains only the transitions of the 4-step grid, as end-to-end training does."""
     cfg, B, dev = model.config, x0.shape[0], x0.device
-    counts = torch.tensor(schedule.STEP_COUNTS, dtype=torch.float32, device=dev)
+    counts = torch.tensor(step_counts, dtype=torch.float32, device=dev)
     row = torch.randint(len(counts), (B,), generator=g, device=dev)  # (B,): which T
     T = counts[row]  # (B,)
     k = torch.floor(torch.rand(B, generator=g, device=dev) * T) + 1  # (B,) in 1..T
-    grids = step_grids(cfg.shift).to(dev)  # (3, 17)
+    grids = step_grids(cfg.shift, step_counts).to(dev)  # (len(step_counts), max T + 1)
     t = grids[row, k.long()]
     t_min = draw_t_min(cfg, B, g, dev)
     s = torch.where(k == 1, t_min, grids[row, k.long() - 1])
@@ -130,8 +130,11 @@ def flow_matching_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: N
     return Losses((v - (eps - x0)).pow(2).mean(), (x0_hat - x0).pow(2).mean())
 
 
-def loss_function(objective: str, mode: str, x0_space: str = "x"):
-    """The loss of an objective and mode; ``x0_space`` picks the hybrid term's target (``x0_target``)."""
+def loss_function(objective: str, mode: str, x0_space: str = "x", step_counts: tuple[int, ...] = schedule.STEP_COUNTS):
+    """The loss of an objective and mode; ``x0_space`` picks the hybrid term's target (``x0_target``),
+    ``step_counts`` the grids that pairwise training draws T from."""
     if objective == "fm":
         return flow_matching_loss
-    return functools.partial(end2end_loss if mode == "end2end" else pairwise_loss, x0_space=x0_space)
+    if mode == "end2end":
+        return functools.partial(end2end_loss, x0_space=x0_space)
+    return functools.partial(pairwise_loss, x0_space=x0_space, step_counts=tuple(step_counts))

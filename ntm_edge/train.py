@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from . import validate
 from .captions import all_captions, caption_table
 from .checkpoint import (
     check_tensors,
@@ -59,6 +60,7 @@ from .interrupts import Interrupted, StopSignals, signal_name
 from .losses import X0_SPACES, loss_function
 from .model import NTM
 from .numerics import dequantize
+from .schedule import STEP_COUNTS
 
 MODES = ("end2end", "pairwise")
 # TransporterConfig field -> the TrainArgs field (and `train` option, with dashes) that overrides it
@@ -78,6 +80,9 @@ class TrainArgs:
     batch_size: int = 64
     out: str = "runs/ntm"
     mode: str | None = None  # None: the preset's own (config.PRESET_MODES)
+    # pairwise mode: the step counts T is drawn from per example (None: schedule.STEP_COUNTS, {4, 8, 16});
+    # (4,) trains only the 4-step grid's transitions, what end-to-end training sees, at a quarter the cost
+    pairwise_steps: tuple[int, ...] | None = None
     objective: str = "ntm"  # ntm | gaussian | fm
     init_from: str | None = None  # a flow-matching checkpoint to finetune from (paper 3.6)
     align_weight: float = 2.5  # lambda of the mean-alignment loss when finetuning, cosine-decayed
@@ -140,6 +145,18 @@ class TrainArgs:
             if self.objective != "ntm" or self.transporter_blocks == 0:
                 raise ConfigError(f"{flag} shapes the transporter, and this run has none "
                                   f"({'--transporter-blocks 0' if self.objective == 'ntm' else '--objective ' + self.objective})")
+        if self.pairwise_steps is not None:
+            counts, preset = self.pairwise_steps, get_preset(self.preset)
+            if not counts or any(isinstance(T, bool) or not isinstance(T, int) for T in counts) \
+                    or len(set(counts)) != len(counts):
+                raise ConfigError(f"--pairwise-steps must be distinct whole numbers, got {','.join(map(str, counts)) or 'none'}")
+            for T in counts:  # training's t_min (up to t_min_max) stays below each grid's first level
+                validate.steps(T, preset.t_min_max, preset.shift, "--pairwise-steps")
+            mode = self.mode or PRESET_MODES.get(self.preset)
+            if self.objective == "fm" or mode != "pairwise":
+                raise ConfigError("--pairwise-steps sets pairwise training's grids; this run "
+                                  + ("trains flow matching" if self.objective == "fm" else f"trains {mode}")
+                                  + " (pass --mode pairwise)" * (self.objective != "fm"))
         if self.x0_mse_space not in X0_SPACES:
             raise ConfigError(f"unknown --x0-mse-space {self.x0_mse_space!r}; choose one of: {', '.join(X0_SPACES)}")
         if not (isinstance(self.transporter_lr_scale, (int, float)) and math.isfinite(self.transporter_lr_scale)
@@ -339,12 +356,20 @@ def _shapes(model: NTM) -> dict:
 def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
     old = {**dataclasses.asdict(TrainArgs()), **state["args"]}  # older states lack newer fields
     shape = list(_TRANSPORTER_ARGS.values())
-    for key in ("dataset", "preset", "objective", "init_from", *shape, "x0_mse_space", "transporter_lr_scale"):
+    for key in ("dataset", "preset", "objective", "init_from", *shape, "x0_mse_space", "transporter_lr_scale",
+                "pairwise_steps"):
         if key in shape and getattr(args, key) is None:
             continue  # not given: the saved config's own
-        if old[key] != getattr(args, key):
-            raise ConfigError(f"{out} was trained with --{key.replace('_', '-')} {old[key]!r}; "
-                              f"resume it with the same value (got {getattr(args, key)!r})")
+        was, now = old[key], getattr(args, key)
+        if key == "pairwise_steps":  # None is the default set; a saved tuple may come back as a list
+            was, now = tuple(was or STEP_COUNTS), tuple(now or STEP_COUNTS)
+            shown = lambda v: ",".join(map(str, v))  # noqa: E731
+            if was != now:
+                raise ConfigError(f"{out} was trained with --pairwise-steps {shown(was)}; resume it with the same "
+                                  f"value (got {shown(now)})")
+        elif was != now:
+            raise ConfigError(f"{out} was trained with --{key.replace('_', '-')} {was!r}; "
+                              f"resume it with the same value (got {now!r})")
 
 
 def _micro_batch(objective, images, draw_prompts, g, args: TrainArgs, config: NTMConfig, autocast, step: int,
@@ -410,7 +435,10 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
     model = NTM(config).to(device).train()
     teacher = _init_from_fm(model, args.init_from) if args.init_from else None
     shard = args.parallel == "fsdp" or (args.parallel == "auto" and args.preset in SHARDED_PRESETS)
-    objective = wrap(world, Objective(model, loss_function(config.objective, mode, args.x0_mse_space), teacher), shard)
+    step_counts = args.pairwise_steps or STEP_COUNTS
+    shown_counts = f", T in {{{', '.join(map(str, step_counts))}}}" if mode == "pairwise" else ""
+    loss_fn = loss_function(config.objective, mode, args.x0_mse_space, step_counts)
+    objective = wrap(world, Objective(model, loss_fn, teacher), shard)
     ema = [p.detach().clone() for p in model.parameters()]  # EMA weights (sharded as the model is)
     opt = torch.optim.AdamW(param_groups(model, args.transporter_lr_scale), lr=args.lr, betas=(0.9, 0.99),
                             weight_decay=args.weight_decay)
@@ -433,7 +461,7 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     micro = world.size * args.grad_accum
     log(f"training {args.preset} {config.objective} ({n_params / 1e6:.2f}M params, "
-        f"{'velocity MSE' if config.objective == 'fm' else mode}) on {args.dataset} ({len(data)} images) "
+        f"{'velocity MSE' if config.objective == 'fm' else mode + shown_counts}) on {args.dataset} ({len(data)} images) "
         f"for steps {step}..{args.steps}" + (f", finetuning from {args.init_from}" if args.init_from else "")
         + (f"; global batch {micro * args.batch_size} = {args.batch_size} x {world.size} ranks "
            f"({'FSDP2' if shard else 'DDP'}) x {args.grad_accum} accumulation" if world.distributed else

@@ -53,6 +53,16 @@ def count(value: int, option: str, minimum: int = 1) -> int:
     return value
 
 
+def whole_numbers(text: str, option: str) -> tuple[int, ...] | None:
+    """A comma-separated list of whole numbers ('4,8,16') -> (4, 8, 16); '' -> None (not given)."""
+    if not text.strip():
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} takes whole numbers separated by commas (like 4,8,16), got {text!r}") from None
+
+
 def guidance(value: float, option: str = "--guidance") -> float:
     """The classifier-free guidance weight w: finite and >= 0 (NaN or inf would give black images)."""
     if not math.isfinite(value) or value < 0:
