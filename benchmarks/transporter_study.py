@@ -61,6 +61,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                    ["--x0-mse-weight", "0", "--mode", "pairwise", "--pairwise-steps", "4"]),
     "id_pw4": ("identity f_T + learned scale, NLL only, pairwise mode, T = 4 alone",
                ["--transporter-blocks", "0", "--x0-mse-weight", "0", "--mode", "pairwise", "--pairwise-steps", "4"]),
+    "id_pw4_eq": ("identity f_T + learned scale, NLL only, pairwise mode, T = 4 alone, at the end-to-end NTM's "
+                  "CPU seconds", ["--transporter-blocks", "0", "--x0-mse-weight", "0", "--mode", "pairwise",
+                                  "--pairwise-steps", "4"]),
     "ntm_p1": ("NTM, NLL only, transporter patch 1 (a token per pixel)",
                ["--x0-mse-weight", "0", "--transporter-patch", "1"]),
     "ntm_ft": ("NTM finetuned from FM (the paper's route): FM for half the steps, then NTM, NLL + mean alignment",
@@ -72,9 +75,10 @@ PRETRAINED = {"ntm_ft": 0.5}
 # rows that train --ntm-steps x this many steps: the ratio of CPU seconds per step measured side by side
 # (one thread, 800 steps, 2 seeds, in this study's first run) of the NTM (`ntm_0`: 276 s) and the row's
 # model (`id_0`: 241 s, `fm`: 70 s, `ntm_pw`: 89.5 s), so that the row gets the NTM's compute
-# (a pairwise step costs the same whatever grid T is drawn from)
+# (a pairwise step costs the same whatever grid T is drawn from); the identity's pairwise T = 4 step costs
+# 108 / 145 of the NTM's (2467 steps each, seed 0, side by side, 2026-12-06)
 STEP_SCALE = {"id_0_eq": 276 / 241, "fm_eq": 276 / 70, "ntm_pw_eq": 276 / 89.5, "ntm_pw_x_eq": 276 / 89.5,
-              "ntm_pw4_eq": 276 / 89.5}
+              "ntm_pw4_eq": 276 / 89.5, "id_pw4_eq": 276 / 89.5 * 145 / 108}
 
 
 def cpu_seconds() -> float:
@@ -201,7 +205,23 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / "study.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"cost": {}, "results": {}}
-    save = lambda: state_path.write_text(json.dumps(state, indent=1))  # noqa: E731  resumable study
+
+    def save() -> None:
+        """Write the study's record (resumable), first taking in what another call on the same --out wrote since
+        (two calls training different rows into one folder at once would otherwise each drop the other's)."""
+        from filelock import FileLock
+
+        with FileLock(str(state_path) + ".lock"):
+            if state_path.exists():
+                disk = json.loads(state_path.read_text())
+                for name, cost in disk["cost"].items():
+                    state["cost"].setdefault(name, cost)
+                for name, runs in disk["results"].items():
+                    mine = {r["seed"] for r in state["results"].get(name, [])}
+                    state["results"].setdefault(name, []).extend(r for r in runs if r["seed"] not in mine)
+            tmp = state_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(state, indent=1))
+            tmp.replace(state_path)
     for name in ["ntm_0", *args.rows] if args.calibrate else []:  # the NTM's cost is the budget's unit
         if name not in state["cost"]:
             state["cost"][name] = per_step_cost(args.out, name, ROWS[name][1])
