@@ -17,7 +17,7 @@ from ntm_edge.model import NTM
 from ntm_edge.train import TrainArgs, train
 
 
-def _levels_seen(step_counts) -> tuple[set[float], set[float], list[float]]:
+def _levels_seen(step_counts) -> tuple[set[tuple[float, int]], set[float], list[float]]:
     """One pairwise loss on 256 examples of a fresh tiny model -> (the (t, T) pairs, the s > t_min_max seen,
     all s at or below t_min_max), read off what the transporter is called with (x_s and x_t stacked)."""
     torch.manual_seed(0)
