@@ -81,7 +81,7 @@ class TrainArgs:
     out: str = "runs/ntm"
     mode: str | None = None  # None: the preset's own (config.PRESET_MODES)
     # pairwise mode: the step counts T is drawn from per example (None: schedule.STEP_COUNTS, {4, 8, 16});
-    # (4,) trains only the 4-step grid's transitions, what end-to-end training sees, at a quarter the cost
+    # (4,) trains only the 4-step grid's transitions, what end-to-end training sees, at about a third the cost
     pairwise_steps: tuple[int, ...] | None = None
     objective: str = "ntm"  # ntm | gaussian | fm
     init_from: str | None = None  # a flow-matching checkpoint to finetune from (paper 3.6)

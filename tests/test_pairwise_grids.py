@@ -17,9 +17,9 @@ from ntm_edge.model import NTM
 from ntm_edge.train import TrainArgs, train
 
 
-def _levels_seen(step_counts) -> tuple[set[tuple[float, int]], set[float], list[float]]:
-    """One pairwise loss on 256 examples of a fresh tiny model -> (the (t, T) pairs, the s > t_min_max seen,
-    all s at or below t_min_max), read off what the transporter is called with (x_s and x_t stacked)."""
+def _steps_drawn(step_counts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pairwise loss on 256 examples of a fresh tiny model -> (s, t, T) of every example, (256,) each,
+    read off what the transporter is called with (x_s and x_t of the batch stacked)."""
     torch.manual_seed(0)
     model = NTM(get_preset("tiny").with_data(1, tuple(str(i) for i in range(10))))
     calls = []
@@ -29,28 +29,28 @@ def _levels_seen(step_counts) -> tuple[set[tuple[float, int]], set[float], list[
     ids, mask = torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1, dtype=torch.bool)
     pairwise_loss(model, x0, ids, mask, torch.Generator().manual_seed(1), step_counts=step_counts)
     (levels, T), = calls
-    s, t, T = levels[:B], levels[B:], T[:B]
-    pairs = {(round(float(a), 6), int(b)) for a, b in zip(t, T, strict=True)}
-    cfg = model.config
-    upper = {round(float(v), 6) for v in s if v > cfg.t_min_max}
-    lowest = [float(v) for v in s if v <= cfg.t_min_max]
-    return pairs, upper, lowest
+    assert torch.equal(T[:B], T[B:])  # both sides of a step on the same grid
+    return levels[:B], levels[B:], T[:B]
 
 
 def test_four_step_grid_alone():
     """--pairwise-steps 4: every example's T is 4, t is one of the 4-step grid's levels (each drawn), and s
-    is the level below it (t_min at the bottom)."""
-    pairs, upper, lowest = _levels_seen((4,))
-    assert pairs == {(0.25, 4), (0.5, 4), (0.75, 4), (1.0, 4)}
-    assert upper == {0.25, 0.5, 0.75}
+    is the level just below it (t_min, drawn in [t_min_low, t_min_max], below t = 0.25)."""
+    s, t, T = _steps_drawn((4,))
+    assert (T == 4).all()
+    assert {round(float(v), 6) for v in t} == {0.25, 0.5, 0.75, 1.0}
+    upper = t > 0.25
+    torch.testing.assert_close(s[upper], t[upper] - 0.25)
     cfg = get_preset("tiny")
-    assert lowest and all(cfg.t_min_low <= v <= cfg.t_min_max for v in lowest)
+    assert ((s[~upper] >= cfg.t_min_low) & (s[~upper] <= cfg.t_min_max)).all() and (~upper).any()
 
 
 def test_default_grids_are_4_8_16():
-    pairs, _, _ = _levels_seen(schedule.STEP_COUNTS)
-    assert {T for _, T in pairs} == {4, 8, 16}
-    assert {t for t, T in pairs if T == 16} > {0.0625, 1.0}  # the finest grid's levels are drawn too
+    s, t, T = _steps_drawn(schedule.STEP_COUNTS)
+    assert {int(v) for v in T} == {4, 8, 16}
+    fine = (T == 16) & (t > 1 / 16)
+    torch.testing.assert_close(s[fine], t[fine] - 1 / 16)  # the finest grid's steps, one level each
+    assert fine.any()
 
 
 def test_a_real_run_records_the_grids_and_resume_must_match(tmp_path):
