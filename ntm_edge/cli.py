@@ -36,6 +36,22 @@ _ARRAY = "also write every image as uint8 (N, H, W, C) to this .npy"
 _DEFAULT_EXIT = "the denoiser if there is one and it was trained for --steps, else inverse"
 
 
+_CHECKPOINT = "checkpoint directory, or `default` for the shipped model"
+
+
+def _checkpoint(path: Path, *, writes_into: bool = False) -> Path:
+    """A --checkpoint: the directory given, or the shipped model's verified checkpoint for the word
+    "default" (a directory of that name, when there is one, is what the user means: it wins)."""
+    from .assets import DEFAULT, checkpoint_dir
+
+    if str(path) != DEFAULT or path.exists():
+        return path
+    if writes_into:
+        raise NtmError("--checkpoint default: the shipped model is read-only (it already has its denoiser); "
+                       "train into a checkpoint of your own")
+    return checkpoint_dir()
+
+
 def _friendly(fn):
     """Run a command; an NtmError becomes 'error: ...' on stderr and exit status 1."""
 
@@ -130,7 +146,7 @@ InverseMethod = Annotated[str, typer.Option(help=(
 @app.command()
 @_friendly
 def sample(
-    checkpoint: Annotated[Path, typer.Option(help="checkpoint directory")],
+    checkpoint: Annotated[Path, typer.Option(help=_CHECKPOINT)],
     prompt: Prompt,
     num: NumImages = 16,
     steps: Steps = 4,
@@ -146,7 +162,7 @@ def sample(
     """Generate images with the four-step sampler (Algorithm 2) and an exit from u-space."""
     from .generate import generate
 
-    generate(checkpoint, prompt, num=num, steps=steps, seed=seed, guidance=guidance, out=out,
+    generate(_checkpoint(checkpoint), prompt, num=num, steps=steps, seed=seed, guidance=guidance, out=out,
              save_array_to=save_array, final=final or None, inverse_method=inverse_method, device=device, log=_log,
              warn=_warn)
 
@@ -175,6 +191,7 @@ def train_denoiser(
     device = validate.torch_device(device)
     from .denoiser import train_denoiser as run
 
+    checkpoint = _checkpoint(checkpoint, writes_into=True)
     run(checkpoint, steps=steps, batch_size=batch_size, lr=lr, trajectories=trajectories, seed=seed,
         device=device, progress=sys.stderr.isatty(), log=_log, grad_accum=grad_accum, precision=precision)
 
@@ -182,7 +199,7 @@ def train_denoiser(
 @app.command("eval")
 @_friendly
 def evaluate(
-    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (or --bundle)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help=_CHECKPOINT + " (or --bundle)")] = None,
     steps: Annotated[list[int] | None, typer.Option(help="step counts to evaluate (repeatable; " + _STEPS + ")")] = None,
     num_samples: Annotated[int, typer.Option(help="images generated per step count")] = 500,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance weight")] = 0.0,
@@ -210,7 +227,7 @@ def evaluate(
         report = evaluate_bundle(bundle, precision, steps=steps or [4], num_samples=num_samples, guidance=guidance,
                                  seed=seed, dataset=dataset or None, final=final, log=_log)
     else:
-        report = evaluate_checkpoint(checkpoint, steps=steps or [4], num_samples=num_samples, guidance=guidance,
+        report = evaluate_checkpoint(_checkpoint(checkpoint), steps=steps or [4], num_samples=num_samples, guidance=guidance,
                                      seed=seed, dataset=dataset or None, final=final, device=device, log=_log)
     if label:
         report["label"] = label
@@ -249,7 +266,7 @@ def presets():
 @app.command("export")
 @_friendly
 def export(
-    checkpoint: Annotated[Path, typer.Option(help="checkpoint directory (its denoiser is exported too, if trained)")],
+    checkpoint: Annotated[Path, typer.Option(help=_CHECKPOINT + " (its denoiser is exported too, if trained)")],
     out: Annotated[Path, typer.Option(help="bundle directory to write (manifest.json + one .onnx per graph)")],
     batch: Annotated[int, typer.Option(help="images per graph call the bundle is built for (opt/max batch)")] = 8,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
@@ -271,7 +288,7 @@ def export(
     precisions = PrecisionOptions(fp16=fp16, int8=int8, calib_method=calib_method, calib_images=calib_images,
                                   calib_samples=calib_samples, calib_seed=calib_seed, quality_samples=quality_samples,
                                   force=force)
-    export_bundle(checkpoint, out, batch=batch, opset=opset, overwrite=overwrite, parity=parity,
+    export_bundle(_checkpoint(checkpoint), out, batch=batch, opset=opset, overwrite=overwrite, parity=parity,
                   progress=sys.stderr.isatty(), log=_log, precisions=precisions)
 
 
@@ -336,7 +353,8 @@ def audit_image(
 def bench(
     out: Annotated[Path, typer.Option(help="report directory (report.md, report.png, benchmark.json); only an "
                                            "earlier bench report there is ever replaced")],
-    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint to time (default: an untrained --preset model)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="checkpoint to time, or `default` (default: an untrained --preset model)")] = None,
     bundle: Annotated[Path | None, typer.Option(help="bundle for the onnxruntime rows (default: exported from "
                                                      "the checkpoint)")] = None,
     preset: Annotated[str, typer.Option(help="preset of the untrained model timed when no checkpoint is given")] = "small",
@@ -349,6 +367,7 @@ def bench(
     distance to the machine's peak. GPU rows (CUDA graphs, autocast) run where CUDA exists; untested so far."""
     from .bench import run_bench
 
+    checkpoint = _checkpoint(checkpoint) if checkpoint else None
     run_bench(out, checkpoint, bundle, preset, quick, threads, note, progress=sys.stderr.isatty(), log=_log)
 
 

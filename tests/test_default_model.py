@@ -77,6 +77,24 @@ def test_model_card_has_every_section_and_names_a_placeholder():
         assert "PLACEHOLDER" in card
 
 
+def test_the_word_default_names_the_shipped_model_on_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    grid, arr = tmp_path / "s.png", tmp_path / "s.npy"
+    r = runner.invoke(app, ["sample", "--checkpoint", "default", "--prompt", "3", "--num", "2", "--final", "inverse",
+                            "--out", str(grid), "--save-array", str(arr)])
+    assert r.exit_code == 0, r.output
+    images = np.load(arr)
+    assert images.shape == (2, 28, 28, 1) and images.dtype == np.uint8 and images.std() > 10  # drawn, not blank
+    # the shipped model is read-only: a denoiser is never trained into it
+    r = runner.invoke(app, ["train-denoiser", "--checkpoint", "default", "--steps", "1"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "the shipped model is read-only" in r.output
+    assert assets.verify() is not None
+    # a directory named "default" is what the user means when there is one
+    (tmp_path / "default").mkdir()
+    r = runner.invoke(app, ["sample", "--checkpoint", "default", "--prompt", "3", "--out", str(grid)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "default" in r.output, r.output
+
+
 def test_tampering_is_refused_in_one_line(tmp_path, monkeypatch):
     copy = tmp_path / "default"
     shutil.copytree(SHIPPED, copy)
