@@ -115,19 +115,10 @@ def test_fp16_keeps_io_float32_and_islands_fp32(exported, manifest):
                 assert producer[n.input[0]].op_type != "Cast", (name, n.name)
 
 
-@pytest.mark.xfail(strict=False, reason="open: the int8 graph of this fixture's random-weight denoiser misses 4% "
-                   "(max abs 0.14-0.23 over init seeds, onnxruntime 1.32). Measured by quantizing one node at a time on "
-                   "its own calibration inputs (so not a range miss): the token embedding (in_proj, output Q/DQ) alone "
-                   "gives 0.178 of 0.183, every other node <= 0.032, all but in_proj still 0.046. fp16 and the "
-                   "predictor's and sampler's int8 graphs pass")
-def test_fp16_and_int8_parity_on_real_trajectories(exported):
-    """Each precision against torch's fp32 model on forward trajectories of held-out digits.
-
-    FP16 tolerance: 4 fp16 ulps of the output's scale (4 * 2^-11 * scale). The outputs and everything
-    around the networks are fp32 islands, so what reaches an output is the rounding of the last few fp16
-    activations before the last projection: a few ulps, not an accumulation over the depth (measured:
-    about 0.6 ulp). INT8: 4% of the scale, ~5 steps of a per-tensor int8 grid (range / 254) (measured ~1.3%).
-    """
+@pytest.fixture(scope="module")
+def real_parity_reports(exported):
+    """precision -> {graph: (max abs error, output scale)} against torch's fp32 model on forward trajectories
+    of held-out digits, with the bundle's manifest."""
     from ntm_edge import NTM
     from ntm_edge.denoiser import load_denoiser
     from ntm_edge.export.graphs import graph_modules
@@ -139,13 +130,46 @@ def test_fp16_and_int8_parity_on_real_trajectories(exported):
     traj, ids, source = real_trajectories(model, ckpt, n=8)
     assert source == "held-out images of digits"
     bundle = load_bundle(root)
-    for precision, rel in (("fp16", 4 * FP16_ULP), ("int8", 0.04)):
-        rt = Runtime(bundle, provider="cpu", threads=1, precision=precision)
-        report = real_parity(rt, model, modules, traj, ids)
-        for name, (err, scale) in report.items():
-            runs = bundle.manifest["graphs"][name]["variants"][precision]["runs"]
-            tol = 1e-4 + 1e-4 * scale if runs == "fp32" else (4 * FP16_ULP if runs == "fp16" else rel) * max(scale, 1.0)
-            assert np.isfinite(err) and err <= tol, (precision, name, err, scale)
+    reports = {p: real_parity(Runtime(bundle, provider="cpu", threads=1, precision=p), model, modules, traj, ids)
+               for p in ("fp16", "int8")}
+    return reports, bundle.manifest
+
+
+# FP16 tolerance: 4 fp16 ulps of the output's scale (4 * 2^-11 * scale). The outputs and everything around the
+# networks are fp32 islands, so what reaches an output is the rounding of the last few fp16 activations before
+# the last projection: a few ulps, not an accumulation over the depth (measured: about 0.6 ulp). INT8: 4% of the
+# scale, ~5 steps of a per-tensor int8 grid (range / 254) (measured ~1.3%).
+PARITY_TOLERANCE = {"fp16": 4 * FP16_ULP, "int8": 0.04}
+
+
+def _check_real_parity(real_parity_reports, precision, graphs):
+    reports, manifest = real_parity_reports
+    report = {name: v for name, v in reports[precision].items() if name in graphs}
+    assert report, (precision, graphs)
+    for name, (err, scale) in report.items():
+        runs = manifest["graphs"][name]["variants"][precision]["runs"]
+        rel = PARITY_TOLERANCE["fp16"] if runs == "fp16" else PARITY_TOLERANCE[precision]
+        tol = 1e-4 + 1e-4 * scale if runs == "fp32" else rel * max(scale, 1.0)
+        assert np.isfinite(err) and err <= tol, (precision, name, err, scale)
+
+
+def test_fp16_parity_on_real_trajectories(real_parity_reports):
+    """Every graph's fp16 variant against torch's fp32 model on real trajectories."""
+    _check_real_parity(real_parity_reports, "fp16", set(real_parity_reports[0]["fp16"]))
+
+
+def test_int8_parity_on_real_trajectories(real_parity_reports):
+    """Every int8 graph but the denoiser's (below) against torch's fp32 model on real trajectories."""
+    _check_real_parity(real_parity_reports, "int8", set(real_parity_reports[0]["int8"]) - {"denoiser"})
+
+
+@pytest.mark.xfail(strict=False, reason="open: the int8 graph of this fixture's random-weight denoiser misses 4% "
+                   "(max abs 0.14-0.23 over init seeds, onnxruntime 1.32; passes on some CPUs). Measured by "
+                   "quantizing one node at a time on its own calibration inputs (so not a range miss): the token "
+                   "embedding (in_proj, output Q/DQ) alone gives 0.178 of 0.183, every other node <= 0.032, all but "
+                   "in_proj still 0.046")
+def test_int8_denoiser_parity_on_real_trajectories(real_parity_reports):
+    _check_real_parity(real_parity_reports, "int8", {"denoiser"})
 
 
 def test_int8_is_symmetric_per_channel_qdq_and_skips_islands(exported, manifest):
