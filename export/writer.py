@@ -33,7 +33,7 @@ from ntm_edge.calib.build import build_precisions
 from ntm_edge.calib.build import check_inputs as check_precision_inputs
 from ntm_edge.calib.policy import PrecisionOptions
 from ntm_edge.calib.trt_ops import TENSORRT_VERSION
-from ntm_edge.checkpoint import load_info, trained_on
+from ntm_edge.checkpoint import load_info, trained_on, trained_steps
 from ntm_edge.errors import ConfigError, NtmError
 from ntm_edge.fileio import atomic_write_text, make_temp_dir, publish_dir, remove_stale_temporaries, sha256_file
 from ntm_edge.model import NTM
@@ -256,7 +256,7 @@ def _manifest(checkpoint, model: NTM, denoiser, graph_specs: dict, batch: int, o
         "config": cfg.to_dict(),
         "schedule": {"steps": cfg.steps, "shift": cfg.shift, "t_min_sample": cfg.t_min_sample,
                      "levels_t": schedule.time_grid(cfg.steps, cfg.t_min_sample, cfg.shift).tolist(),
-                     "noise_batch": NOISE_BATCH},
+                     "noise_batch": NOISE_BATCH, "trained_steps": trained_steps(checkpoint)},
         "prompts": {**B.prompts_entry(cfg), **({"encoder_sha256": model.prompt_encoder.encoder_sha256}
                                              if cfg.prompt.kind != "label" else {})},
         "transporter": {"num_blocks": len(blocks), "patch_size": tc.patch_size, "num_tokens": tr.num_tokens,

@@ -161,6 +161,22 @@ def trained_on(path) -> str | None:
     return dataset
 
 
+def trained_steps(path) -> tuple[int, ...] | None:
+    """The step counts T a checkpoint was trained at (checkpoint.json; older ones: the arguments in
+    train_state.pt), or None: flow matching (any T), or not recorded."""
+    from .config import PRESET_MODES
+    from .schedule import trained_step_counts
+
+    info = load_info(path)
+    if "trained_steps" in info:
+        return tuple(int(T) for T in info["trained_steps"]) if info["trained_steps"] else None
+    if not (Path(path) / STATE).exists():
+        return None
+    args, config = load_train_state(path).get("args", {}), load_config(path)
+    mode = args.get("mode") or PRESET_MODES.get(args.get("preset", ""), "pairwise")
+    return trained_step_counts(config.objective, mode, args.get("pairwise_steps"), config.steps)
+
+
 def check_tensors(tensors: dict, expected: dict, source) -> None:
     """``tensors`` (name -> tensor) has exactly the names, shapes and dtypes of ``expected`` (a
     module's state_dict); otherwise one CheckpointError that names the first mismatch."""

@@ -227,6 +227,7 @@ def evaluate(
         report = evaluate_bundle(bundle, precision, steps=steps or [4], num_samples=num_samples, guidance=guidance,
                                  seed=seed, dataset=dataset or None, final=final, log=_log)
     else:
+        assert checkpoint is not None  # exactly one of the two, checked above
         report = evaluate_checkpoint(_checkpoint(checkpoint), steps=steps or [4], num_samples=num_samples, guidance=guidance,
                                      seed=seed, dataset=dataset or None, final=final, device=device, log=_log)
     if label:

@@ -117,7 +117,8 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
     bound), Frechet distance and prompt accuracy under the evaluation classifier, and (not for FM) the
     transporter's displacement and log-det per level of the grid (``transporter_activity``)."""
     from . import validate
-    from .checkpoint import trained_on
+    from .assets import resolve_checkpoint
+    from .checkpoint import trained_on, trained_steps
     from .data import load_dataset
     from .denoiser import load_denoiser
     from .errors import ConfigError
@@ -135,9 +136,12 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
         validate.exit_for_steps(final, T, denoiser.config.steps if denoiser else None)
         if cfg.objective != "fm":
             validate.steps(T, denoiser.config.t0 if denoiser else cfg.t_min_sample, cfg.shift)
-    dataset = dataset or trained_on(checkpoint)
+    dataset = dataset or trained_on(resolve_checkpoint(checkpoint))
     if dataset is None:
         raise ConfigError(f"{checkpoint} does not record its dataset; pass --dataset")
+    trained = trained_steps(resolve_checkpoint(checkpoint))
+    for T in steps:
+        validate.steps_in_training(T, trained, lambda message: log(f"warning: {message}"))
     test = load_dataset(dataset, "test", image_size=cfg.image_size, channels=cfg.channels)
     if tuple(test.class_names) != tuple(cfg.prompt.class_names):
         raise ConfigError(f"{dataset} has classes {test.class_names}, the model {cfg.prompt.class_names}")
@@ -165,6 +169,7 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
     return {
         "checkpoint": str(checkpoint), "objective": cfg.objective, "dataset": dataset, "final": final,
         "num_samples": num_samples, "guidance": guidance, "seed": seed,
+        "trained_steps": list(trained) if trained else None,
         **real_data_floor(clf, dataset, cfg, num_samples, test.images), "rows": rows,
     }
 

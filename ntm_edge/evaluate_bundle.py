@@ -40,6 +40,9 @@ def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samp
     dataset = dataset or rt.bundle.manifest["source"].get("dataset")
     if dataset is None:
         raise ConfigError(f"{bundle} does not record its dataset; pass --dataset")
+    for T in steps:
+        validate.steps_in_training(T, rt.bundle.manifest["schedule"].get("trained_steps"),
+                                   lambda message: log(f"warning: {message}"))
     test = load_dataset(dataset, "test", image_size=cfg.image_size, channels=cfg.channels)
     if tuple(test.class_names) != tuple(cfg.prompt.class_names):
         raise ConfigError(f"{dataset} has classes {test.class_names}, the model {cfg.prompt.class_names}")

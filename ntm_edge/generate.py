@@ -30,6 +30,8 @@ def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int =
         save_array_to = validate.array_path(save_array_to)
     validate.choice(inverse_method, METHODS, "--inverse-method")
     device = validate.torch_device(device)
+    from .assets import resolve_checkpoint
+    from .checkpoint import trained_steps
     from .denoiser import has_denoiser, load_denoiser
     from .exits import EXITS, sample_images
     from .model import NTM
@@ -47,6 +49,7 @@ def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int =
     notes: list[str] = []
     denoiser = load_denoiser(checkpoint, device=device) if has_denoiser(checkpoint) else None
     final = validate.exit_for_steps(final, steps, denoiser.config.steps if denoiser else None, notes.append)
+    validate.steps_in_training(steps, trained_steps(resolve_checkpoint(checkpoint)), notes.append)
     if cfg.objective != "fm":  # flow matching samples with Euler at any step count
         validate.steps(steps, denoiser.config.t0 if final == "denoiser" and denoiser else cfg.t_min_sample, cfg.shift)
     validate.fits_in_memory(num * cfg.dims, f"--num {num} ({cfg.dims} bytes per image)")

@@ -29,6 +29,17 @@ from .numerics import gaussian_nll, namespace, standard_normal
 STEP_COUNTS = (4, 8, 16)  # T drawn per example in pairwise training (docs/design.md 2)
 
 
+def trained_step_counts(objective: str, mode: str, pairwise_steps, steps: int) -> tuple[int, ...] | None:
+    """The step counts T a model is trained at: pairwise mode draws T from ``pairwise_steps`` (None:
+    ``STEP_COUNTS``), end-to-end mode scores the ``steps``-level grid alone; None for flow matching,
+    which trains on continuous t and samples with Euler at any T."""
+    if objective == "fm":
+        return None
+    if mode == "pairwise":
+        return tuple(int(T) for T in (pairwise_steps or STEP_COUNTS))
+    return (int(steps),)
+
+
 # ---------------------------------------------------------------------------------------------
 # time grid
 # ---------------------------------------------------------------------------------------------

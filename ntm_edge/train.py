@@ -60,7 +60,7 @@ from .interrupts import Interrupted, StopSignals, signal_name
 from .losses import X0_SPACES, loss_function
 from .model import NTM
 from .numerics import dequantize
-from .schedule import STEP_COUNTS
+from .schedule import STEP_COUNTS, trained_step_counts
 
 MODES = ("end2end", "pairwise")
 # TransporterConfig field -> the TrainArgs field (and `train` option, with dashes) that overrides it
@@ -318,7 +318,10 @@ def _save(world: World, out: Path, model, ema, opt, g, step, args, history, loss
         "optimizer": full(world, opt.state_dict()), "generator": g.get_state(), "args": dataclasses.asdict(args),
         "config": model.config.to_dict(), "history": history, "loss_avg": loss_avg, "world_size": world.size,
     }
-    info = {"dataset": args.dataset, "preset": args.preset, "objective": model.config.objective}
+    trained = trained_step_counts(model.config.objective, args.mode or PRESET_MODES[args.preset], args.pairwise_steps,
+                                  model.config.steps)
+    info = {"dataset": args.dataset, "preset": args.preset, "objective": model.config.objective,
+            "trained_steps": list(trained) if trained else None}  # read by sample/eval/export (--steps outside it: warned)
 
     def write() -> None:
         try:

@@ -69,6 +69,7 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
     rt.bundle.vocab.check(prompt)  # an unknown prompt fails here, before any work
     cfg, den = rt.bundle.config, rt.bundle.denoiser if rt.has(DENOISER) else None
     final = validate.exit_for_steps(final, steps, den["steps"] if den else None, notes.append)
+    validate.steps_in_training(steps, rt.bundle.manifest["schedule"].get("trained_steps"), notes.append)
     validate.steps(steps, den["t0"] if final == "denoiser" and den else cfg.t_min_sample, cfg.shift)
     if rt.native and steps == rt.bundle.config.steps:
         unrolled = True  # the native TensorRT backend replays the unrolled four steps as one CUDA graph

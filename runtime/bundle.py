@@ -247,6 +247,10 @@ def check_values(root: Path, manifest: dict, config: NTMConfig, graphs: dict[str
             or not all(isinstance(t, float | int) and not isinstance(t, bool) for t in levels)
             or any(not a < b for a, b in zip(levels, levels[1:], strict=False)) or levels[-1] != 1):
         refuse("schedule.levels_t", levels, f"it must rise through {config.steps + 1} levels to 1")
+    trained = sched.get("trained_steps")  # absent or null: any T (flow matching) or not recorded
+    if trained is not None and (not isinstance(trained, list) or not trained
+                                or not all(type(T) is int and T > 0 for T in trained)):
+        refuse("schedule.trained_steps", trained, "it must be null or the step counts the model was trained at")
     den = manifest.get("denoiser")
     if (DENOISER in graphs) != (den is not None):
         refuse("denoiser", den, "it must be given exactly when the bundle has a denoiser graph")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import pytest
 import torch
@@ -53,12 +55,54 @@ def test_default_grids_are_4_8_16():
     assert fine.any()
 
 
-def test_a_real_run_records_the_grids_and_resume_must_match(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def pw4_run(tmp_path_factory):
+    """(checkpoint, its TrainArgs, train's log lines) of a 2-step pairwise run on the 4-step grid alone."""
+    out = tmp_path_factory.mktemp("pw4") / "run"
     args = TrainArgs(dataset="digits", preset="tiny", steps=2, batch_size=8, out=str(out), eval_images=0,
                      mode="pairwise", pairwise_steps=(4,))
     lines: list[str] = []
     train(args, progress=False, log=lines.append)
+    return out, args, lines
+
+
+def test_trained_step_counts():
+    assert schedule.trained_step_counts("ntm", "pairwise", None, 4) == (4, 8, 16)
+    assert schedule.trained_step_counts("gaussian", "pairwise", [4, 8], 4) == (4, 8)
+    assert schedule.trained_step_counts("ntm", "end2end", None, 6) == (6,)
+    assert schedule.trained_step_counts("fm", "pairwise", (4,), 4) is None  # Euler at any T
+
+
+def test_other_step_counts_than_the_trained_ones_are_warned(pw4_run, tmp_path):
+    """The checkpoint and its bundle record T in {4}; sample, eval's checks and run warn at --steps 8, not at 4."""
+    from ntm_edge.checkpoint import META, load_info, trained_steps
+    from ntm_edge.export import export_bundle
+    from ntm_edge.fileio import seal
+
+    out = pw4_run[0]
+    assert load_info(out)["trained_steps"] == [4] and trained_steps(out) == (4,)
+    warning = "warning: this model was trained at --steps 4 only; at --steps 8 it runs on a grid it never saw"
+    runner = CliRunner()
+    common = ["--prompt", "3", "--num", "2", "--out", str(tmp_path / "s.png")]
+    r = runner.invoke(app, ["sample", "--checkpoint", str(out), "--steps", "8", *common])
+    assert r.exit_code == 0 and warning in r.output, r.output
+    r = runner.invoke(app, ["sample", "--checkpoint", str(out), "--steps", "4", *common])
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    bundle = tmp_path / "bundle"
+    export_bundle(out, bundle, batch=2, parity=False, log=lambda *_: None)
+    assert json.loads((bundle / "manifest.json").read_text())["schedule"]["trained_steps"] == [4]
+    r = runner.invoke(app, ["run", "--bundle", str(bundle), "--steps", "8", *common])
+    assert r.exit_code == 0 and warning in r.output, r.output
+    # a checkpoint of an earlier version, without the record: read from the arguments in its train state
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    info = {k: v for k, v in load_info(old).items() if k not in ("trained_steps", "self_sha256")}
+    (old / META).write_text(json.dumps(seal(info)))
+    assert "trained_steps" not in load_info(old) and trained_steps(old) == (4,)
+
+
+def test_a_real_run_records_the_grids_and_resume_must_match(pw4_run):
+    out, args, lines = pw4_run
     assert "pairwise, T in {4}" in lines[0]
     state = torch.load(out / "train_state.pt", weights_only=False)
     assert tuple(state["args"]["pairwise_steps"]) == (4,)
