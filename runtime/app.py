@@ -115,6 +115,7 @@ def audit_images(bundle, image, prompt: str, steps: int | None = None, trajector
     rt.bundle.vocab.check(prompt)
     cfg = rt.bundle.config
     steps = cfg.steps if steps is None else validate.steps(steps, cfg.t_min_sample, cfg.shift)
+    validate.steps_in_training(steps, rt.bundle.manifest["schedule"].get("trained_steps"), notes.append)
     images = load_images(image, cfg.channels)
     if images.shape[1:3] != (cfg.image_size, cfg.image_size):
         raise ConfigError(f"{image} is {images.shape[2]}x{images.shape[1]}; this model scores {cfg.image_size}x"

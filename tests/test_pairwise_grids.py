@@ -91,8 +91,11 @@ def test_other_step_counts_than_the_trained_ones_are_warned(pw4_run, tmp_path):
     bundle = tmp_path / "bundle"
     export_bundle(out, bundle, batch=2, parity=False, log=lambda *_: None)
     assert json.loads((bundle / "manifest.json").read_text())["schedule"]["trained_steps"] == [4]
-    r = runner.invoke(app, ["run", "--bundle", str(bundle), "--steps", "8", *common])
+    r = runner.invoke(app, ["run", "--bundle", str(bundle), "--steps", "8", *common, "--save-array", str(tmp_path / "s.npy")])
     assert r.exit_code == 0 and warning in r.output, r.output
+    r = runner.invoke(app, ["audit", "--bundle", str(bundle), "--image", str(tmp_path / "s.npy"), "--prompt", "3",
+                            "--steps", "8", "--trajectories", "1"])
+    assert r.exit_code == 0 and warning in r.output and "bits/dim" in r.output, r.output
     # a checkpoint of an earlier version, without the record: read from the arguments in its train state
     old = tmp_path / "old"
     shutil.copytree(out, old)
