@@ -172,7 +172,10 @@ def trained_steps(path) -> tuple[int, ...] | None:
         return tuple(int(T) for T in info["trained_steps"]) if info["trained_steps"] else None
     if not (Path(path) / STATE).exists():
         return None
-    args, config = load_train_state(path).get("args", {}), load_config(path)
+    try:
+        args, config = load_train_state(path).get("args", {}), load_config(path)
+    except CheckpointError:  # a train state that cannot be verified (format 1): not read, the record is unknown
+        return None
     mode = args.get("mode") or PRESET_MODES.get(args.get("preset", ""), "pairwise")
     return trained_step_counts(config.objective, mode, args.get("pairwise_steps"), config.steps)
 

@@ -177,14 +177,17 @@ def test_an_error_is_one_line_even_for_a_path_with_a_newline(tiny, tmp_path):
 
 def test_denoiser_is_used_only_at_its_step_count(tiny, tmp_path):
     """The denoiser was trained for T = 4: --final denoiser at T = 8 is refused; by default, T = 8 leaves
-    u-space by the exact inverse with a warning."""
+    u-space by the exact inverse with a warning (and a second one: the model itself was trained at T = 4)."""
     one_line_error(sample(tiny[0], tmp_path, "--steps", "8", "--final", "denoiser"), "trained for --steps 4, not 8")
     one_line_error(run(tiny[1], tmp_path, "--steps", "8", "--final", "denoiser"), "trained for --steps 4, not 8")
     for r in (sample(tiny[0], tmp_path, "--steps", "8"), run(tiny[1], tmp_path, "--steps", "8")):
         no_traceback(r)
         assert r.exit_code == 0 and "exit inverse" in r.stdout
         assert lines(r.stderr) == ["warning: the denoiser was trained for --steps 4; at --steps 8 the images leave "
-                                   "u-space by the exact inverse instead (--final inverse)"]
+                                   "u-space by the exact inverse instead (--final inverse)",
+                                   "warning: this model was trained at --steps 4 only; at --steps 8 it runs on a grid "
+                                   "it never saw, and its images and bits/dim can be much worse (train with 8 among "
+                                   "the step counts to use it)"]
     for r in (sample(tiny[0], tmp_path), run(tiny[1], tmp_path)):  # at its own T: the default, no warning
         assert r.exit_code == 0 and "exit denoiser" in r.stdout and not r.stderr
 
