@@ -136,10 +136,11 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
         validate.exit_for_steps(final, T, denoiser.config.steps if denoiser else None)
         if cfg.objective != "fm":
             validate.steps(T, denoiser.config.t0 if denoiser else cfg.t_min_sample, cfg.shift)
-    dataset = dataset or trained_on(resolve_checkpoint(checkpoint))
+    directory = resolve_checkpoint(checkpoint)  # "default": verified once, here
+    dataset = dataset or trained_on(directory)
     if dataset is None:
         raise ConfigError(f"{checkpoint} does not record its dataset; pass --dataset")
-    trained = trained_steps(resolve_checkpoint(checkpoint))
+    trained = trained_steps(directory)
     for T in steps:
         validate.steps_in_training(T, trained, lambda message: log(f"warning: {message}"))
     test = load_dataset(dataset, "test", image_size=cfg.image_size, channels=cfg.channels)
