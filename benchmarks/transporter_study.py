@@ -1,27 +1,34 @@
-"""Does the transporter earn its place? (issue 13) A CPU-sized, reproducible comparison on `digits` with
-the `tiny` preset: NTM variants, the identity-transporter ablation and the baselines, at equal training
-compute, >= 2 seeds each, then one Markdown table.
+"""Does the transporter earn its place? (issue 13) A reproducible comparison of NTM variants, the
+identity-transporter ablation and flow matching at equal training compute, >= 2 seeds each, then one
+Markdown table. Two sizes (``--preset``):
+
+- ``tiny`` (the default): `digits` (8x8), label prompts, about 5 CPU-minutes per model at 800 steps.
+- ``small``: the default model's size, mnist5k (28x28) with MiniLM prompts, pairwise on the 4-step grid,
+  about 20 minutes of one thread per model at 1774 steps (``--ntm-steps 1774``, the README's table).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transporter_study.py --out runs/transporter_study \
-        [--ntm-steps 600] [--seeds 0 1] [--rows ntm_u ntm_0 ...] [--guidance 0 0.5 1] \
-        [--table benchmarks/reports/transporter_study.md]
+        [--preset tiny|small] [--ntm-steps 600] [--seeds 0 1] [--rows ntm_u ntm_0 ...] [--guidance 0 0.5 1] \
+        [--device cuda] [--table benchmarks/reports/transporter_study.md] [--plan]
 
 Compute: by default every row trains ``--ntm-steps`` optimizer steps of batch 64, so no row gets more
-compute than the NTM with 2 blocks (the ablation and the baselines cost less per step: the comparison
-leans their way; the 4-block row costs more, its CPU seconds say how much). With ``--calibrate`` every
-row gets the CPU seconds of ``--ntm-steps`` NTM steps instead: each row's per-step CPU cost (process
-time of the training subprocess, one thread) is measured first as the slope between a 20-step and an
-80-step run (which cancels start-up and loading), and its step count is scaled to match. The training
-CPU seconds actually spent (start-up included) are reported per row. Every row is evaluated with the
-same exit: the exact transporter inverse for the u-space models (no denoiser is trained, so none is
-counted), Euler for flow matching, at guidance 0; ``--guidance`` adds a sweep of classifier-free guidance
-scales (Frechet and prompt accuracy trade against each other along it). Runs are sequential; to use two
-cores, run two seeds into two --out folders at once and join them with --merge.
+compute than the preset's NTM (the ablation and the baselines cost less per step: the comparison leans
+their way; the 4-block row costs more, its CPU seconds say how much). Rows marked "at the NTM's CPU
+seconds" (all of ``small``'s) scale their steps by per-step costs measured side by side once (below).
+With ``--calibrate`` every row gets the CPU seconds of ``--ntm-steps`` NTM steps instead: each row's
+per-step CPU cost (process time of the training subprocess) is measured first as the slope between a
+20-step and an 80-step run (which cancels start-up and loading), and its step count is scaled to match.
+The training CPU seconds actually spent (start-up included) are reported per row. Every row is
+evaluated with the same exit: the exact transporter inverse for the u-space models (no denoiser is
+trained, so none is counted), Euler for flow matching, at guidance 0; ``--guidance`` adds a sweep of
+classifier-free guidance scales (Frechet and prompt accuracy trade against each other along it).
+``--plan`` prints each row's training command and step count and trains nothing. Runs are sequential;
+to use two cores, run two seeds into two --out folders at once and join them with --merge.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -68,6 +75,20 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                ["--x0-mse-weight", "0", "--transporter-patch", "1"]),
     "ntm_ft": ("NTM finetuned from FM (the paper's route): FM for half the steps, then NTM, NLL + mean alignment",
                ["--x0-mse-weight", "0"]),
+    # --preset small: the default model's size, every row on the 4-step grid (pairwise, T = 4)
+    "s_ntm": ("NTM, NLL only", ["--x0-mse-weight", "0", "--pairwise-steps", "4"]),
+    "s_id": ("identity f_T + learned scale, NLL only, at the NTM's CPU seconds",
+             ["--transporter-blocks", "0", "--x0-mse-weight", "0", "--pairwise-steps", "4"]),
+    "s_ntm_x": ("NTM, hybrid x0-MSE 1.0 in x-space (the default model's recipe)",
+                ["--x0-mse-weight", "1", "--pairwise-steps", "4"]),
+    "s_id_x": ("identity f_T + learned scale, hybrid x0-MSE 1.0, at the NTM's CPU seconds",
+               ["--transporter-blocks", "0", "--x0-mse-weight", "1", "--pairwise-steps", "4"]),
+    "s_fm": ("FM, Euler, at the NTM's CPU seconds", ["--objective", "fm", "--x0-mse-weight", "0"]),
+}
+# preset -> (the `ntm-edge train` arguments every row shares, the row whose step is the budget's unit)
+PRESETS: dict[str, tuple[list[str], str]] = {
+    "tiny": (["--dataset", "digits", "--preset", "tiny", "--batch-size", "64", "--lr", "2e-3"], "ntm_0"),
+    "small": (["--dataset", "mnist5k", "--preset", "small", "--text-encoder", "minilm", "--batch-size", "64"], "s_ntm"),
 }
 # rows that start from a flow-matching run of their own: it takes this share of the row's steps, and its
 # CPU seconds count in the row's (the NTM finetune reads it with --init-from and runs the rest)
@@ -76,9 +97,11 @@ PRETRAINED = {"ntm_ft": 0.5}
 # (one thread, 800 steps, 2 seeds, in this study's first run) of the NTM (`ntm_0`: 276 s) and the row's
 # model (`id_0`: 241 s, `fm`: 70 s, `ntm_pw`: 89.5 s), so that the row gets the NTM's compute
 # (a pairwise step costs the same whatever grid T is drawn from); the identity's pairwise T = 4 step costs
-# 108 / 145 of the NTM's (2467 steps each, seed 0, side by side, 2026-12-06)
+# 108 / 145 of the NTM's (2467 steps each, seed 0, side by side, 2026-12-06). `small`: 1774 NTM steps took
+# 1196 s of one thread, 2245 identity steps 1197 s, 2269 FM steps 1196 s (side by side, 2026-12-06)
 STEP_SCALE = {"id_0_eq": 276 / 241, "fm_eq": 276 / 70, "ntm_pw_eq": 276 / 89.5, "ntm_pw_x_eq": 276 / 89.5,
-              "ntm_pw4_eq": 276 / 89.5, "id_pw4_eq": 276 / 89.5 * 145 / 108}
+              "ntm_pw4_eq": 276 / 89.5, "id_pw4_eq": 276 / 89.5 * 145 / 108,
+              "s_id": 2245 / 1774, "s_id_x": 2245 / 1774, "s_fm": 2269 / 1774}
 
 
 def cpu_seconds() -> float:
@@ -96,39 +119,47 @@ def run(cmd: list[str], log: Path) -> float:
     return cpu_seconds() - before
 
 
-def train(out: Path, steps: int, extra: list[str], seed: int, eval_images: int = 0) -> float:
-    return run([*CLI, "train", "--dataset", "digits", "--preset", "tiny", "--steps", str(steps), "--batch-size", "64",
-                "--lr", "2e-3", "--checkpoint-every", "100000", "--eval-images", str(eval_images),
-                "--seed", str(seed), "--out", str(out), *extra], out.with_suffix(".log"))
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """What every command of one study shares: the preset's training arguments and the device."""
 
+    base: list[str]
+    device: str = "cpu"
 
-def train_row(ckpt: Path, name: str, steps: int, seed: int) -> float:
-    """Train one row's model into ``ckpt`` -> the CPU seconds of all its training (a pretraining included)."""
-    if name not in PRETRAINED:
-        return train(ckpt, steps, ROWS[name][1], seed)
-    fm_steps = max(1, round(steps * PRETRAINED[name]))
-    fm = ckpt.with_name(ckpt.name + "_fm")
-    spent = fm.with_suffix(".cpu_s")  # the pretraining's CPU seconds, kept for a resumed study
-    if not spent.exists():
-        spent.write_text(str(train(fm, fm_steps, ["--objective", "fm"], seed)))
-    return float(spent.read_text()) + train(ckpt, steps - fm_steps, [*ROWS[name][1], "--init-from", str(fm)], seed)
+    def train_cmd(self, out: Path, steps: int, extra: list[str], seed: int) -> list[str]:
+        return [*CLI, "train", *self.base, "--steps", str(steps), "--checkpoint-every", "100000", "--eval-images", "0",
+                "--seed", str(seed), "--device", self.device, "--out", str(out), *extra]
 
+    def train(self, out: Path, steps: int, extra: list[str], seed: int) -> float:
+        return run(self.train_cmd(out, steps, extra, seed), out.with_suffix(".log"))
 
-def per_step_cost(root: Path, name: str, extra: list[str]) -> float:
-    """CPU seconds per training step of a row: the slope between a 20- and an 80-step run."""
-    a = train(root / f"calib_{name}_20", 20, extra, 0)
-    b = train(root / f"calib_{name}_80", 80, extra, 0)
-    return (b - a) / 60
+    def train_row(self, ckpt: Path, name: str, steps: int, seed: int) -> float:
+        """Train one row's model into ``ckpt`` -> the CPU seconds of all its training (a pretraining included)."""
+        if name not in PRETRAINED:
+            return self.train(ckpt, steps, ROWS[name][1], seed)
+        fm_steps = max(1, round(steps * PRETRAINED[name]))
+        fm = ckpt.with_name(ckpt.name + "_fm")
+        spent = fm.with_suffix(".cpu_s")  # the pretraining's CPU seconds, kept for a resumed study
+        if not spent.exists():
+            spent.write_text(str(self.train(fm, fm_steps, ["--objective", "fm"], seed)))
+        return float(spent.read_text()) + self.train(ckpt, steps - fm_steps,
+                                                     [*ROWS[name][1], "--init-from", str(fm)], seed)
 
+    def per_step_cost(self, root: Path, name: str, extra: list[str]) -> float:
+        """CPU seconds per training step of a row: the slope between a 20- and an 80-step run."""
+        a = self.train(root / f"calib_{name}_20", 20, extra, 0)
+        b = self.train(root / f"calib_{name}_80", 80, extra, 0)
+        return (b - a) / 60
 
-def evaluate(ckpt: Path, num_samples: int, guidance: float = 0.0) -> dict:
-    """`ntm-edge eval` of one model at 4 steps (its report; kept beside the checkpoint, reused if there)."""
-    stem = ckpt.name + ("_eval" if guidance == 0 else f"_eval_g{guidance:g}")
-    out = ckpt.with_name(stem + ".json")
-    if not out.exists():
-        run([*CLI, "eval", "--checkpoint", str(ckpt), "--steps", "4", "--num-samples", str(num_samples),
-             "--guidance", f"{guidance:g}", "--out", str(out)], ckpt.with_name(stem + ".log"))
-    return json.loads(out.read_text())
+    def evaluate(self, ckpt: Path, num_samples: int, guidance: float = 0.0) -> dict:
+        """`ntm-edge eval` of one model at 4 steps (its report; kept beside the checkpoint, reused if there)."""
+        stem = ckpt.name + ("_eval" if guidance == 0 else f"_eval_g{guidance:g}")
+        out = ckpt.with_name(stem + ".json")
+        if not out.exists():
+            run([*CLI, "eval", "--checkpoint", str(ckpt), "--steps", "4", "--num-samples", str(num_samples),
+                 "--guidance", f"{guidance:g}", "--device", self.device, "--out", str(out)],
+                ckpt.with_name(stem + ".log"))
+        return json.loads(out.read_text())
 
 
 def per_level(act: list[list[dict]], K: int, key: str, fmt: str) -> str:
@@ -189,7 +220,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "transporter_study")
     ap.add_argument("--ntm-steps", type=int, default=600)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                    help="tiny: digits 8x8 (rows without s_); small: mnist5k 28x28 with MiniLM prompts (the s_ rows)")
+    ap.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), help="default: every row of the preset")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, for training and evaluation")
+    ap.add_argument("--plan", action="store_true", help="print each row's training command and train nothing")
     ap.add_argument("--num-samples", type=int, default=500)
     ap.add_argument("--guidance", type=float, nargs="+", default=[],
                     help="also evaluate every trained model at these classifier-free guidance scales (the main table "
@@ -201,10 +236,25 @@ def main() -> None:
                     help="other --out folders of this study (e.g. another seed run at the same time): their results "
                          "join the table")
     args = ap.parse_args()
+    base, unit = PRESETS[args.preset]
+    mine = [k for k in ROWS if k.startswith("s_") == (args.preset == "small")]
+    args.rows = args.rows or mine
+    if other := [k for k in args.rows if k not in mine]:
+        ap.error(f"rows {', '.join(other)} are not rows of --preset {args.preset} (its rows: {', '.join(mine)})")
+    study = Study(base, args.device)
     args.out = args.out.resolve()  # the training and eval subprocesses run in the repository root
+    if args.plan:
+        for name in args.rows:
+            steps = round(args.ntm_steps * STEP_SCALE.get(name, 1.0))
+            cmd = study.train_cmd(args.out / f"{name}_sSEED", steps, ROWS[name][1], 0)
+            print(f"{name}: {ROWS[name][0]}\n  ntm-edge {' '.join(cmd[cmd.index('train'):]).replace('--seed 0', '--seed SEED')}")
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / "study.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"cost": {}, "results": {}}
+    if state.setdefault("preset", "tiny") != args.preset:  # a study written before --preset existed is tiny
+        raise SystemExit(f"{args.out} holds a --preset {state['preset']} study; choose another --out")
+    state["preset"] = args.preset
 
     def save() -> None:
         """Write the study's record (resumable), first taking in what another call on the same --out wrote since
@@ -222,12 +272,12 @@ def main() -> None:
             tmp = state_path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(state, indent=1))
             tmp.replace(state_path)
-    for name in ["ntm_0", *args.rows] if args.calibrate else []:  # the NTM's cost is the budget's unit
+    for name in [unit, *args.rows] if args.calibrate else []:  # the NTM's cost is the budget's unit
         if name not in state["cost"]:
-            state["cost"][name] = per_step_cost(args.out, name, ROWS[name][1])
+            state["cost"][name] = study.per_step_cost(args.out, name, ROWS[name][1])
             print(f"{name}: {state['cost'][name]:.3f} CPU s/step", flush=True)
             save()
-    budget = args.ntm_steps * state["cost"]["ntm_0"] if args.calibrate else 0.0
+    budget = args.ntm_steps * state["cost"][unit] if args.calibrate else 0.0
     for seed in args.seeds:  # every row's first seed before any row's second
         for name in args.rows:
             steps = max(1, round(budget / state["cost"][name])) if args.calibrate else \
@@ -235,8 +285,8 @@ def main() -> None:
             if seed in {r["seed"] for r in state["results"].get(name, [])}:
                 continue
             ckpt = args.out / f"{name}_s{seed}"
-            cpu = train_row(ckpt, name, steps, seed)
-            report = evaluate(ckpt, args.num_samples)
+            cpu = study.train_row(ckpt, name, steps, seed)
+            report = study.evaluate(ckpt, args.num_samples)
             state["results"].setdefault(name, []).append({"seed": seed, "steps": steps, "cpu_s": cpu, "eval": report})
             row = report["rows"][0]
             print(f"{name} seed {seed}: {steps} steps, {cpu:.0f} CPU s, {row['bits_per_dim']:.3f} bits/dim, "
@@ -247,7 +297,7 @@ def main() -> None:
             ckpt = args.out / f"{name}_s{r['seed']}"
             for g in args.guidance:
                 if f"{g:g}" not in r.setdefault("guidance", {}):
-                    r["guidance"][f"{g:g}"] = evaluate(ckpt, args.num_samples, g)["rows"][0]
+                    r["guidance"][f"{g:g}"] = study.evaluate(ckpt, args.num_samples, g)["rows"][0]
                     save()
     results = {k: list(v) for k, v in state["results"].items()}
     for other in args.merge:
