@@ -126,7 +126,7 @@ class Study:
     base: list[str]
     device: str = "cpu"
 
-    def train_cmd(self, out: Path, steps: int, extra: list[str], seed: int) -> list[str]:
+    def train_cmd(self, out: Path, steps: int, extra: list[str], seed: int | str) -> list[str]:
         return [*CLI, "train", *self.base, "--steps", str(steps), "--checkpoint-every", "100000", "--eval-images", "0",
                 "--seed", str(seed), "--device", self.device, "--out", str(out), *extra]
 
@@ -246,8 +246,8 @@ def main() -> None:
     if args.plan:
         for name in args.rows:
             steps = round(args.ntm_steps * STEP_SCALE.get(name, 1.0))
-            cmd = study.train_cmd(args.out / f"{name}_sSEED", steps, ROWS[name][1], 0)
-            print(f"{name}: {ROWS[name][0]}\n  ntm-edge {' '.join(cmd[cmd.index('train'):]).replace('--seed 0', '--seed SEED')}")
+            cmd = study.train_cmd(args.out / f"{name}_sSEED", steps, ROWS[name][1], "SEED")
+            print(f"{name}: {ROWS[name][0]}\n  ntm-edge {' '.join(cmd[cmd.index('train'):])}")
         return
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / "study.json"
