@@ -241,6 +241,9 @@ def main() -> None:
     args.rows = args.rows or mine
     if other := [k for k in args.rows if k not in mine]:
         ap.error(f"rows {', '.join(other)} are not rows of --preset {args.preset} (its rows: {', '.join(mine)})")
+    if args.plan and args.calibrate:
+        ap.error("--plan prints the fixed equal-compute step counts; --calibrate measures its own first, so it "
+                 "cannot plan")
     study = Study(base, args.device)
     args.out = args.out.resolve()  # the training and eval subprocesses run in the repository root
     if args.plan:

@@ -41,6 +41,9 @@ def test_refuses_rows_of_the_other_preset_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == ("transporter_study.py: error: rows ntm_0 are not rows of "
                                                     "--preset small (its rows: s_ntm, s_id, s_ntm_x, s_id_x, s_fm)")
+    done = study("--plan", "--calibrate", "--out", str(tmp_path / "c"))  # its step counts would not be the run's
+    assert done.returncode == 2 and "--calibrate measures its own first" in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "c").exists()
 
 
 def test_one_tiny_row_end_to_end(tmp_path):
