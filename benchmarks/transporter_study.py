@@ -8,7 +8,7 @@ Markdown table. Two sizes (``--preset``):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transporter_study.py --out runs/transporter_study \
         [--preset tiny|small] [--ntm-steps 600] [--seeds 0 1] [--rows ntm_u ntm_0 ...] [--guidance 0 0.5 1] \
-        [--device cuda] [--table benchmarks/reports/transporter_study.md] [--plan]
+        [--temperature 1 0.9] [--device cuda] [--table benchmarks/reports/transporter_study.md] [--plan]
 
 Compute: by default every row trains ``--ntm-steps`` optimizer steps of batch 64, so no row gets more
 compute than the preset's NTM (the ablation and the baselines cost less per step: the comparison leans
@@ -20,7 +20,8 @@ per-step CPU cost (process time of the training subprocess) is measured first as
 The training CPU seconds actually spent (start-up included) are reported per row. Every row is
 evaluated with the same exit: the exact transporter inverse for the u-space models (no denoiser is
 trained, so none is counted), Euler for flow matching, at guidance 0; ``--guidance`` adds a sweep of
-classifier-free guidance scales (Frechet and prompt accuracy trade against each other along it).
+classifier-free guidance scales (Frechet and prompt accuracy trade against each other along it), and
+``--temperature`` crosses that sweep with sampling temperatures (``ntm-edge eval --temperature``).
 ``--plan`` prints each row's training command and step count and trains nothing. Runs are sequential;
 to use two cores, run two seeds into two --out folders at once and join them with --merge.
 """
@@ -151,13 +152,15 @@ class Study:
         b = self.train(root / f"calib_{name}_80", 80, extra, 0)
         return (b - a) / 60
 
-    def evaluate(self, ckpt: Path, num_samples: int, guidance: float = 0.0) -> dict:
+    def evaluate(self, ckpt: Path, num_samples: int, guidance: float = 0.0, temperature: float = 1.0) -> dict:
         """`ntm-edge eval` of one model at 4 steps (its report; kept beside the checkpoint, reused if there)."""
-        stem = ckpt.name + ("_eval" if guidance == 0 else f"_eval_g{guidance:g}")
+        stem = ckpt.name + ("_eval" if guidance == 0 else f"_eval_g{guidance:g}") + \
+            ("" if temperature == 1 else f"_t{temperature:g}")
         out = ckpt.with_name(stem + ".json")
         if not out.exists():
             run([*CLI, "eval", "--checkpoint", str(ckpt), "--steps", "4", "--num-samples", str(num_samples),
-                 "--guidance", f"{guidance:g}", "--device", self.device, "--out", str(out)],
+                 "--guidance", f"{guidance:g}", "--temperature", f"{temperature:g}", "--device", self.device,
+                 "--out", str(out)],
                 ckpt.with_name(stem + ".log"))
         return json.loads(out.read_text())
 
@@ -199,17 +202,24 @@ def summarise(results: dict, rows: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summarise_guidance(results: dict, rows: list[str], guidance: list[float]) -> str:
-    """Markdown: Frechet and prompt accuracy of each row at each guidance scale (mean (min..max) over seeds)."""
-    lines = ["| row | " + " | ".join(f"guidance {g:g}: Frechet / acc." for g in guidance) + " |",
-             "|---|" + "---|" * len(guidance)]
+def sweep_key(guidance: float, temperature: float = 1.0) -> str:
+    """A sweep point's key in a run's record: "0.5" (temperature 1, as before temperatures existed), "0.5@t0.9"."""
+    return f"{guidance:g}" if temperature == 1 else f"{guidance:g}@t{temperature:g}"
+
+
+def summarise_guidance(results: dict, rows: list[str], guidance: list[float], temperature=(1.0,)) -> str:
+    """Markdown: Frechet and prompt accuracy of each row at each guidance scale (and temperature), mean
+    (min..max) over seeds."""
+    points = [(g, t) for t in temperature for g in guidance]
+    head = [f"guidance {g:g}" + ("" if t == 1 else f", temperature {t:g}") + ": Frechet / acc." for g, t in points]
+    lines = ["| row | " + " | ".join(head) + " |", "|---|" + "---|" * len(points)]
     for name in rows:
         runs = results.get(name, [])
-        if not runs or any(f"{g:g}" not in r.get("guidance", {}) for r in runs for g in guidance):
+        if not runs or any(sweep_key(g, t) not in r.get("guidance", {}) for r in runs for g, t in points):
             continue
         cells = []
-        for g in guidance:
-            evals = [r["guidance"][f"{g:g}"] for r in runs]
+        for g, t in points:
+            evals = [r["guidance"][sweep_key(g, t)] for r in runs]
             cells.append(f"{cell([e['frechet'] for e in evals], '.2f')} / {cell([e['prompt_accuracy'] for e in evals], '.3f')}")
         lines.append(f"| {ROWS[name][0]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -229,6 +239,8 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, nargs="+", default=[],
                     help="also evaluate every trained model at these classifier-free guidance scales (the main table "
                          "is at guidance 0) and print a second table: Frechet and prompt accuracy per scale")
+    ap.add_argument("--temperature", type=float, nargs="+", default=[1.0],
+                    help="the guidance sweep at each of these sampling temperatures (default 1)")
     ap.add_argument("--calibrate", action="store_true", help="equal CPU seconds instead of equal steps")
     ap.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
     ap.add_argument("--json", type=Path, default=None, help="also write every run's record (joined with --merge) here")
@@ -298,10 +310,11 @@ def main() -> None:
     for name in args.rows:  # the guidance sweep, also of models trained by an earlier call
         for r in state["results"].get(name, []):
             ckpt = args.out / f"{name}_s{r['seed']}"
-            for g in args.guidance:
-                if f"{g:g}" not in r.setdefault("guidance", {}):
-                    r["guidance"][f"{g:g}"] = study.evaluate(ckpt, args.num_samples, g)["rows"][0]
-                    save()
+            for t in args.temperature:
+                for g in args.guidance:
+                    if sweep_key(g, t) not in r.setdefault("guidance", {}):
+                        r["guidance"][sweep_key(g, t)] = study.evaluate(ckpt, args.num_samples, g, t)["rows"][0]
+                        save()
     results = {k: list(v) for k, v in state["results"].items()}
     for other in args.merge:
         for name, runs in json.loads((other / "study.json").read_text())["results"].items():
@@ -309,7 +322,7 @@ def main() -> None:
             results.setdefault(name, []).extend(r for r in runs if r["seed"] not in seen)
     table = summarise(results, args.rows)
     if args.guidance:
-        table += "\n" + summarise_guidance(results, args.rows, args.guidance)
+        table += "\n" + summarise_guidance(results, args.rows, args.guidance, args.temperature)
     print(table)
     if args.table:
         args.table.write_text(table)

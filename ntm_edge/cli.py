@@ -136,6 +136,9 @@ NumImages = Annotated[int, typer.Option(help="number of images")]
 Steps = Annotated[int, typer.Option(help=_STEPS)]
 Seed = Annotated[int, typer.Option(help="noise seed (the same seed draws the same images in `sample` and `run`)")]
 Guidance = Annotated[float, typer.Option(help="classifier-free guidance weight w (0: off)")]
+Temperature = Annotated[float, typer.Option(help="noise temperature tau: every draw of the sampler scaled by it "
+                                                 "(1: Algorithm 2; below 1 trades diversity for fidelity, like "
+                                                 "guidance, at one predictor pass per step instead of two)")]
 OutGrid = Annotated[Path, typer.Option(help=_GRID)]
 SaveArray = Annotated[Path | None, typer.Option(help=_ARRAY)]
 InverseMethod = Annotated[str, typer.Option(help=(
@@ -152,6 +155,7 @@ def sample(
     steps: Steps = 4,
     seed: Seed = 0,
     guidance: Guidance = 0.0,
+    temperature: Temperature = 1.0,
     out: OutGrid = Path("samples.png"),
     save_array: SaveArray = None,
     final: Annotated[str, typer.Option(help="inverse | inverse+score | denoiser (default: " + _DEFAULT_EXIT + ")")] = "",
@@ -164,7 +168,7 @@ def sample(
 
     generate(_checkpoint(checkpoint), prompt, num=num, steps=steps, seed=seed, guidance=guidance, out=out,
              save_array_to=save_array, final=final or None, inverse_method=inverse_method, device=device, log=_log,
-             warn=_warn)
+             warn=_warn, temperature=temperature)
 
 
 @app.command("train-denoiser")
@@ -203,6 +207,7 @@ def evaluate(
     steps: Annotated[list[int] | None, typer.Option(help="step counts to evaluate (repeatable; " + _STEPS + ")")] = None,
     num_samples: Annotated[int, typer.Option(help="images generated per step count")] = 500,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance weight")] = 0.0,
+    temperature: Temperature = 1.0,
     seed: Annotated[int, typer.Option(help="seed of the trajectories and the sampling noise")] = 0,
     dataset: Annotated[str, typer.Option(help="dataset (default: the one the checkpoint was trained on)")] = "",
     label: Annotated[str, typer.Option(help="name of this model in `compare` tables")] = "",
@@ -225,11 +230,13 @@ def evaluate(
         from .evaluate_bundle import evaluate_bundle
 
         report = evaluate_bundle(bundle, precision, steps=steps or [4], num_samples=num_samples, guidance=guidance,
-                                 seed=seed, dataset=dataset or None, final=final, log=_log)
+                                 seed=seed, dataset=dataset or None, final=final, log=_log,
+                                 temperature=temperature)
     else:
         assert checkpoint is not None  # exactly one of the two, checked above
         report = evaluate_checkpoint(_checkpoint(checkpoint), steps=steps or [4], num_samples=num_samples, guidance=guidance,
-                                     seed=seed, dataset=dataset or None, final=final, device=device, log=_log)
+                                     seed=seed, dataset=dataset or None, final=final, device=device, log=_log,
+                                     temperature=temperature)
     if label:
         report["label"] = label
     atomic_write_text(out, json.dumps(report, indent=2))
@@ -307,6 +314,7 @@ def run_bundle(
     steps: Steps = 4,
     seed: Seed = 0,
     guidance: Guidance = 0.0,
+    temperature: Temperature = 1.0,
     final: Annotated[str, typer.Option(help="denoiser | inverse (default: " + _DEFAULT_EXIT + ")")] = "",
     inverse_method: InverseMethod = DEFAULT_METHOD,
     out: OutGrid = Path("samples.png"),
@@ -323,7 +331,8 @@ def run_bundle(
 
     run_prompt(bundle, prompt, num=num, steps=steps, seed=seed, guidance=guidance, final=final or None,
                inverse_method=inverse_method, out=out, save_array_to=save_array, provider=provider, audit=audit,
-               unrolled=unrolled, threads=threads, precision=precision, log=_log, warn=_warn)
+               unrolled=unrolled, threads=threads, precision=precision, log=_log, warn=_warn,
+               temperature=temperature)
 
 
 @app.command("audit")

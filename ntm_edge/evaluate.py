@@ -112,7 +112,8 @@ def check_eval_options(steps, num_samples: int, guidance: float, seed: int) -> f
 
 
 def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance: float = 0.0, seed: int = 0,
-                        dataset: str | None = None, final: str = "inverse", device: str = "cpu", log=print) -> dict:
+                        dataset: str | None = None, final: str = "inverse", device: str = "cpu", log=print,
+                        temperature: float = 1.0) -> dict:
     """The report of `ntm-edge eval`: per step count, held-out bits/dim (exact trajectory NLL and the
     bound), Frechet distance and prompt accuracy under the evaluation classifier, and (not for FM) the
     transporter's displacement and log-det per level of the grid (``transporter_activity``)."""
@@ -127,6 +128,7 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
     from .text_eval import paraphrase_report
 
     guidance = check_eval_options(steps, num_samples, guidance, seed)
+    temperature = validate.temperature(temperature)
     validate.choice(final, EXITS, "--final")
     device = validate.torch_device(device)
     model = NTM.from_pretrained(checkpoint, device=device)
@@ -154,13 +156,13 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
         batch = max(1, min(250, 250 * 65 // (T + 1)))
         row = {"steps": int(T), **heldout_likelihood(model, test.images, test.labels, steps=T, seed=seed,
                                                      batch_size=batch)}
-        kw = dict(steps=T, seed=seed, guidance=guidance, final=final, denoiser=denoiser)
+        kw = dict(steps=T, seed=seed, guidance=guidance, final=final, denoiser=denoiser, temperature=temperature)
         row.update(sampled_quality(lambda p, kw=kw: sample_images(model, p, **kw), prompts, labels, clf, test.images))
         log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
             f"prompt accuracy {row['prompt_accuracy']:.3f}")
         if cfg.prompt.kind != "label":  # free-form text: the training templates against unseen paraphrases
             row["captions"] = paraphrase_report(model, clf, guidance=guidance, seed=seed, steps=T, final=final,
-                                               denoiser=denoiser)
+                                               denoiser=denoiser, temperature=temperature)
             log(f"  captions: templates {row['captions']['templates']['accuracy']:.3f}, held-out paraphrases "
                 f"{row['captions']['heldout_paraphrases']['accuracy']:.3f}")
         if cfg.objective != "fm":  # FM has no transporter and samples on a grid of its own
@@ -169,7 +171,7 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
         rows.append(row)
     return {
         "checkpoint": str(checkpoint), "objective": cfg.objective, "dataset": dataset, "final": final,
-        "num_samples": num_samples, "guidance": guidance, "seed": seed,
+        "num_samples": num_samples, "guidance": guidance, "temperature": temperature, "seed": seed,
         "trained_steps": list(trained) if trained else None,
         **real_data_floor(clf, dataset, cfg, num_samples, test.images), "rows": rows,
     }

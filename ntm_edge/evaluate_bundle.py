@@ -16,7 +16,7 @@ from .errors import ConfigError
 
 def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samples: int = 500, guidance: float = 0.0,
                     seed: int = 0, dataset: str | None = None, final: str = "inverse", provider: str | None = "cpu",
-                    threads: int | None = None, log=print) -> dict:
+                    threads: int | None = None, log=print, temperature: float = 1.0) -> dict:
     """The eval report of a bundle at one precision (None or "auto": the runtime's default)."""
     from . import validate
     from .data import load_dataset
@@ -29,6 +29,7 @@ def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samp
     from .runtime.specs import DENOISER
 
     guidance = check_eval_options(steps, num_samples, guidance, seed)
+    temperature = validate.temperature(temperature)
     if final not in ("inverse", "denoiser"):
         raise ConfigError(f"a bundle leaves u-space by 'inverse' or 'denoiser', not {final!r} (score denoising needs torch)")
     rt = open_runtime(bundle, provider, threads, precision)
@@ -56,13 +57,14 @@ def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samp
         row = {"steps": int(T), "bits_per_dim": float(np.mean(bound["bits_per_dim"])),
                "trajectory_nats_per_dim": float(np.mean(bound["trajectory_nats_per_dim"])), "t_min": bound["t_min"],
                "num_images": int(len(test.images))}
-        kw = dict(steps=T, seed=seed, guidance=guidance, final=final)
+        kw = dict(steps=T, seed=seed, guidance=guidance, final=final, temperature=temperature)
         row.update(sampled_quality(lambda p, kw=kw: generate(rt, p, **kw).images, prompts, labels, clf, test.images))
         log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
             f"prompt accuracy {row['prompt_accuracy']:.3f} ({rt.precision})")
         rows.append(row)
     return {
         "bundle": str(bundle), "precision": rt.precision, "providers": rt.providers, "objective": cfg.objective,
-        "dataset": dataset, "final": final, "num_samples": num_samples, "guidance": guidance, "seed": seed,
+        "dataset": dataset, "final": final, "num_samples": num_samples, "guidance": guidance,
+        "temperature": temperature, "seed": seed,
         **real_data_floor(clf, dataset, cfg, num_samples, test.images), "rows": rows,
     }

@@ -58,11 +58,11 @@ def score_denoise(model: NTM, traj: Trajectory, ids, mask, clip_percentile: floa
 
 def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: float = 0.0,
                   final: str = "inverse", denoiser=None, clip_percentile: float | None = 99.0,
-                  inverse_method: str = DEFAULT_METHOD) -> np.ndarray:
+                  inverse_method: str = DEFAULT_METHOD, temperature: float = 1.0) -> np.ndarray:
     """One image per prompt -> uint8 (N, H, W, C): Algorithm 2 with the chosen exit (``EXITS``).
 
     The noise is ``sampling``'s convention (one numpy generator seeded with ``seed``, drawn per chunk of
-    ``NOISE_BATCH`` prompts), so the runtime draws the same images. inverse_method: "jacobi" or
+    ``NOISE_BATCH`` prompts, scaled by ``temperature``), so the runtime draws the same images. inverse_method: "jacobi" or
     "sequential" (both exact, ``decoding``) for the exits that invert the transporter.
     """
     if final not in EXITS:
@@ -76,20 +76,21 @@ def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: 
     for i in range(0, len(prompts), NOISE_BATCH):
         ids, mask = model.tokenize(prompts[i : i + NOISE_BATCH])
         if fm:
-            x = model.sample_euler(ids, mask, steps, rng, guidance)
+            x = model.sample_euler(ids, mask, steps, rng, guidance, temperature)
         elif final == "inverse+score":
-            u, ts = model.sample_levels(ids, mask, steps, rng, guidance, t_min)
+            u, ts = model.sample_levels(ids, mask, steps, rng, guidance, t_min, temperature)
             with torch.no_grad():
                 traj = invert_levels(model, u, ts, inverse_method)
             x = score_denoise(model, traj, ids, mask, clip_percentile)
         else:
-            u, t0 = model.sample_u(ids, mask, steps, rng, guidance, t_min)
+            u, t0 = model.sample_u(ids, mask, steps, rng, guidance, t_min, temperature)
             with torch.no_grad():
                 if final == "denoiser":
                     x = denoiser(u, ids, mask)
                 else:
                     x = schedule.decoder_mean(model.transporter.inverse(u, t0, steps, method=inverse_method), t0)
         if not torch.isfinite(x).all():  # NaN would become black pixels: say so, as the runtime does
-            raise NumericsError(f"the sampler produced NaN or inf values (guidance {guidance}, seed {seed})")
+            raise NumericsError(f"the sampler produced NaN or inf values (guidance {guidance}, "
+                               f"temperature {temperature}, seed {seed})")
         out.append(to_uint8(x))
     return np.concatenate(out)

@@ -14,7 +14,7 @@ from .images import save_images
 
 def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int = 0, guidance: float = 0.0,
              out="samples.png", save_array_to=None, final: str | None = None, inverse_method: str = DEFAULT_METHOD,
-             device: str = "cpu", log=print, warn=None) -> np.ndarray:
+             device: str = "cpu", log=print, warn=None, temperature: float = 1.0) -> np.ndarray:
     """final: the exit from u-space (exits.EXITS); default: the denoiser when the checkpoint has one and
     was trained for ``steps`` (``validate.exit_for_steps``), else the exact inverse.
 
@@ -25,6 +25,7 @@ def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int =
     validate.count(steps, "--steps")
     validate.seed(seed)
     guidance = validate.guidance(guidance)
+    temperature = validate.temperature(temperature)
     out = validate.image_path(out)
     if save_array_to:
         save_array_to = validate.array_path(save_array_to)
@@ -56,7 +57,8 @@ def generate(checkpoint, prompt: str, num: int = 16, steps: int = 4, seed: int =
     validate.flush(notes, warn, log)
     start = time.perf_counter()
     images = sample_images(model, [prompt] * num, steps=steps, seed=seed, guidance=guidance, final=final,
-                           denoiser=denoiser if final == "denoiser" else None, inverse_method=inverse_method)
+                           denoiser=denoiser if final == "denoiser" else None, inverse_method=inverse_method,
+                           temperature=temperature)
     elapsed = time.perf_counter() - start
     save_images(images, out, save_array_to, log)
     log(f"wrote {out} ({num} images, {steps} steps, exit {final}, {elapsed:.2f} s)")

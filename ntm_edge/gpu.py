@@ -38,6 +38,7 @@ from .decoding import DEFAULT_TOL
 from .errors import ConfigError
 from .model import NTM
 from .numerics import patchify, to_uint8, unpatchify
+from .sampling import NOISE_BATCH, draw_noise
 from .transporter import TarFlowBlock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,7 +47,7 @@ ISLAND_MODULES = (nn.LayerNorm, nn.GroupNorm)  # norms run in fp32 (an fp32 isla
 # (fp16 ~1e-3, transporter.DEFAULT_TOL's note; bf16 has 3 fewer mantissa bits).
 JACOBI_TOL = {torch.float32: DEFAULT_TOL, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 M = TypeVar("M", bound=nn.Module)
-NOISE_CHUNK = 256  # = the batch_size default of exits.sample_images: prompts per noise draw
+NOISE_CHUNK = NOISE_BATCH  # prompts per noise draw, as exits.sample_images
 GRAPH_EXITS = ("denoiser", "inverse")
 
 
@@ -253,23 +254,24 @@ class GraphSampler:
             return x.float()[:n] / (1.0 - self.t0)
         return out[0][:n]
 
-    def sample(self, prompts: Sequence[str], seed: int = 0) -> np.ndarray:
-        """One image per prompt -> uint8 (N, H, W, C), the noise of ``exits.sample_images`` for ``seed``."""
+    def sample(self, prompts: Sequence[str], seed: int = 0, temperature: float = 1.0) -> np.ndarray:
+        """One image per prompt -> uint8 (N, H, W, C), the noise of ``exits.sample_images`` for ``seed``
+        (``sampling.draw_noise``, scaled by ``temperature``)."""
         for p in set(prompts):
             self.model.vocab.check(p)  # an unknown prompt fails before any work
         rng = np.random.default_rng(seed)
         out = []
         for c in range(0, len(prompts), NOISE_CHUNK):
             chunk = list(prompts[c : c + NOISE_CHUNK])
-            noise = np.stack([rng.standard_normal((len(chunk), *self.shape), dtype=np.float32)
-                              for _ in range(self.steps + 1)])  # (T + 1, n, C, H, W)
+            noise = np.stack(draw_noise(rng, len(chunk), self.shape, self.steps, temperature))  # (T + 1, n, C, H, W)
             for b in range(0, len(chunk), self.batch):
                 out.append(to_uint8(self.run_batch(noise[:, b : b + self.batch], chunk[b : b + self.batch])))
         return np.concatenate(out)
 
 
 def sample_images_gpu(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: float = 0.0, final: str = "inverse",
-                      denoiser=None, inverse_method: str = "sequential", dtype: str = "bf16", log=None) -> np.ndarray:
+                      denoiser=None, inverse_method: str = "sequential", dtype: str = "bf16", log=None,
+                      temperature: float = 1.0) -> np.ndarray:
     """``exits.sample_images`` on a CUDA model: the graph sampler for the denoiser exit and for the
     Jacobi inverse; every other exit (sequential decoding, score denoising) and the flow-matching
     baseline run eagerly on the device, in fp32."""
@@ -278,7 +280,7 @@ def sample_images_gpu(model: NTM, prompts, steps: int = 4, seed: int = 0, guidan
     if final == "denoiser" or (final == "inverse" and inverse_method == "jacobi"):
         if model.config.objective != "fm":
             sampler = GraphSampler(model, min(len(prompts), NOISE_CHUNK), steps, guidance, final, denoiser, DTYPES[dtype])
-            images = sampler.sample(prompts, seed)
+            images = sampler.sample(prompts, seed, temperature)
             if log:
                 log(f"GPU path: CUDA graphs {'on' if sampler.loop.captured else 'off'}, autocast {dtype}"
                     + (f", Jacobi passes per block {list(sampler.passes)}" if sampler.passes else ""))
@@ -287,4 +289,4 @@ def sample_images_gpu(model: NTM, prompts, steps: int = 4, seed: int = 0, guidan
         what = "the flow-matching baseline" if model.config.objective == "fm" else f"exit {final} ({inverse_method})"
         log(f"GPU path: {what} is not captured; it runs eagerly in fp32")
     return sample_images(model, prompts, steps=steps, seed=seed, guidance=guidance, final=final, denoiser=denoiser,
-                         inverse_method=inverse_method)
+                         inverse_method=inverse_method, temperature=temperature)

@@ -177,31 +177,36 @@ class NTM(nn.Module):
     def image_shape(self) -> tuple[int, int, int]:
         return self.config.channels, self.config.image_size, self.config.image_size
 
-    def noise(self, rng: np.random.Generator, n: int, steps: int) -> list[torch.Tensor]:
+    def noise(self, rng: np.random.Generator, n: int, steps: int, temperature: float = 1.0) -> list[torch.Tensor]:
         """The sampler's noise for n prompts (``sampling.draw_noise``) as tensors on the model's device."""
-        return [torch.from_numpy(z).to(self.device) for z in draw_noise(rng, n, self.image_shape, steps)]
+        return [torch.from_numpy(z).to(self.device) for z in draw_noise(rng, n, self.image_shape, steps, temperature)]
 
     @torch.no_grad()
-    def sample_levels(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float, t_min: float):
+    def sample_levels(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float, t_min: float,
+                      temperature: float = 1.0):
         """Steps 1-2 of Algorithm 2 (``sampling.reverse_levels``), all in u-space, keeping every level:
         -> u (B, K, C, H, W) ordered t_0 .. t_T, and the grid ts (K,). The noise is the numpy ``rng``'s,
-        in the order of ``sampling.draw_noise``, so the torch-free runtime reproduces it exactly."""
+        in the order of ``sampling.draw_noise`` (scaled by ``temperature``), so the torch-free runtime
+        reproduces it exactly."""
         ts = schedule.time_grid(steps, t_min, self.config.shift)
         predict = lambda u_t, t, s: self.predict(u_t, t, s, steps, ids, mask, guidance)  # noqa: E731
-        return reverse_levels(predict, self.noise(rng, ids.shape[0], steps), ts), ts
+        return reverse_levels(predict, self.noise(rng, ids.shape[0], steps, temperature), ts), ts
 
-    def sample_u(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float, t_min: float):
+    def sample_u(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float, t_min: float,
+                 temperature: float = 1.0):
         """The cleanest level u_t0 (B, C, H, W) of ``sample_levels``, and t0."""
-        u, ts = self.sample_levels(ids, mask, steps, rng, guidance, t_min)
+        u, ts = self.sample_levels(ids, mask, steps, rng, guidance, t_min, temperature)
         return u[:, 0], float(ts[0])
 
     @torch.no_grad()
-    def sample_euler(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float) -> torch.Tensor:
+    def sample_euler(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float,
+                     temperature: float = 1.0) -> torch.Tensor:
         """The flow-matching baseline: Euler on dx/dt = v from t = 1 to 0 on the (shifted) grid, with
-        guidance on the velocity, v = (1 + w) v_c - w v_u. Its noise is u_T alone (``draw_noise``)."""
+        guidance on the velocity, v = (1 + w) v_c - w v_u. Its noise is u_T alone (``draw_noise``), scaled
+        by ``temperature`` (a colder start of the ODE)."""
         B = ids.shape[0]
         ts = schedule.time_grid(steps, 0.0, self.config.shift)
-        (x,) = self.noise(rng, B, 0)
+        (x,) = self.noise(rng, B, 0, temperature)
         null_ids, null_mask = self.null_prompt(B)
         emb, null = self.prompt_encoder(ids), self.prompt_encoder(null_ids)
         for k in range(steps, 0, -1):

@@ -9,6 +9,11 @@ convention. Torch-free: the torch model (``NTM.sample_levels``), the unrolled ex
 Noise convention (same seed, same images on every path): the noise comes from one
 ``np.random.default_rng(seed)``, drawn per chunk of ``NOISE_BATCH`` prompts as u_T, then one z per
 step (k = T .. 1), each ``standard_normal((n, C, H, W), dtype=float32)`` (``draw_noise``).
+
+Temperature tau (``--temperature``): every draw is scaled by tau, so u_T ~ N(0, tau^2 I) and each step
+draws u_s = mu + tau sigma z. tau = 1 is Algorithm 2 exactly (the draws are not touched); tau < 1 trades
+diversity for fidelity, as classifier-free guidance does, without guidance's second predictor pass.
+The exported graphs take the noise as an input, so a temperature needs no re-export.
 """
 
 from __future__ import annotations
@@ -20,9 +25,14 @@ from .numerics import namespace
 NOISE_BATCH = 256  # prompts per noise draw; the torch sampler, the runtime and the bundle manifest read it
 
 
-def draw_noise(rng: np.random.Generator, n: int, shape: tuple[int, ...], steps: int) -> list[np.ndarray]:
-    """[u_T, z for step T, ..., z for step 1], each float32 (n, *shape): the noise of one chunk."""
-    return [rng.standard_normal((n, *shape), dtype=np.float32) for _ in range(steps + 1)]
+def draw_noise(rng: np.random.Generator, n: int, shape: tuple[int, ...], steps: int,
+               temperature: float = 1.0) -> list[np.ndarray]:
+    """[u_T, z for step T, ..., z for step 1], each float32 (n, *shape): the noise of one chunk, each
+    draw scaled by ``temperature`` (1: untouched, bit for bit)."""
+    draws = [rng.standard_normal((n, *shape), dtype=np.float32) for _ in range(steps + 1)]
+    if temperature != 1.0:
+        draws = [np.float32(temperature) * z for z in draws]
+    return draws
 
 
 def reverse_levels(predict, noise, ts):

@@ -70,6 +70,13 @@ def guidance(value: float, option: str = "--guidance") -> float:
     return float(value)
 
 
+def temperature(value: float, option: str = "--temperature") -> float:
+    """The sampler's noise temperature tau: finite and >= 0 (0: every draw zero, the chain of means)."""
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{option} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
 def learning_rate(value: float, option: str = "--lr") -> float:
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{option} must be a finite number > 0, got {value}")

@@ -42,7 +42,7 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
                final: str | None = None, inverse_method: str = DEFAULT_METHOD, out="samples.png", save_array_to=None,
                provider: str | None = None, audit: bool = False, unrolled: bool = False, segments=1,
                tol=DEFAULT_TOL, max_iters=None, threads: int | None = None, warmup: bool = True,
-               precision: str | None = None, log=print, warn=None) -> RunResult:
+               precision: str | None = None, log=print, warn=None, temperature: float = 1.0) -> RunResult:
     """`ntm-edge run`: ``num`` images for ``prompt`` on the runtime, written as an image grid (and .npy).
 
     ``bundle`` None: the default model shipped in the package (``default_model.default_bundle``: assembled
@@ -56,6 +56,7 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
     validate.count(steps, "--steps")
     validate.seed(seed)
     guidance = validate.guidance(guidance)
+    temperature = validate.temperature(temperature)
     if final:
         validate.choice(final, FINALS, "--final")
     validate.choice(inverse_method, METHODS, "--inverse-method")
@@ -78,7 +79,7 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
     validate.fits_in_memory(num * cfg.dims * (1 + 4 + 4 * (steps + 1)), f"--num {num} at --steps {steps}")
     validate.flush(notes, warn, log)
     kw = dict(steps=steps, guidance=guidance, final=final, inverse_method=inverse_method, segments=segments, tol=tol,
-              max_iters=max_iters, unrolled=unrolled)
+              max_iters=max_iters, unrolled=unrolled, temperature=temperature)
     # overflow (a huge --guidance) is reported once, as a NumericsError from the sampler's own check
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         if warmup:  # load the sessions and let the providers allocate: not part of the measured latency

@@ -177,9 +177,10 @@ def default_final(rt: Runtime) -> str:
 
 def generate(rt: Runtime, prompts, steps: int = 4, seed: int = 0, guidance: float = 0.0, final: str | None = None,
              inverse_method: str = DEFAULT_METHOD, segments=1, tol=DEFAULT_TOL, max_iters=None, unrolled: bool = False,
-             audit: bool = False, timer: StageTimer | None = None) -> RunResult:
+             audit: bool = False, timer: StageTimer | None = None, temperature: float = 1.0) -> RunResult:
     """One image per prompt -> RunResult (images uint8 (N, H, W, C), the u levels, stage timings; with
     ``audit`` the exact NLL of every generated trajectory under the conditional model).
+    temperature: every noise draw scaled by it (``sampling.draw_noise``; the graphs take the noise as input).
 
     inverse_method, segments, tol, max_iters: the transporter inversion, as ``Transporter.inverse``
     (one value, or one per block)."""
@@ -202,7 +203,7 @@ def generate(rt: Runtime, prompts, steps: int = 4, seed: int = 0, guidance: floa
     start = time.perf_counter()
     for c in range(0, len(prompts), NOISE_BATCH):
         chunk = prompts[c : c + NOISE_BATCH]
-        noise = draw_noise(rng, len(chunk), shape, steps)
+        noise = draw_noise(rng, len(chunk), shape, steps, temperature)
         ids_all, mask_all = vocab.tokenize(chunk)  # (n, P)
         for b in range(0, len(chunk), batch):  # engine batches inside one noise chunk
             sl = slice(b, b + batch)
@@ -222,7 +223,7 @@ def generate(rt: Runtime, prompts, steps: int = 4, seed: int = 0, guidance: floa
                     x = schedule.decoder_mean(x_t0, t0)
             if not np.isfinite(x).all():
                 raise NumericsError("the sampler produced NaN or inf values: the bundle's graphs overflow "
-                                    f"(prompt {chunk[b]!r}, seed {seed}, guidance {guidance})")
+                                    f"(prompt {chunk[b]!r}, seed {seed}, guidance {guidance}, temperature {temperature})")
             if audit:
                 with timer("audit"):
                     nlls.append(generated_nll(rt, u, ts, ids, mask, **inversion))

@@ -33,6 +33,7 @@ def monkeypatch_module(tmp_path_factory):
 def test_eval_report(report, trained_tiny):
     r = json.loads(report.read_text())
     assert r["dataset"] == "digits" and r["objective"] == "ntm" and r["label"] == "tiny NTM"
+    assert r["guidance"] == 2.0 and r["temperature"] == 1.0
     assert r["classifier_heldout_accuracy"] > 0.9
     assert [row["steps"] for row in r["rows"]] == [4, 8]
     row = r["rows"][0]

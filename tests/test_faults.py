@@ -136,6 +136,33 @@ def test_guidance_must_be_finite_everywhere(tiny, tmp_path, w):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("tau", ["nan", "inf", "-0.5"])
+def test_temperature_must_be_finite_everywhere(tiny, tmp_path, tau):
+    one_line_error(sample(tiny[0], tmp_path, "--temperature", tau), "--temperature must be a finite number >= 0")
+    one_line_error(run(tiny[1], tmp_path, "--temperature", tau), "--temperature must be a finite number >= 0")
+    r = runner.invoke(app, ["eval", "--checkpoint", str(tiny[0]), "--temperature", tau, "--out", str(tmp_path / "e.json")])
+    one_line_error(r, "--temperature must be a finite number >= 0")
+    assert not list(tmp_path.iterdir())
+
+
+def test_temperature_zero_draws_the_same_images_for_every_seed(tiny, tmp_path):
+    """tau = 0 scales every draw to zero: the sampler follows its chain of means, so the seed no longer
+    matters, in `sample` and `run` alike; at tau = 1 two seeds differ."""
+    arrays = {}
+    for tool, target in (("sample", tiny[0]), ("run", tiny[1])):
+        for seed in ("1", "2"):
+            for tau in ("0", "1"):
+                path = tmp_path / f"{tool}-{seed}-{tau}.npy"
+                r = (sample if tool == "sample" else run)(target, tmp_path, "--seed", seed, "--temperature", tau,
+                                                          "--final", "inverse", "--save-array", str(path))
+                assert r.exit_code == 0, r.output
+                arrays[tool, seed, tau] = np.load(path)
+    for tool in ("sample", "run"):
+        assert np.array_equal(arrays[tool, "1", "0"], arrays[tool, "2", "0"])
+        assert not np.array_equal(arrays[tool, "1", "1"], arrays[tool, "2", "1"])
+    assert np.abs(arrays["sample", "1", "0"].astype(int) - arrays["run", "1", "0"]).max() <= 1
+
+
 def test_overflowing_guidance_is_an_error_not_black_images(tiny, tmp_path):
     """A finite but huge w overflows float32 in the guided mean: both samplers say so instead of writing
     black images (NaN -> 0)."""

@@ -198,6 +198,39 @@ def test_reverse_levels_with_the_exact_reverse_step_keeps_the_forward_marginals(
         assert abs(np.mean(u[:, k] * u[:, k + 1]) - cov) < 5 * sd / np.sqrt(n), (k, cov)
 
 
+def test_temperature_scales_the_draws_and_one_leaves_them_untouched():
+    base = draw_noise(np.random.default_rng(11), 3, (1, 4, 4), 4)
+    same = draw_noise(np.random.default_rng(11), 3, (1, 4, 4), 4, temperature=1.0)
+    cold = draw_noise(np.random.default_rng(11), 3, (1, 4, 4), 4, temperature=0.7)
+    assert all(np.array_equal(a, b) for a, b in zip(base, same, strict=True))
+    assert all(c.dtype == np.float32 and np.array_equal(c, np.float32(0.7) * a) for a, c in zip(base, cold, strict=True))
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.6, 1.3])
+def test_temperature_scales_a_linear_gaussian_chain_exactly(tau):
+    """Zero-mean Gaussian data: the exact reverse step's mean is linear in u_t, so every level is linear
+    in the noise, and at temperature tau the whole trajectory is tau times the tau = 1 one (tau = 0: the
+    chain of means from u_T = 0, all zeros). The variance of each level is tau^2 times the forward one."""
+    s0, steps = 0.5, 4
+    ts = schedule.time_grid(steps, 0.025, 0.3)
+
+    def predict(u_t, t, s):
+        var_t = (1 - t) ** 2 * s0**2 + t**2
+        m, v = (1 - t) * s0**2 / var_t * u_t, s0**2 * t**2 / var_t
+        A, B, C = schedule.posterior_coeffs(s, t)
+        return A * u_t + B * m, np.full_like(u_t, 0.5 * np.log(C**2 + B**2 * v))
+
+    def levels(temperature):
+        noise = draw_noise(np.random.default_rng(12), 50_000, (1,), steps, temperature)
+        return reverse_levels(predict, [z.astype(np.float64) for z in noise], ts)[:, :, 0]
+
+    hot, cold = levels(1.0), levels(tau)
+    assert np.allclose(cold, tau * hot, rtol=1e-6, atol=1e-6)
+    for k, t in enumerate(ts):
+        var = (1 - t) ** 2 * s0**2 + t**2
+        assert abs(cold[:, k].var() - tau**2 * var) <= 5 * tau**2 * var * np.sqrt(2 / 50_000) + 1e-12
+
+
 def test_reverse_levels_consumes_the_noise_in_draw_order():
     """With mu = 0 and sigma = 1 each level is its own noise draw: u_T = noise[0], and the step that
     draws level k - 1 (k = T .. 1) takes noise[T - k + 1]."""

@@ -78,25 +78,29 @@ def test_runtime_gs_jacobi_matches_sequential_decoding(model, rt, segments):
         invert(rt, u.numpy(), t0, 4, "jacobi", segments=17)
 
 
-@pytest.mark.parametrize("final, method, guidance, unrolled", [
-    ("inverse", "jacobi", 0.0, False),
-    ("inverse", "sequential", 1.5, False),
-    ("inverse", "jacobi", 2.0, True),
-    ("denoiser", "jacobi", 1.0, False),
+@pytest.mark.parametrize("final, method, guidance, unrolled, temperature", [
+    ("inverse", "jacobi", 0.0, False, 1.0),
+    ("inverse", "sequential", 1.5, False, 1.0),
+    ("inverse", "jacobi", 2.0, True, 1.0),
+    ("denoiser", "jacobi", 1.0, False, 1.0),
+    ("inverse", "jacobi", 0.0, False, 0.8),
+    ("inverse", "jacobi", 0.5, True, 0.6),
 ])
-def test_run_matches_torch_sampler(model, tiny_bundle, rt, final, method, guidance, unrolled):
+def test_run_matches_torch_sampler(model, tiny_bundle, rt, final, method, guidance, unrolled, temperature):
     from ntm_edge.denoiser import load_denoiser
     from ntm_edge.exits import sample_images
 
     prompts = [str(i) for i in range(10)]  # 3 engine batches of the bundle's 4
     denoiser = load_denoiser(tiny_bundle[0]) if final == "denoiser" else None
-    ref = sample_images(model, prompts, seed=3, guidance=guidance, final=final, denoiser=denoiser, inverse_method=method)
-    got = generate(rt, prompts, seed=3, guidance=guidance, final=final, inverse_method=method, unrolled=unrolled)
+    ref = sample_images(model, prompts, seed=3, guidance=guidance, final=final, denoiser=denoiser, inverse_method=method,
+                        temperature=temperature)
+    got = generate(rt, prompts, seed=3, guidance=guidance, final=final, inverse_method=method, unrolled=unrolled,
+                   temperature=temperature)
     assert got.images.shape == ref.shape == (10, 8, 8, 1) and got.images.dtype == np.uint8
     assert np.abs(got.images.astype(int) - ref).max() <= 1
     t_min = denoiser.config.t0 if denoiser else model.config.t_min_sample
     ids, mask = model.tokenize(prompts)
-    u_ref, ts = model.sample_levels(ids, mask, 4, np.random.default_rng(3), guidance, t_min)
+    u_ref, ts = model.sample_levels(ids, mask, 4, np.random.default_rng(3), guidance, t_min, temperature)
     assert np.array_equal(got.ts, ts)
     assert np.abs(got.u_levels - u_ref.numpy()).max() < 1e-4
 
@@ -216,6 +220,9 @@ def test_option_errors(tiny_bundle, tmp_path):
                     "the unrolled sampler graph was exported for --steps 4")
     _one_line_error(runner.invoke(app, ["run", "--bundle", str(tmp_path / "none"), "--prompt", "3", *out]),
                     "bundle directory")
+    for bad in ("-0.5", "nan", "inf"):
+        _one_line_error(runner.invoke(app, ["run", "--bundle", b, "--prompt", "3", "--temperature", bad, *out]),
+                        "--temperature must be a finite number >= 0")
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(PromptError):
         open_runtime(b).bundle.vocab.token_id("giraffe")

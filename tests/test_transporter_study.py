@@ -49,7 +49,7 @@ def test_refuses_rows_of_the_other_preset_in_one_line(tmp_path):
 def test_one_tiny_row_end_to_end(tmp_path):
     out = tmp_path / "study"
     done = study("--ntm-steps", "3", "--seeds", "0", "--rows", "ntm_0", "--num-samples", "40", "--out", str(out),
-                 "--table", str(tmp_path / "table.md"))
+                 "--table", str(tmp_path / "table.md"), "--guidance", "0", "--temperature", "1", "0")
     assert done.returncode == 0, done.stdout + done.stderr
     state = json.loads((out / "study.json").read_text())
     assert state["preset"] == "tiny"
@@ -60,6 +60,10 @@ def test_one_tiny_row_end_to_end(tmp_path):
     assert len(row["transporter"]) == 5  # t_0..t_3 and t = 1 on the 4-step grid
     table = (tmp_path / "table.md").read_text()
     assert table.splitlines()[2].startswith("| NTM, NLL only (x0-MSE 0, tiny as-is) | 3 | ")
+    # the sweep at two temperatures: guidance 0 at temperature 1 is the main eval again; at 0 every draw is zero
+    assert set(run["guidance"]) == {"0", "0@t0"} and run["guidance"]["0"]["frechet"] == row["frechet"]
+    assert run["guidance"]["0@t0"]["frechet"] != row["frechet"]
+    assert "| guidance 0: Frechet / acc. | guidance 0, temperature 0: Frechet / acc. |" in table
     # the same folder cannot take the other preset's study
     again = study("--preset", "small", "--ntm-steps", "3", "--rows", "s_ntm", "--out", str(out))
     assert again.returncode == 1 and again.stderr.strip() == f"{out} holds a --preset tiny study; choose another --out"
