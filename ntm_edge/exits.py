@@ -62,8 +62,9 @@ def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: 
     """One image per prompt -> uint8 (N, H, W, C): Algorithm 2 with the chosen exit (``EXITS``).
 
     The noise is ``sampling``'s convention (one numpy generator seeded with ``seed``, drawn per chunk of
-    ``NOISE_BATCH`` prompts, scaled by ``temperature``), so the runtime draws the same images. inverse_method: "jacobi" or
-    "sequential" (both exact, ``decoding``) for the exits that invert the transporter.
+    ``NOISE_BATCH`` prompts, scaled by ``temperature``), so the runtime draws the same images.
+    inverse_method: "jacobi" or "sequential" (both exact, ``decoding``) for the exits that invert the
+    transporter.
     """
     if final not in EXITS:
         raise ConfigError(f"unknown exit {final!r}; choose one of: {', '.join(EXITS)}")
