@@ -127,21 +127,14 @@ def test_export_opset_range_is_what_the_exporter_supports(tiny, tmp_path):
 # -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("w", ["nan", "inf", "-inf", "-1"])
-def test_guidance_must_be_finite_everywhere(tiny, tmp_path, w):
-    one_line_error(sample(tiny[0], tmp_path, "--guidance", w), "--guidance must be a finite number >= 0")
-    one_line_error(run(tiny[1], tmp_path, "--guidance", w), "--guidance must be a finite number >= 0")
-    r = runner.invoke(app, ["eval", "--checkpoint", str(tiny[0]), "--guidance", w, "--out", str(tmp_path / "e.json")])
-    one_line_error(r, "--guidance must be a finite number >= 0")
-    assert not list(tmp_path.iterdir())
-
-
-@pytest.mark.parametrize("tau", ["nan", "inf", "-0.5"])
-def test_temperature_must_be_finite_everywhere(tiny, tmp_path, tau):
-    one_line_error(sample(tiny[0], tmp_path, "--temperature", tau), "--temperature must be a finite number >= 0")
-    one_line_error(run(tiny[1], tmp_path, "--temperature", tau), "--temperature must be a finite number >= 0")
-    r = runner.invoke(app, ["eval", "--checkpoint", str(tiny[0]), "--temperature", tau, "--out", str(tmp_path / "e.json")])
-    one_line_error(r, "--temperature must be a finite number >= 0")
+@pytest.mark.parametrize("option, value", [*(("--guidance", w) for w in ("nan", "inf", "-inf", "-1")),
+                                           *(("--temperature", tau) for tau in ("nan", "inf", "-0.5"))])
+def test_sampling_options_must_be_finite_everywhere(tiny, tmp_path, option, value):
+    message = f"{option} must be a finite number >= 0"
+    one_line_error(sample(tiny[0], tmp_path, option, value), message)
+    one_line_error(run(tiny[1], tmp_path, option, value), message)
+    r = runner.invoke(app, ["eval", "--checkpoint", str(tiny[0]), option, value, "--out", str(tmp_path / "e.json")])
+    one_line_error(r, message)
     assert not list(tmp_path.iterdir())
 
 
