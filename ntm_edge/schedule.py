@@ -40,6 +40,15 @@ def trained_step_counts(objective: str, mode: str, pairwise_steps, steps: int) -
     return (int(steps),)
 
 
+def scoring_step_count(trained: tuple[int, ...] | None, default: int) -> int:
+    """The step count a model's own held-out likelihood is scored at: its default T where it was trained on
+    that grid (or on continuous t), else the trained count nearest to it (the larger on a tie). A model
+    trained on the 2-step grid alone is scored on that grid, not on a 4-step grid it never saw."""
+    if not trained or default in trained:
+        return int(default)
+    return int(min(trained, key=lambda T: (abs(T - default), -T)))
+
+
 # ---------------------------------------------------------------------------------------------
 # time grid
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from .interrupts import Interrupted, StopSignals, signal_name
 from .losses import X0_SPACES, loss_function
 from .model import NTM
 from .numerics import dequantize
-from .schedule import STEP_COUNTS, trained_step_counts
+from .schedule import STEP_COUNTS, scoring_step_count, trained_step_counts
 
 MODES = ("end2end", "pairwise")
 # TransporterConfig field -> the TrainArgs field (and `train` option, with dashes) that overrides it
@@ -538,8 +538,10 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
         ema_model.load_state_dict(ema_full)
         test = load_dataset(args.dataset, "test", image_size=image_size, seed=0)
         n = min(args.eval_images, len(test))
-        summary["heldout"] = heldout_likelihood(ema_model, test.images[:n], test.labels[:n])
-        log(f"held-out ({n} images, T = {config.steps}): "
+        scored_T = scoring_step_count(trained_step_counts(config.objective, mode, args.pairwise_steps, config.steps),
+                                      config.steps)
+        summary["heldout"] = heldout_likelihood(ema_model, test.images[:n], test.labels[:n], steps=scored_T)
+        log(f"held-out ({n} images, T = {scored_T}): "
             f"{summary['heldout']['bits_per_dim']:.3f} bits/dim (bound), "
             f"trajectory NLL {summary['heldout']['trajectory_nats_per_dim']:.4f} nats/dim")
     log(f"saved {out} at step {step} ({summary['seconds']:.0f} s)")

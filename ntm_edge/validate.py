@@ -63,18 +63,21 @@ def whole_numbers(text: str, option: str) -> tuple[int, ...] | None:
         raise ConfigError(f"{option} takes whole numbers separated by commas (like 4,8,16), got {text!r}") from None
 
 
-def guidance(value: float, option: str = "--guidance") -> float:
-    """The classifier-free guidance weight w: finite and >= 0 (NaN or inf would give black images)."""
+def finite_nonnegative(value: float, option: str) -> float:
+    """A finite number >= 0 (NaN or inf in a sampler option would give black images), as a float."""
     if not math.isfinite(value) or value < 0:
         raise ConfigError(f"{option} must be a finite number >= 0, got {value}")
     return float(value)
+
+
+def guidance(value: float, option: str = "--guidance") -> float:
+    """The classifier-free guidance weight w: finite and >= 0."""
+    return finite_nonnegative(value, option)
 
 
 def temperature(value: float, option: str = "--temperature") -> float:
     """The sampler's noise temperature tau: finite and >= 0 (0: every draw zero, the chain of means)."""
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{option} must be a finite number >= 0, got {value}")
-    return float(value)
+    return finite_nonnegative(value, option)
 
 
 def learning_rate(value: float, option: str = "--lr") -> float:

@@ -73,6 +73,35 @@ def test_trained_step_counts():
     assert schedule.trained_step_counts("fm", "pairwise", (4,), 4) is None  # Euler at any T
 
 
+def test_scoring_step_count():
+    assert schedule.scoring_step_count((4, 8, 16), 4) == 4
+    assert schedule.scoring_step_count(None, 4) == 4  # flow matching: any T
+    assert schedule.scoring_step_count((2,), 4) == 2
+    assert schedule.scoring_step_count((3, 5), 4) == 5  # a tie goes to the finer grid
+    assert schedule.scoring_step_count((8, 16), 4) == 8
+
+
+def test_train_scores_a_two_step_model_on_its_own_grid(tmp_path):
+    """A run trained on the 2-step grid alone reports its held-out likelihood at T = 2 (it once reported a
+    meaningless bound on the 4-step grid), and the figure is the one eval's scorer gives at T = 2."""
+    from ntm_edge.checkpoint import load_model
+    from ntm_edge.data import load_dataset
+    from ntm_edge.evaluate import heldout_likelihood
+
+    args = TrainArgs(dataset="digits", preset="tiny", steps=2, batch_size=8, out=str(tmp_path / "run"),
+                     eval_images=16, mode="pairwise", pairwise_steps=(2,))
+    lines: list[str] = []
+    summary = train(args, progress=False, log=lines.append)
+    assert summary["heldout"]["steps"] == 2
+    assert any(line.startswith("held-out (16 images, T = 2)") for line in lines), lines
+    model = load_model(tmp_path / "run")
+    test = load_dataset("digits", "test", image_size=model.config.image_size, seed=0)
+    at2 = heldout_likelihood(model, test.images[:16], test.labels[:16], steps=2)
+    at4 = heldout_likelihood(model, test.images[:16], test.labels[:16], steps=4)
+    assert summary["heldout"]["bits_per_dim"] == pytest.approx(at2["bits_per_dim"], rel=1e-6)
+    assert at4["bits_per_dim"] != pytest.approx(at2["bits_per_dim"], rel=1e-3)
+
+
 def test_other_step_counts_than_the_trained_ones_are_warned(pw4_run, tmp_path):
     """The checkpoint and its bundle record T in {4}; sample, eval's checks and run warn at --steps 8, not at 4."""
     from ntm_edge.checkpoint import META, load_info, trained_steps
