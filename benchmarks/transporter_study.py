@@ -4,7 +4,9 @@ Markdown table. Two sizes (``--preset``):
 
 - ``tiny`` (the default): `digits` (8x8), label prompts, about 5 CPU-minutes per model at 800 steps.
 - ``small``: the default model's size, mnist5k (28x28) with MiniLM prompts, pairwise on the 4-step grid,
-  about 20 minutes of one thread per model at 1774 steps (``--ntm-steps 1774``, the README's table).
+  about 20 minutes of one thread per model at 1774 steps (``--ntm-steps 1774``, the README's table);
+  its ``2`` rows (``s_ntm2``, ``s_id2``, ``s_fm2``) make the same comparison on the 2-step grid (trained on
+  it alone, sampled at 2 steps; ``s_fm2`` samples ``s_fm``'s model at 2 steps, trained once for both).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transporter_study.py --out runs/transporter_study \
         [--preset tiny|small] [--ntm-steps 600] [--seeds 0 1] [--rows ntm_u ntm_0 ...] [--guidance 0 0.5 1] \
@@ -19,7 +21,8 @@ per-step CPU cost (process time of the training subprocess) is measured first as
 20-step and an 80-step run (which cancels start-up and loading), and its step count is scaled to match.
 The training CPU seconds actually spent (start-up included) are reported per row. Every row is
 evaluated with the same exit: the exact transporter inverse for the u-space models (no denoiser is
-trained, so none is counted), Euler for flow matching, at guidance 0; ``--guidance`` adds a sweep of
+trained, so none is counted), Euler for flow matching, at guidance 0 and 4 steps (the 2-step rows at 2);
+``--guidance`` adds a sweep of
 classifier-free guidance scales (Frechet and prompt accuracy trade against each other along it), and
 ``--temperature`` crosses that sweep with sampling temperatures (``ntm-edge eval --temperature``).
 ``--plan`` prints each row's training command and step count and trains nothing. Runs are sequential;
@@ -85,7 +88,16 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "s_id_x": ("identity f_T + learned scale, hybrid x0-MSE 1.0, at the NTM's CPU seconds",
                ["--transporter-blocks", "0", "--x0-mse-weight", "1", "--pairwise-steps", "4"]),
     "s_fm": ("FM, Euler, at the NTM's CPU seconds", ["--objective", "fm", "--x0-mse-weight", "0"]),
+    # the same comparison on the 2-step grid, where one Gaussian step fits the posterior worst
+    "s_ntm2": ("NTM, NLL only, 2-step grid", ["--x0-mse-weight", "0", "--pairwise-steps", "2"]),
+    "s_id2": ("identity f_T + learned scale, NLL only, 2-step grid, at the NTM's CPU seconds",
+              ["--transporter-blocks", "0", "--x0-mse-weight", "0", "--pairwise-steps", "2"]),
+    "s_fm2": ("FM, Euler at 2 steps (the s_fm model)", ["--objective", "fm", "--x0-mse-weight", "0"]),
 }
+# rows sampled (and scored) at another step count than 4
+SAMPLE_STEPS = {"s_ntm2": 2, "s_id2": 2, "s_fm2": 2}
+# rows that evaluate another row's model (trained once, into that row's folder; its CPU seconds are theirs too)
+SAME_MODEL = {"s_fm2": "s_fm"}
 # preset -> (the `ntm-edge train` arguments every row shares, the row whose step is the budget's unit)
 PRESETS: dict[str, tuple[list[str], str]] = {
     "tiny": (["--dataset", "digits", "--preset", "tiny", "--batch-size", "64", "--lr", "2e-3"], "ntm_0"),
@@ -102,7 +114,8 @@ PRETRAINED = {"ntm_ft": 0.5}
 # 1196 s of one thread, 2245 identity steps 1197 s, 2269 FM steps 1196 s (side by side, 2026-12-06)
 STEP_SCALE = {"id_0_eq": 276 / 241, "fm_eq": 276 / 70, "ntm_pw_eq": 276 / 89.5, "ntm_pw_x_eq": 276 / 89.5,
               "ntm_pw4_eq": 276 / 89.5, "id_pw4_eq": 276 / 89.5 * 145 / 108,
-              "s_id": 2245 / 1774, "s_id_x": 2245 / 1774, "s_fm": 2269 / 1774}
+              "s_id": 2245 / 1774, "s_id_x": 2245 / 1774, "s_fm": 2269 / 1774,
+              "s_id2": 2245 / 1774, "s_fm2": 2269 / 1774}
 
 
 def cpu_seconds() -> float:
@@ -135,7 +148,16 @@ class Study:
         return run(self.train_cmd(out, steps, extra, seed), out.with_suffix(".log"))
 
     def train_row(self, ckpt: Path, name: str, steps: int, seed: int) -> float:
-        """Train one row's model into ``ckpt`` -> the CPU seconds of all its training (a pretraining included)."""
+        """Train one row's model into ``ckpt`` -> the CPU seconds of all its training (a pretraining included).
+        A model trained before (its seconds recorded beside it) is not trained again: a row can share it."""
+        spent = ckpt.with_suffix(".cpu_s")
+        if spent.exists():
+            return float(spent.read_text())
+        cpu = self._train_row(ckpt, name, steps, seed)
+        spent.write_text(str(cpu))
+        return cpu
+
+    def _train_row(self, ckpt: Path, name: str, steps: int, seed: int) -> float:
         if name not in PRETRAINED:
             return self.train(ckpt, steps, ROWS[name][1], seed)
         fm_steps = max(1, round(steps * PRETRAINED[name]))
@@ -152,13 +174,14 @@ class Study:
         b = self.train(root / f"calib_{name}_80", 80, extra, 0)
         return (b - a) / 60
 
-    def evaluate(self, ckpt: Path, num_samples: int, guidance: float = 0.0, temperature: float = 1.0) -> dict:
-        """`ntm-edge eval` of one model at 4 steps (its report; kept beside the checkpoint, reused if there)."""
+    def evaluate(self, ckpt: Path, num_samples: int, guidance: float = 0.0, temperature: float = 1.0,
+                 steps: int = 4) -> dict:
+        """`ntm-edge eval` of one model at ``steps`` steps (its report; kept beside the checkpoint, reused if there)."""
         stem = ckpt.name + ("_eval" if guidance == 0 else f"_eval_g{guidance:g}") + \
-            ("" if temperature == 1 else f"_t{temperature:g}")
+            ("" if temperature == 1 else f"_t{temperature:g}") + ("" if steps == 4 else f"_T{steps}")
         out = ckpt.with_name(stem + ".json")
         if not out.exists():
-            run([*CLI, "eval", "--checkpoint", str(ckpt), "--steps", "4", "--num-samples", str(num_samples),
+            run([*CLI, "eval", "--checkpoint", str(ckpt), "--steps", str(steps), "--num-samples", str(num_samples),
                  "--guidance", f"{guidance:g}", "--temperature", f"{temperature:g}", "--device", self.device,
                  "--out", str(out)],
                 ckpt.with_name(stem + ".log"))
@@ -180,8 +203,8 @@ def cell(vals: list[float], fmt: str) -> str:
 
 def summarise(results: dict, rows: list[str]) -> str:
     """Markdown: one line per row, mean and (min..max over seeds) of each figure."""
-    lines = ["| row | steps | train CPU s | bits/dim | Frechet | prompt acc. | displacement t0..t3 "
-             "| beyond rescale t0..t3 | log-det/dim t0..t3 |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | steps | train CPU s | sampling steps | bits/dim | Frechet | prompt acc. | displacement t0, t1, .. "
+             "| beyond rescale t0, t1, .. | log-det/dim t0, t1, .. |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in rows:
         runs = results.get(name, [])
         if not runs:
@@ -197,7 +220,7 @@ def summarise(results: dict, rows: list[str]) -> str:
         # Gaussian-posterior reading) is not the density of what it samples, so it is left out
         bits = "-" if runs[0]["eval"]["objective"] == "fm" else cell([e["bits_per_dim"] for e in evals], ".3f")
         lines.append(f"| {ROWS[name][0]} | {runs[0]['steps']} | {cell([r['cpu_s'] for r in runs], '.0f')} | "
-                     f"{bits} | {cell([e['frechet'] for e in evals], '.2f')} | "
+                     f"{evals[0]['steps']} | {bits} | {cell([e['frechet'] for e in evals], '.2f')} | "
                      f"{cell([e['prompt_accuracy'] for e in evals], '.3f')} | {disp} | {shape} | {ldet} |")
     return "\n".join(lines) + "\n"
 
@@ -260,16 +283,21 @@ def main() -> None:
     args.out = args.out.resolve()  # the training and eval subprocesses run in the repository root
     if args.plan:
         for name in args.rows:
+            if name in SAME_MODEL:
+                print(f"{name}: {ROWS[name][0]}\n  the model of {SAME_MODEL[name]}, sampled at "
+                      f"{SAMPLE_STEPS.get(name, 4)} steps")
+                continue
             steps = round(args.ntm_steps * STEP_SCALE.get(name, 1.0))
             cmd = study.train_cmd(args.out / f"{name}_sSEED", steps, ROWS[name][1], "SEED")
-            print(f"{name}: {ROWS[name][0]}\n  ntm-edge {' '.join(cmd[cmd.index('train'):])}")
+            print(f"{name}: {ROWS[name][0]}\n  ntm-edge {' '.join(cmd[cmd.index('train'):])}"
+                  + (f"\n  sampled at {SAMPLE_STEPS[name]} steps" if name in SAMPLE_STEPS else ""))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / "study.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"cost": {}, "results": {}}
+    state = json.loads(state_path.read_text()) if state_path.exists() else \
+        {"cost": {}, "results": {}, "preset": args.preset}
     if state.setdefault("preset", "tiny") != args.preset:  # a study written before --preset existed is tiny
         raise SystemExit(f"{args.out} holds a --preset {state['preset']} study; choose another --out")
-    state["preset"] = args.preset
 
     def save() -> None:
         """Write the study's record (resumable), first taking in what another call on the same --out wrote since
@@ -299,9 +327,9 @@ def main() -> None:
                 round(args.ntm_steps * STEP_SCALE.get(name, 1.0))
             if seed in {r["seed"] for r in state["results"].get(name, [])}:
                 continue
-            ckpt = args.out / f"{name}_s{seed}"
-            cpu = study.train_row(ckpt, name, steps, seed)
-            report = study.evaluate(ckpt, args.num_samples)
+            ckpt = args.out / f"{SAME_MODEL.get(name, name)}_s{seed}"
+            cpu = study.train_row(ckpt, SAME_MODEL.get(name, name), steps, seed)
+            report = study.evaluate(ckpt, args.num_samples, steps=SAMPLE_STEPS.get(name, 4))
             state["results"].setdefault(name, []).append({"seed": seed, "steps": steps, "cpu_s": cpu, "eval": report})
             row = report["rows"][0]
             print(f"{name} seed {seed}: {steps} steps, {cpu:.0f} CPU s, {row['bits_per_dim']:.3f} bits/dim, "
@@ -309,11 +337,12 @@ def main() -> None:
             save()
     for name in args.rows:  # the guidance sweep, also of models trained by an earlier call
         for r in state["results"].get(name, []):
-            ckpt = args.out / f"{name}_s{r['seed']}"
+            ckpt = args.out / f"{SAME_MODEL.get(name, name)}_s{r['seed']}"
             for t in args.temperature:
                 for g in args.guidance:
                     if sweep_key(g, t) not in r.setdefault("guidance", {}):
-                        r["guidance"][sweep_key(g, t)] = study.evaluate(ckpt, args.num_samples, g, t)["rows"][0]
+                        r["guidance"][sweep_key(g, t)] = study.evaluate(ckpt, args.num_samples, g, t,
+                                                                        SAMPLE_STEPS.get(name, 4))["rows"][0]
                         save()
     results = {k: list(v) for k, v in state["results"].items()}
     for other in args.merge:

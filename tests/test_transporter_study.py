@@ -25,14 +25,17 @@ def test_small_plan_gives_every_row_the_ntms_cpu_seconds(tmp_path):
     done = study("--preset", "small", "--ntm-steps", "1774", "--plan", "--out", str(out))
     assert done.returncode == 0, done.stderr
     commands = dict(re.findall(r"^(\w+): .*\n  (ntm-edge train .*)$", done.stdout, re.M))
-    assert list(commands) == ["s_ntm", "s_id", "s_ntm_x", "s_id_x", "s_fm"]
+    assert list(commands) == ["s_ntm", "s_id", "s_ntm_x", "s_id_x", "s_fm", "s_ntm2", "s_id2"]
     steps = {name: int(re.search(r"--steps (\d+)", cmd).group(1)) for name, cmd in commands.items()}
     # the per-step costs measured side by side: 1774 NTM, 2245 identity, 2269 FM steps in ~1196 s each
-    assert steps == {"s_ntm": 1774, "s_id": 2245, "s_ntm_x": 1774, "s_id_x": 2245, "s_fm": 2269}
+    assert steps == {"s_ntm": 1774, "s_id": 2245, "s_ntm_x": 1774, "s_id_x": 2245, "s_fm": 2269,
+                     "s_ntm2": 1774, "s_id2": 2245}
     for name, cmd in commands.items():
         assert "--dataset mnist5k --preset small --text-encoder minilm" in cmd
-        assert ("--pairwise-steps 4" in cmd) == (name != "s_fm")
+        grid = None if name == "s_fm" else "2" if name.endswith("2") else "4"
+        assert re.findall(r"--pairwise-steps (\d+)", cmd) == ([grid] if grid else [])
         assert ("--transporter-blocks 0" in cmd) == name.startswith("s_id")
+    assert "s_fm2: FM, Euler at 2 steps (the s_fm model)\n  the model of s_fm, sampled at 2 steps" in done.stdout
     assert not out.exists()  # a plan trains and writes nothing
 
 
@@ -40,7 +43,8 @@ def test_refuses_rows_of_the_other_preset_in_one_line(tmp_path):
     done = study("--preset", "small", "--rows", "s_ntm", "ntm_0", "--plan", "--out", str(tmp_path / "s"))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == ("transporter_study.py: error: rows ntm_0 are not rows of "
-                                                    "--preset small (its rows: s_ntm, s_id, s_ntm_x, s_id_x, s_fm)")
+                                                    "--preset small (its rows: s_ntm, s_id, s_ntm_x, s_id_x, s_fm, s_ntm2, "
+                                                    "s_id2, s_fm2)")
     done = study("--plan", "--calibrate", "--out", str(tmp_path / "c"))  # its step counts would not be the run's
     assert done.returncode == 2 and "--calibrate measures its own first" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "c").exists()
@@ -67,3 +71,21 @@ def test_one_tiny_row_end_to_end(tmp_path):
     # the same folder cannot take the other preset's study
     again = study("--preset", "small", "--ntm-steps", "3", "--rows", "s_ntm", "--out", str(out))
     assert again.returncode == 1 and again.stderr.strip() == f"{out} holds a --preset tiny study; choose another --out"
+
+
+def test_a_small_study_shares_one_fm_model_between_its_4_and_2_step_rows(tmp_path):
+    """s_fm2 samples s_fm's model at 2 steps: one training (one folder, the same CPU seconds in both rows),
+    two evals (4 and 2 steps). Also the first run of a fresh small study (it was once refused as 'tiny')."""
+    out = tmp_path / "study"
+    done = study("--preset", "small", "--ntm-steps", "2", "--seeds", "0", "--rows", "s_fm", "s_fm2",
+                 "--num-samples", "40", "--out", str(out), "--table", str(tmp_path / "table.md"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    state = json.loads((out / "study.json").read_text())
+    assert state["preset"] == "small"
+    (fm4,), (fm2,) = state["results"]["s_fm"], state["results"]["s_fm2"]
+    assert fm4["cpu_s"] == fm2["cpu_s"] > 0 and fm4["steps"] == fm2["steps"] == 3  # 2 x 2269 / 1774
+    assert fm4["eval"]["rows"][0]["steps"] == 4 and fm2["eval"]["rows"][0]["steps"] == 2
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["s_fm_s0"]  # trained once
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[2].startswith("| FM, Euler, at the NTM's CPU seconds | 3 | ") and "| 4 | - |" in table[2]
+    assert table[3].startswith("| FM, Euler at 2 steps (the s_fm model) | 3 | ") and "| 2 | - |" in table[3]
