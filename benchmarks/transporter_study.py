@@ -92,12 +92,13 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "s_ntm2": ("NTM, NLL only, 2-step grid", ["--x0-mse-weight", "0", "--pairwise-steps", "2"]),
     "s_id2": ("identity f_T + learned scale, NLL only, 2-step grid, at the NTM's CPU seconds",
               ["--transporter-blocks", "0", "--x0-mse-weight", "0", "--pairwise-steps", "2"]),
-    "s_fm2": ("FM, Euler at 2 steps (the s_fm model)", ["--objective", "fm", "--x0-mse-weight", "0"]),
+    "s_fm2": ("FM, Euler at 2 steps (the s_fm model)", []),  # trains nothing of its own (SAME_MODEL)
 }
 # rows sampled (and scored) at another step count than 4
 SAMPLE_STEPS = {"s_ntm2": 2, "s_id2": 2, "s_fm2": 2}
 # rows that evaluate another row's model (trained once, into that row's folder; its CPU seconds are theirs too)
 SAME_MODEL = {"s_fm2": "s_fm"}
+
 # preset -> (the `ntm-edge train` arguments every row shares, the row whose step is the budget's unit)
 PRESETS: dict[str, tuple[list[str], str]] = {
     "tiny": (["--dataset", "digits", "--preset", "tiny", "--batch-size", "64", "--lr", "2e-3"], "ntm_0"),
@@ -115,7 +116,12 @@ PRETRAINED = {"ntm_ft": 0.5}
 STEP_SCALE = {"id_0_eq": 276 / 241, "fm_eq": 276 / 70, "ntm_pw_eq": 276 / 89.5, "ntm_pw_x_eq": 276 / 89.5,
               "ntm_pw4_eq": 276 / 89.5, "id_pw4_eq": 276 / 89.5 * 145 / 108,
               "s_id": 2245 / 1774, "s_id_x": 2245 / 1774, "s_fm": 2269 / 1774,
-              "s_id2": 2245 / 1774, "s_fm2": 2269 / 1774}
+              "s_id2": 2245 / 1774}
+
+
+def model_of(name: str) -> str:
+    """The row whose model ``name`` evaluates (its own, or the one it shares): its folder, steps and cost."""
+    return SAME_MODEL.get(name, name)
 
 
 def cpu_seconds() -> float:
@@ -315,7 +321,7 @@ def main() -> None:
             tmp = state_path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(state, indent=1))
             tmp.replace(state_path)
-    for name in [unit, *args.rows] if args.calibrate else []:  # the NTM's cost is the budget's unit
+    for name in dict.fromkeys(map(model_of, [unit, *args.rows])) if args.calibrate else []:  # the NTM's: the unit
         if name not in state["cost"]:
             state["cost"][name] = study.per_step_cost(args.out, name, ROWS[name][1])
             print(f"{name}: {state['cost'][name]:.3f} CPU s/step", flush=True)
@@ -323,12 +329,12 @@ def main() -> None:
     budget = args.ntm_steps * state["cost"][unit] if args.calibrate else 0.0
     for seed in args.seeds:  # every row's first seed before any row's second
         for name in args.rows:
-            steps = max(1, round(budget / state["cost"][name])) if args.calibrate else \
-                round(args.ntm_steps * STEP_SCALE.get(name, 1.0))
+            steps = max(1, round(budget / state["cost"][model_of(name)])) if args.calibrate else \
+                round(args.ntm_steps * STEP_SCALE.get(model_of(name), 1.0))
             if seed in {r["seed"] for r in state["results"].get(name, [])}:
                 continue
-            ckpt = args.out / f"{SAME_MODEL.get(name, name)}_s{seed}"
-            cpu = study.train_row(ckpt, SAME_MODEL.get(name, name), steps, seed)
+            ckpt = args.out / f"{model_of(name)}_s{seed}"
+            cpu = study.train_row(ckpt, model_of(name), steps, seed)
             report = study.evaluate(ckpt, args.num_samples, steps=SAMPLE_STEPS.get(name, 4))
             state["results"].setdefault(name, []).append({"seed": seed, "steps": steps, "cpu_s": cpu, "eval": report})
             row = report["rows"][0]
@@ -337,7 +343,7 @@ def main() -> None:
             save()
     for name in args.rows:  # the guidance sweep, also of models trained by an earlier call
         for r in state["results"].get(name, []):
-            ckpt = args.out / f"{SAME_MODEL.get(name, name)}_s{r['seed']}"
+            ckpt = args.out / f"{model_of(name)}_s{r['seed']}"
             for t in args.temperature:
                 for g in args.guidance:
                     if sweep_key(g, t) not in r.setdefault("guidance", {}):
