@@ -308,7 +308,8 @@ def _check_room(out: Path, model: NTM) -> None:
         raise NtmError(problem)
 
 
-def _save(world: World, out: Path, model, ema, opt, g, step, args, history, loss_avg, saved_step) -> int:
+def _save(world: World, out: Path, model, ema, opt, g, step, args, history, loss_avg, saved_step,
+          trained: tuple[int, ...] | None) -> int:
     """Save a checkpoint of ``step`` (rank 0 writes; every rank calls this: gathering FSDP shards is a
     collective); returns ``step``. An OSError (a full disk) is one NtmError on every rank, and the
     checkpoint of ``saved_step`` stays as it was."""
@@ -318,8 +319,6 @@ def _save(world: World, out: Path, model, ema, opt, g, step, args, history, loss
         "optimizer": full(world, opt.state_dict()), "generator": g.get_state(), "args": dataclasses.asdict(args),
         "config": model.config.to_dict(), "history": history, "loss_avg": loss_avg, "world_size": world.size,
     }
-    trained = trained_step_counts(model.config.objective, args.mode or PRESET_MODES[args.preset], args.pairwise_steps,
-                                  model.config.steps)
     info = {"dataset": args.dataset, "preset": args.preset, "objective": model.config.objective,
             "trained_steps": list(trained) if trained else None}  # read by sample/eval/export (--steps outside it: warned)
 
@@ -477,7 +476,8 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeRemainingColumn(), disable=not progress)
     start = time.time()
-    save = functools.partial(_save, world, out, model, ema, opt, g, args=args, history=history)
+    trained = trained_step_counts(config.objective, mode, args.pairwise_steps, config.steps)
+    save = functools.partial(_save, world, out, model, ema, opt, g, args=args, history=history, trained=trained)
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
     signalled, budget_hit = False, False
     try:
@@ -538,8 +538,7 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
         ema_model.load_state_dict(ema_full)
         test = load_dataset(args.dataset, "test", image_size=image_size, seed=0)
         n = min(args.eval_images, len(test))
-        scored_T = scoring_step_count(trained_step_counts(config.objective, mode, args.pairwise_steps, config.steps),
-                                      config.steps)
+        scored_T = scoring_step_count(trained, config.steps)
         summary["heldout"] = heldout_likelihood(ema_model, test.images[:n], test.labels[:n], steps=scored_T)
         log(f"held-out ({n} images, T = {scored_T}): "
             f"{summary['heldout']['bits_per_dim']:.3f} bits/dim (bound), "
