@@ -158,9 +158,9 @@ class Study:
         A model trained before (its seconds recorded beside it) is not trained again: a row can share it."""
         spent = ckpt.with_suffix(".cpu_s")
         if spent.exists():
-            return float(spent.read_text())
+            return float(json.loads(spent.read_text())["cpu_s"])  # its step count: checked before (trained_for)
         cpu = self._train_row(ckpt, name, steps, seed)
-        spent.write_text(str(cpu))
+        spent.write_text(json.dumps({"steps": steps, "cpu_s": cpu}))
         return cpu
 
     def _train_row(self, ckpt: Path, name: str, steps: int, seed: int) -> float:
@@ -192,6 +192,14 @@ class Study:
                  "--out", str(out)],
                 ckpt.with_name(stem + ".log"))
         return json.loads(out.read_text())
+
+
+def trained_for(ckpt: Path) -> int | None:
+    """The step count a row's model in ``ckpt`` was trained for (its .cpu_s record), or None: not trained
+    yet, or recorded before the record held it (seconds alone)."""
+    spent = ckpt.with_suffix(".cpu_s")
+    record = json.loads(spent.read_text()) if spent.exists() else None
+    return int(record["steps"]) if isinstance(record, dict) else None
 
 
 def per_level(act: list[list[dict]], K: int, key: str, fmt: str) -> str:
@@ -327,10 +335,21 @@ def main() -> None:
             print(f"{name}: {state['cost'][name]:.3f} CPU s/step", flush=True)
             save()
     budget = args.ntm_steps * state["cost"][unit] if args.calibrate else 0.0
+
+    def steps_of(name: str) -> int:
+        return max(1, round(budget / state["cost"][model_of(name)])) if args.calibrate else \
+            round(args.ntm_steps * STEP_SCALE.get(model_of(name), 1.0))
+    # before any training: a model or result of this folder at another step count would join the table silently
+    other = {f"{name} seed {r['seed']}: {r['steps']}" for name in args.rows for r in state["results"].get(name, [])
+             if r["steps"] != steps_of(name)}
+    other |= {f"{name} seed {seed}: {was}" for name in args.rows for seed in args.seeds
+              if (was := trained_for(args.out / f"{model_of(name)}_s{seed}")) not in (None, steps_of(name))}
+    if other:
+        raise SystemExit(f"{args.out} holds runs of other step counts than this call's ({'; '.join(sorted(other))} "
+                         f"steps); use their --ntm-steps, or choose another --out")
     for seed in args.seeds:  # every row's first seed before any row's second
         for name in args.rows:
-            steps = max(1, round(budget / state["cost"][model_of(name)])) if args.calibrate else \
-                round(args.ntm_steps * STEP_SCALE.get(model_of(name), 1.0))
+            steps = steps_of(name)
             if seed in {r["seed"] for r in state["results"].get(name, [])}:
                 continue
             ckpt = args.out / f"{model_of(name)}_s{seed}"

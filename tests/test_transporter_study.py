@@ -71,6 +71,17 @@ def test_one_tiny_row_end_to_end(tmp_path):
     # the same folder cannot take the other preset's study
     again = study("--preset", "small", "--ntm-steps", "3", "--rows", "s_ntm", "--out", str(out))
     assert again.returncode == 1 and again.stderr.strip() == f"{out} holds a --preset tiny study; choose another --out"
+    # nor a study of another budget: refused before any training, not mixed into the table
+    more = study("--ntm-steps", "5", "--seeds", "0", "1", "--rows", "ntm_0", "--out", str(out))
+    assert more.returncode == 1 and more.stderr.strip() == (f"{out} holds runs of other step counts than this call's "
+                                                            "(ntm_0 seed 0: 3 steps); use their --ntm-steps, or "
+                                                            "choose another --out")
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["ntm_0_s0"]  # seed 1 was not trained
+    assert json.loads((out / "ntm_0_s0.cpu_s").read_text()) == {"steps": 3, "cpu_s": run["cpu_s"]}
+    # a model trained but not yet evaluated (a study stopped between the two) is checked by its own record
+    (out / "study.json").write_text(json.dumps({**state, "results": {}}))
+    more = study("--ntm-steps", "5", "--seeds", "0", "--rows", "ntm_0", "--out", str(out))
+    assert more.returncode == 1 and "(ntm_0 seed 0: 3 steps)" in more.stderr
 
 
 def test_a_small_study_shares_one_fm_model_between_its_4_and_2_step_rows(tmp_path):
