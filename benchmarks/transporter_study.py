@@ -340,11 +340,11 @@ def main() -> None:
         return max(1, round(budget / state["cost"][model_of(name)])) if args.calibrate else \
             round(args.ntm_steps * STEP_SCALE.get(model_of(name), 1.0))
     # before any training: a model or result of this folder at another step count would join the table silently
-    other = {f"{name} seed {r['seed']}: {r['steps']}" for name in args.rows for r in state["results"].get(name, [])
+    stale = {f"{name} seed {r['seed']}: {r['steps']}" for name in args.rows for r in state["results"].get(name, [])
              if r["steps"] != steps_of(name)}
-    other |= {f"{name} seed {seed}: {was}" for name in args.rows for seed in args.seeds
+    stale |= {f"{name} seed {seed}: {was}" for name in args.rows for seed in args.seeds
               if (was := trained_for(args.out / f"{model_of(name)}_s{seed}")) not in (None, steps_of(name))}
-    if other:
+    if stale:
         raise SystemExit(f"{args.out} holds runs of other step counts than this call's ({'; '.join(sorted(other))} "
                          f"steps); use their --ntm-steps, or choose another --out")
     for seed in args.seeds:  # every row's first seed before any row's second

@@ -1,0 +1,60 @@
+"""benchmarks/seed_table.py: the README's few-step tables, rebuilt from the committed eval records."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "seed_table.py"
+RECORDS = ROOT / "benchmarks" / "reports" / "default_model"
+
+
+def table(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_the_three_step_table_from_the_committed_records():
+    done = table("--steps", "3", f"NTM={RECORDS}/pw3-nll-s[01]-T3-*.json", f"id={RECORDS}/pw3-id-s[01]-T3-*.json")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    head = cells(lines[0])
+    col = head.index("g 0, tau 0.7")
+    rows = {(c[0], c[1]): c for c in map(cells, lines[2:]) if len(c) > 2 and c[1] != "---"}
+    frechet = {}
+    for run in ("pw3-nll-s0", "pw3-nll-s1"):  # each run's cell is its own record's figures
+        record = json.loads((RECORDS / f"{run}-T3-g0-t0.7-n2000.json").read_text())["rows"][0]
+        frechet[run] = record["frechet"]
+        assert rows[("NTM", run)][col] == f"{record['frechet']:.2f} / {record['prompt_accuracy']:.3f}"
+        assert rows[("NTM", run)][2] == f"{record['bits_per_dim']:.3f}"
+        assert re.fullmatch(r"(0\.\d{3} \([+-]\d\.\d\d\)( / )?){3}", rows[("NTM", run)][-1])  # t_0, t_1, t_2 moved
+    assert rows[("id", "pw3-id-s0")][-1] == "-"  # an identity transporter does not move
+    mean = rows[("NTM", "2")]  # the summary: mean (range) over the runs
+    f = list(frechet.values())
+    assert mean[col].startswith(f"{statistics.mean(f):.2f} ({max(f) - min(f):.2f}) / ")
+
+
+def test_counts_only_the_asked_steps_and_refuses_a_second_record_of_one_setting(tmp_path):
+    for name in ("pw3-nll-s0-T3-g0-t0.7-n2000.json", "pw3-nll-s0-T3-g0-t0.8-n2000.json"):
+        shutil.copy(RECORDS / name, tmp_path / name)
+    done = table("--steps", "4", f"NTM={tmp_path}/*.json")  # 3-step records only: none at 4 steps
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
+        f"NTM: no eval record at 4 steps and 2000 samples matches {tmp_path}/*.json")
+    done = table("--steps", "3", f"NTM={tmp_path}/*.json")
+    assert done.returncode == 0 and "| g 0, tau 0.8 | g 0, tau 0.7 |" in done.stdout.splitlines()[0]
+    shutil.copy(RECORDS / "pw3-nll-s0-T3-g0-t0.7-n2000.json", tmp_path / "pw3-nll-s0-T3-g0-t0.7-again.json")
+    done = table("--steps", "3", f"NTM={tmp_path}/*.json")
+    assert done.returncode == 1 and done.stderr.strip() == (
+        f"{tmp_path}/pw3-nll-s0-T3-g0-t0.7-n2000.json: a second record of pw3-nll-s0 at guidance 0, temperature 0.7")
+    (tmp_path / "pw3-nll-s9-T3-g0-broken.json").write_text("{}")
+    done = table("--steps", "3", f"NTM={tmp_path}/pw3-nll-s9*.json")
+    assert done.returncode == 1 and "not an `ntm-edge eval` record" in done.stderr
