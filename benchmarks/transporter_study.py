@@ -345,7 +345,7 @@ def main() -> None:
     stale |= {f"{name} seed {seed}: {was}" for name in args.rows for seed in args.seeds
               if (was := trained_for(args.out / f"{model_of(name)}_s{seed}")) not in (None, steps_of(name))}
     if stale:
-        raise SystemExit(f"{args.out} holds runs of other step counts than this call's ({'; '.join(sorted(other))} "
+        raise SystemExit(f"{args.out} holds runs of other step counts than this call's ({'; '.join(sorted(stale))} "
                          f"steps); use their --ntm-steps, or choose another --out")
     for seed in args.seeds:  # every row's first seed before any row's second
         for name in args.rows:
