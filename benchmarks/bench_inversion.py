@@ -5,7 +5,8 @@
 The model: the checkpoint that NTM_SMALL_CHECKPOINT points to (a trained `small` run), else the
 `small` preset with every transporter parameter perturbed by N(0, PERTURB^2) (a fresh transporter is
 the identity, which any method inverts in one pass); the printed table says which. Inputs: u_t0
-from the model's own 4-step sampler (prompts 0-9 in turn). Every method inverts the same u; the
+from the model's own 4-step sampler (a checkpoint trained on other grids alone: its trained step count
+nearest 4), prompts 0-9 in turn. Every method inverts the same u; the
 table gives each one's median time, its speed ratio against sequential decoding at the same batch,
 the passes it used per block (inversion order: last block first) and its max abs difference from
 sequential decoding. On CPU a batch-64 Jacobi pass is compute-bound (it redoes every token each
@@ -20,12 +21,21 @@ import numpy as np
 import pytest
 import torch
 
-from ntm_edge.checkpoint import load_info
+from ntm_edge.checkpoint import load_info, trained_steps
 from ntm_edge.config import get_preset
 from ntm_edge.decoding import DEFAULT_TOL
 from ntm_edge.model import NTM
+from ntm_edge.schedule import scoring_step_count
 
-STEPS = 4  # sampler steps (T); the transporter is conditioned on it
+
+def sampler_steps() -> int:
+    """The sampler's steps T (the transporter is conditioned on it): 4, or for a checkpoint trained on other
+    grids alone (`--pairwise-steps 3`) the trained count nearest 4."""
+    path = os.environ.get("NTM_SMALL_CHECKPOINT")
+    return scoring_step_count(trained_steps(path), 4) if path else 4
+
+
+STEPS = sampler_steps()
 PERTURB = 0.03  # std of the weight noise when no checkpoint is given
 GS_SEGMENTS = 2
 METHODS = {  # name -> Transporter.inverse settings (defaults otherwise: tol 1e-5, no cap but N)
@@ -73,7 +83,7 @@ def results(model, summary):
     yield rows
     m, description = model
     tr = m.transporter
-    summary.append(f"transporter inversion, {description}")
+    summary.append(f"transporter inversion, {description}, u from the {STEPS}-step sampler")
     summary.append(f"  {len(tr.blocks)} blocks x {tr.num_tokens} tokens, torch threads {torch.get_num_threads()}, "
                    f"tol {DEFAULT_TOL:g}, gs-jacobi segments {GS_SEGMENTS}; passes per block in inversion order")
     summary.append(f"  {'batch':>5}  {'method':<11} {'median ms':>10} {'vs seq':>7}  {'passes':<24} {'max abs diff':>12}")
