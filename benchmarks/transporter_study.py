@@ -156,11 +156,11 @@ class Study:
     def train_row(self, ckpt: Path, name: str, steps: int, seed: int) -> float:
         """Train one row's model into ``ckpt`` -> the CPU seconds of all its training (a pretraining included).
         A model trained before (its seconds recorded beside it) is not trained again: a row can share it."""
-        spent = ckpt.with_suffix(".cpu_s")
-        if spent.exists():
-            return float(json.loads(spent.read_text())["cpu_s"])  # its step count: checked before (trained_for)
+        record = cpu_record(ckpt)
+        if record is not None:
+            return record["cpu_s"]  # its step count: checked before any training (main)
         cpu = self._train_row(ckpt, name, steps, seed)
-        spent.write_text(json.dumps({"steps": steps, "cpu_s": cpu}))
+        ckpt.with_suffix(".cpu_s").write_text(json.dumps({"steps": steps, "cpu_s": cpu}))
         return cpu
 
     def _train_row(self, ckpt: Path, name: str, steps: int, seed: int) -> float:
@@ -194,12 +194,15 @@ class Study:
         return json.loads(out.read_text())
 
 
-def trained_for(ckpt: Path) -> int | None:
-    """The step count a row's model in ``ckpt`` was trained for (its .cpu_s record), or None: not trained
-    yet, or recorded before the record held it (seconds alone)."""
+def cpu_record(ckpt: Path) -> dict | None:
+    """The record beside a row's trained model in ``ckpt``: {"steps": its step count (None in a record written
+    before it held one: seconds alone), "cpu_s": its training's CPU seconds}; None: not trained yet."""
     spent = ckpt.with_suffix(".cpu_s")
-    record = json.loads(spent.read_text()) if spent.exists() else None
-    return int(record["steps"]) if isinstance(record, dict) else None
+    if not spent.exists():
+        return None
+    record = json.loads(spent.read_text())
+    return {"steps": int(record["steps"]), "cpu_s": float(record["cpu_s"])} if isinstance(record, dict) else \
+        {"steps": None, "cpu_s": float(record)}
 
 
 def per_level(act: list[list[dict]], K: int, key: str, fmt: str) -> str:
@@ -343,7 +346,8 @@ def main() -> None:
     stale = {f"{name} seed {r['seed']}: {r['steps']}" for name in args.rows for r in state["results"].get(name, [])
              if r["steps"] != steps_of(name)}
     stale |= {f"{name} seed {seed}: {was}" for name in args.rows for seed in args.seeds
-              if (was := trained_for(args.out / f"{model_of(name)}_s{seed}")) not in (None, steps_of(name))}
+              if (was := (cpu_record(args.out / f"{model_of(name)}_s{seed}") or {}).get("steps"))
+              not in (None, steps_of(name))}
     if stale:
         raise SystemExit(f"{args.out} holds runs of other step counts than this call's ({'; '.join(sorted(stale))} "
                          f"steps); use their --ntm-steps, or choose another --out")

@@ -82,6 +82,11 @@ def test_one_tiny_row_end_to_end(tmp_path):
     (out / "study.json").write_text(json.dumps({**state, "results": {}}))
     more = study("--ntm-steps", "5", "--seeds", "0", "--rows", "ntm_0", "--out", str(out))
     assert more.returncode == 1 and "(ntm_0 seed 0: 3 steps)" in more.stderr
+    # a record of seconds alone (written before it held the steps) is still read, and its model reused
+    (out / "ntm_0_s0.cpu_s").write_text("12.5")
+    same = study("--ntm-steps", "3", "--seeds", "0", "--rows", "ntm_0", "--num-samples", "40", "--out", str(out))
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert json.loads((out / "study.json").read_text())["results"]["ntm_0"][0]["cpu_s"] == 12.5
 
 
 def test_a_small_study_shares_one_fm_model_between_its_4_and_2_step_rows(tmp_path):
