@@ -358,6 +358,10 @@ def _shapes(model: NTM) -> dict:
 def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
     old = {**dataclasses.asdict(TrainArgs()), **state["args"]}  # older states lack newer fields
     shape = list(_TRANSPORTER_ARGS.values())
+    weight = state["config"].get("x0_mse_weight", 0.0)  # the weight the run trains with (given or the preset's)
+    if args.x0_mse_weight is not None and args.x0_mse_weight != weight:
+        raise ConfigError(f"{out} was trained with --x0-mse-weight {weight!r}; resume it with the same value "
+                          f"(got {args.x0_mse_weight!r})")
     for key in ("dataset", "preset", "objective", "init_from", *shape, "x0_mse_space", "transporter_lr_scale",
                 "pairwise_steps"):
         if key in shape and getattr(args, key) is None:
@@ -423,8 +427,8 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
     if config is None:
         kind = TEXT_ENCODERS[args.text_encoder] if args.text_encoder else PRESET_TEXT_ENCODERS[args.preset]
         config = preset.with_data(data.channels, data.class_names).with_text_encoder(kind).for_objective(args.objective)
-        if args.x0_mse_weight is not None:
-            config = dataclasses.replace(config, x0_mse_weight=args.x0_mse_weight)
+    if state is None and args.x0_mse_weight is not None:  # a fresh run or a finetune; a resumed run keeps its own
+        config = dataclasses.replace(config, x0_mse_weight=args.x0_mse_weight).validate()
     if state is None and args.transporter_shape():
         transporter = dataclasses.replace(config.transporter, **args.transporter_shape())
         config = dataclasses.replace(config, transporter=transporter).validate()

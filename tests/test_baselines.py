@@ -92,6 +92,19 @@ def test_finetuning_trains_and_moves_away_from_identity(fm_checkpoint, tmp_path)
               **quiet())
 
 
+def test_finetuning_takes_the_given_hybrid_weight(fm_checkpoint, tmp_path):
+    """--x0-mse-weight applies to a finetune as to a fresh run (it was silently the preset's), and a resume
+    keeps the run's weight."""
+    for weight, shown in ((None, 0.0), (0.5, 0.5)):  # tiny's preset weight is 0
+        out = tmp_path / f"ft{shown}"
+        train(TrainArgs(dataset="digits", preset="tiny", init_from=str(fm_checkpoint), steps=2, batch_size=4,
+                        x0_mse_weight=weight, out=str(out), eval_images=0), **quiet())
+        assert NTM.from_pretrained(out).config.x0_mse_weight == shown
+    train(TrainArgs(dataset="digits", preset="tiny", init_from=str(fm_checkpoint), steps=3, batch_size=4,
+                    out=str(out), eval_images=0), resume=True, **quiet())
+    assert NTM.from_pretrained(out).config.x0_mse_weight == 0.5
+
+
 def test_bad_objective():
     with pytest.raises(ConfigError, match="ntm, gaussian, fm"):
         get_preset("tiny").for_objective("gan")

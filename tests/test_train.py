@@ -79,6 +79,9 @@ def test_refuses_to_overwrite_a_checkpoint(trained_tiny, tmp_path):
         train(TrainArgs(dataset="digits", preset="tiny", steps=5, out=str(copy)), resume=True, **quiet())
     with pytest.raises(ConfigError, match="trained with --dataset .digits.; resume it with the same value"):
         train(TrainArgs(dataset="mnist5k", preset="tiny", steps=500, out=str(copy)), resume=True, **quiet())
+    with pytest.raises(ConfigError, match="trained with --x0-mse-weight 0.0; resume it with the same value .got 0.5."):
+        train(TrainArgs(dataset="digits", preset="tiny", steps=500, x0_mse_weight=0.5, out=str(copy)), resume=True,
+              **quiet())
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
 
 
