@@ -24,18 +24,17 @@ import torch
 from ntm_edge.checkpoint import load_info, trained_steps
 from ntm_edge.config import get_preset
 from ntm_edge.decoding import DEFAULT_TOL
+from ntm_edge.errors import NtmError
 from ntm_edge.model import NTM
 from ntm_edge.schedule import scoring_step_count
 
 
-def sampler_steps() -> int:
+def sampler_steps(path: str | None) -> int:
     """The sampler's steps T (the transporter is conditioned on it): 4, or for a checkpoint trained on other
     grids alone (`--pairwise-steps 3`) the trained count nearest 4."""
-    path = os.environ.get("NTM_SMALL_CHECKPOINT")
     return scoring_step_count(trained_steps(path), 4) if path else 4
 
 
-STEPS = sampler_steps()
 PERTURB = 0.03  # std of the weight noise when no checkpoint is given
 GS_SEGMENTS = 2
 METHODS = {  # name -> Transporter.inverse settings (defaults otherwise: tol 1e-5, no cap but N)
@@ -48,31 +47,35 @@ ROUNDS = {1: 25, 64: 5}
 
 
 @pytest.fixture(scope="module")
-def model() -> tuple[NTM, str]:
+def model() -> tuple[NTM, str, int]:
+    """(model, its description, the sampler's steps T). A bad NTM_SMALL_CHECKPOINT fails here, in one line."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     path = os.environ.get("NTM_SMALL_CHECKPOINT")
     if path:
-        step = load_info(path).get("step")
-        return NTM.from_pretrained(path).eval(), f"trained checkpoint {path} (step {step})"
+        try:
+            step = load_info(path).get("step")
+            return NTM.from_pretrained(path).eval(), f"trained checkpoint {path} (step {step})", sampler_steps(path)
+        except NtmError as e:
+            pytest.fail(f"NTM_SMALL_CHECKPOINT: {e}", pytrace=False)
     torch.manual_seed(0)
     m = NTM(get_preset("small").with_data(1, tuple("0123456789"))).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in m.transporter.parameters():
             p.add_(torch.randn(p.shape, generator=g) * PERTURB)
-    return m, f"UNTRAINED small preset, transporter weights + N(0, {PERTURB}^2) (set NTM_SMALL_CHECKPOINT)"
+    return m, f"UNTRAINED small preset, transporter weights + N(0, {PERTURB}^2) (set NTM_SMALL_CHECKPOINT)", 4
 
 
 @pytest.fixture(scope="module")
 def inputs(model):
     """batch -> (u (B, C, H, W), t0, x from sequential decoding)."""
-    m, _ = model
+    m, _, steps = model
     out = {}
     for B in BATCHES:
         ids, mask = m.tokenize([str(i % 10) for i in range(B)])
-        u, t0 = m.sample_u(ids, mask, STEPS, np.random.default_rng(B), 0.0, m.config.t_min_sample)
+        u, t0 = m.sample_u(ids, mask, steps, np.random.default_rng(B), 0.0, m.config.t_min_sample)
         with torch.no_grad():
-            out[B] = u, t0, m.transporter.inverse(u, t0, STEPS)
+            out[B] = u, t0, m.transporter.inverse(u, t0, steps)
     return out
 
 
@@ -81,9 +84,9 @@ def results(model, summary):
     """(method, batch) -> (median seconds, report, max abs diff); the table is built at teardown."""
     rows: dict = {}
     yield rows
-    m, description = model
+    m, description, steps = model
     tr = m.transporter
-    summary.append(f"transporter inversion, {description}, u from the {STEPS}-step sampler")
+    summary.append(f"transporter inversion, {description}, u from the {steps}-step sampler")
     summary.append(f"  {len(tr.blocks)} blocks x {tr.num_tokens} tokens, torch threads {torch.get_num_threads()}, "
                    f"tol {DEFAULT_TOL:g}, gs-jacobi segments {GS_SEGMENTS}; passes per block in inversion order")
     summary.append(f"  {'batch':>5}  {'method':<11} {'median ms':>10} {'vs seq':>7}  {'passes':<24} {'max abs diff':>12}")
@@ -104,16 +107,16 @@ def results(model, summary):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", list(METHODS))
 def test_inversion(benchmark, model, inputs, results, name, batch):
-    tr = model[0].transporter
+    tr, steps = model[0].transporter, model[2]
     u, t0, reference = inputs[batch]
     settings = METHODS[name]
     with torch.no_grad():
-        x, report = tr.inverse_with_report(u, t0, STEPS, **settings)
+        x, report = tr.inverse_with_report(u, t0, steps, **settings)
     err = (x - reference).abs().max().item()
 
     def run():
         with torch.no_grad():
-            return tr.inverse(u, t0, STEPS, **settings)
+            return tr.inverse(u, t0, steps, **settings)
 
     benchmark.group = f"inversion, batch {batch}"
     benchmark.extra_info.update(passes=report.block_iterations, max_abs_diff=err)
