@@ -6,7 +6,9 @@ Markdown table. Two sizes (``--preset``):
 - ``small``: the default model's size, mnist5k (28x28) with MiniLM prompts, pairwise on the 4-step grid,
   about 20 minutes of one thread per model at 1774 steps (``--ntm-steps 1774``, the README's table);
   its ``2`` rows (``s_ntm2``, ``s_id2``, ``s_fm2``) make the same comparison on the 2-step grid (trained on
-  it alone, sampled at 2 steps; ``s_fm2`` samples ``s_fm``'s model at 2 steps, trained once for both).
+  it alone, sampled at 2 steps; ``s_fm2`` samples ``s_fm``'s model at 2 steps, trained once for both);
+  ``s_ft`` and ``s_idft`` are the paper's route: one FM run per seed for half the budget, finetuned for the
+  other half into the NTM and into the identity ablation (``train --init-from``, with mean alignment).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transporter_study.py --out runs/transporter_study \
         [--preset tiny|small] [--ntm-steps 600] [--seeds 0 1] [--rows ntm_u ntm_0 ...] [--guidance 0 0.5 1] \
@@ -93,6 +95,11 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "s_id2": ("identity f_T + learned scale, NLL only, 2-step grid, at the NTM's CPU seconds",
               ["--transporter-blocks", "0", "--x0-mse-weight", "0", "--pairwise-steps", "2"]),
     "s_fm2": ("FM, Euler at 2 steps (the s_fm model)", []),  # trains nothing of its own (SAME_MODEL)
+    # the paper's route at the default model's size: FM for half the NTM's seconds, then finetuned (PRETRAINED)
+    "s_ft": ("NTM finetuned from FM: FM for half the NTM's CPU seconds, then NTM, NLL + mean alignment",
+             ["--x0-mse-weight", "0", "--pairwise-steps", "4"]),
+    "s_idft": ("identity f_T + learned scale finetuned from the same FM model, NLL + mean alignment",
+               ["--transporter-blocks", "0", "--x0-mse-weight", "0", "--pairwise-steps", "4"]),
 }
 # rows sampled (and scored) at another step count than 4
 SAMPLE_STEPS = {"s_ntm2": 2, "s_id2": 2, "s_fm2": 2}
@@ -104,9 +111,38 @@ PRESETS: dict[str, tuple[list[str], str]] = {
     "tiny": (["--dataset", "digits", "--preset", "tiny", "--batch-size", "64", "--lr", "2e-3"], "ntm_0"),
     "small": (["--dataset", "mnist5k", "--preset", "small", "--text-encoder", "minilm", "--batch-size", "64"], "s_ntm"),
 }
-# rows that start from a flow-matching run of their own: it takes this share of the row's steps, and its
-# CPU seconds count in the row's (the NTM finetune reads it with --init-from and runs the rest)
-PRETRAINED = {"ntm_ft": 0.5}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrain:
+    """A row that starts from a flow-matching run: FM takes ``share`` of the row's budget (in NTM steps), the
+    finetune (``--init-from`` the FM model) the rest, each converted to its own steps at equal CPU seconds by
+    ``fm_scale`` and ``ft_scale`` (steps per NTM step). The FM run's CPU seconds count in the row's. ``owner``:
+    the row whose FM run (same seed) this row finetunes too, trained once. ``--calibrate`` leaves these
+    ratios as they are (it measures the from-scratch rows)."""
+
+    share: float
+    fm_row: str  # the preset's FM row: its training arguments
+    fm_scale: float = 1.0
+    ft_scale: float = 1.0
+    owner: str | None = None
+
+    def steps(self, budget: int) -> tuple[int, int]:
+        """-> (FM steps, finetune steps) of a row whose budget is ``budget`` NTM steps."""
+        fm_share = max(1, round(budget * self.share))
+        return max(1, round(fm_share * self.fm_scale)), max(1, round((budget - fm_share) * self.ft_scale))
+
+    def fm_dir(self, row: str, seed: int | str, out: Path) -> Path:
+        return out / f"{self.owner or row}_s{seed}_fm"
+
+
+# A finetune step costs more than a from-scratch step (the frozen teacher's forward pass for the mean
+# alignment): on `small`, pairwise T = 4, one thread, side by side, 2026-12-07 (the slope between a 5- and a
+# 45-step run): NTM 0.862, NTM finetune 1.168, identity finetune 0.996 CPU s/step, so 1774 NTM steps' seconds
+# are 1309 finetune steps, 1536 identity-finetune steps
+PRETRAINED = {"ntm_ft": Pretrain(0.5, "fm"),
+              "s_ft": Pretrain(0.5, "s_fm", 2269 / 1774, 1309 / 1774),
+              "s_idft": Pretrain(0.5, "s_fm", 2269 / 1774, 1536 / 1774, owner="s_ft")}
 # rows that train --ntm-steps x this many steps: the ratio of CPU seconds per step measured side by side
 # (one thread, 800 steps, 2 seeds, in this study's first run) of the NTM (`ntm_0`: 276 s) and the row's
 # model (`id_0`: 241 s, `fm`: 70 s, `ntm_pw`: 89.5 s), so that the row gets the NTM's compute
@@ -166,13 +202,13 @@ class Study:
     def _train_row(self, ckpt: Path, name: str, steps: int, seed: int) -> float:
         if name not in PRETRAINED:
             return self.train(ckpt, steps, ROWS[name][1], seed)
-        fm_steps = max(1, round(steps * PRETRAINED[name]))
-        fm = ckpt.with_name(ckpt.name + "_fm")
-        spent = fm.with_suffix(".cpu_s")  # the pretraining's CPU seconds, kept for a resumed study
+        pre = PRETRAINED[name]
+        fm_steps, ft_steps = pre.steps(steps)
+        fm = pre.fm_dir(name, seed, ckpt.parent)
+        spent = fm.with_suffix(".cpu_s")  # the pretraining's CPU seconds, kept for a resumed study (and its sharer)
         if not spent.exists():
-            spent.write_text(str(self.train(fm, fm_steps, ["--objective", "fm"], seed)))
-        return float(spent.read_text()) + self.train(ckpt, steps - fm_steps,
-                                                     [*ROWS[name][1], "--init-from", str(fm)], seed)
+            spent.write_text(str(self.train(fm, fm_steps, ROWS[pre.fm_row][1], seed)))
+        return float(spent.read_text()) + self.train(ckpt, ft_steps, [*ROWS[name][1], "--init-from", str(fm)], seed)
 
     def per_step_cost(self, root: Path, name: str, extra: list[str]) -> float:
         """CPU seconds per training step of a row: the slope between a 20- and an 80-step run."""
@@ -305,8 +341,15 @@ def main() -> None:
                       f"{SAMPLE_STEPS.get(name, 4)} steps")
                 continue
             steps = round(args.ntm_steps * STEP_SCALE.get(name, 1.0))
-            cmd = study.train_cmd(args.out / f"{name}_sSEED", steps, ROWS[name][1], "SEED")
-            print(f"{name}: {ROWS[name][0]}\n  ntm-edge {' '.join(cmd[cmd.index('train'):])}"
+            cmds = [study.train_cmd(args.out / f"{name}_sSEED", steps, ROWS[name][1], "SEED")]
+            if pre := PRETRAINED.get(name):  # the FM run, then the finetune
+                fm_steps, ft_steps = pre.steps(steps)
+                fm = pre.fm_dir(name, "SEED", args.out)
+                cmds = [study.train_cmd(fm, fm_steps, ROWS[pre.fm_row][1], "SEED"),
+                        study.train_cmd(args.out / f"{name}_sSEED", ft_steps, [*ROWS[name][1], "--init-from", str(fm)],
+                                        "SEED")]
+            shown = "".join(f"\n  ntm-edge {' '.join(cmd[cmd.index('train'):])}" for cmd in cmds)
+            print(f"{name}: {ROWS[name][0]}{shown}"
                   + (f"\n  sampled at {SAMPLE_STEPS[name]} steps" if name in SAMPLE_STEPS else ""))
         return
     args.out.mkdir(parents=True, exist_ok=True)
@@ -333,13 +376,15 @@ def main() -> None:
             tmp.write_text(json.dumps(state, indent=1))
             tmp.replace(state_path)
     for name in dict.fromkeys(map(model_of, [unit, *args.rows])) if args.calibrate else []:  # the NTM's: the unit
-        if name not in state["cost"]:
+        if name not in state["cost"] and name not in PRETRAINED:
             state["cost"][name] = study.per_step_cost(args.out, name, ROWS[name][1])
             print(f"{name}: {state['cost'][name]:.3f} CPU s/step", flush=True)
             save()
     budget = args.ntm_steps * state["cost"][unit] if args.calibrate else 0.0
 
     def steps_of(name: str) -> int:
+        if name in PRETRAINED:  # a budget in NTM steps, split by the row's fixed ratios (not calibrated)
+            return args.ntm_steps
         return max(1, round(budget / state["cost"][model_of(name)])) if args.calibrate else \
             round(args.ntm_steps * STEP_SCALE.get(model_of(name), 1.0))
     # before any training: a model or result of this folder at another step count would join the table silently

@@ -25,6 +25,7 @@ def test_small_plan_gives_every_row_the_ntms_cpu_seconds(tmp_path):
     done = study("--preset", "small", "--ntm-steps", "1774", "--plan", "--out", str(out))
     assert done.returncode == 0, done.stderr
     commands = dict(re.findall(r"^(\w+): .*\n  (ntm-edge train .*)$", done.stdout, re.M))
+    finetunes = {name: commands.pop(name) for name in ("s_ft", "s_idft")}  # their FM runs: below
     assert list(commands) == ["s_ntm", "s_id", "s_ntm_x", "s_id_x", "s_fm", "s_ntm2", "s_id2"]
     steps = {name: int(re.search(r"--steps (\d+)", cmd).group(1)) for name, cmd in commands.items()}
     # the per-step costs measured side by side: 1774 NTM, 2245 identity, 2269 FM steps in ~1196 s each
@@ -36,6 +37,15 @@ def test_small_plan_gives_every_row_the_ntms_cpu_seconds(tmp_path):
         assert re.findall(r"--pairwise-steps (\d+)", cmd) == ([grid] if grid else [])
         assert ("--transporter-blocks 0" in cmd) == name.startswith("s_id")
     assert "s_fm2: FM, Euler at 2 steps (the s_fm model)\n  the model of s_fm, sampled at 2 steps" in done.stdout
+    # the finetuned rows: FM for half the budget (its steps at FM's cost), then the finetune (at its own cost),
+    # both from one FM run per seed
+    fm = f"{out}/s_ft_sSEED_fm"
+    for name, ft_steps, blocks in (("s_ft", 654, False), ("s_idft", 768, True)):
+        assert finetunes[name].endswith(f"--steps 1134 --checkpoint-every 100000 --eval-images 0 --seed SEED "
+                                        f"--device cpu --out {fm} --objective fm --x0-mse-weight 0")
+        ft = re.search(rf"^{name}: .*\n  .*\n  (ntm-edge train .*)$", done.stdout, re.M).group(1)
+        assert f"--steps {ft_steps} " in ft and ft.endswith(f"--pairwise-steps 4 --init-from {fm}")
+        assert ("--transporter-blocks 0" in ft) == blocks
     assert not out.exists()  # a plan trains and writes nothing
 
 
@@ -44,7 +54,7 @@ def test_refuses_rows_of_the_other_preset_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == ("transporter_study.py: error: rows ntm_0 are not rows of "
                                                     "--preset small (its rows: s_ntm, s_id, s_ntm_x, s_id_x, s_fm, s_ntm2, "
-                                                    "s_id2, s_fm2)")
+                                                    "s_id2, s_fm2, s_ft, s_idft)")
     done = study("--plan", "--calibrate", "--out", str(tmp_path / "c"))  # its step counts would not be the run's
     assert done.returncode == 2 and "--calibrate measures its own first" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "c").exists()
@@ -105,3 +115,22 @@ def test_a_small_study_shares_one_fm_model_between_its_4_and_2_step_rows(tmp_pat
     table = (tmp_path / "table.md").read_text().splitlines()
     assert table[2].startswith("| FM, Euler, at the NTM's CPU seconds | 3 | ") and "| 4 | - |" in table[2]
     assert table[3].startswith("| FM, Euler at 2 steps (the s_fm model) | 3 | ") and "| 2 | - |" in table[3]
+
+
+def test_the_finetuned_rows_share_one_fm_run_and_count_its_seconds(tmp_path):
+    """s_ft and s_idft finetune one FM model per seed (trained once, by the first of them), and each row's
+    CPU seconds are the FM run's plus its own finetune's."""
+    out = tmp_path / "study"
+    done = study("--preset", "small", "--ntm-steps", "4", "--seeds", "0", "--rows", "s_ft", "s_idft",
+                 "--num-samples", "40", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["s_ft_s0", "s_ft_s0_fm", "s_idft_s0"]
+    fm_cpu = float((out / "s_ft_s0_fm.cpu_s").read_text())
+    for name, ft_steps in (("s_ft", 1), ("s_idft", 2)):  # the other half of 4 NTM steps: 2 x 1309 / 1774, 2 x 1536 / 1774
+        ckpt = out / f"{name}_s0"
+        info = json.loads((ckpt / "checkpoint.json").read_text())
+        assert info["step"] == ft_steps and info["objective"] == "ntm"
+        (run,) = json.loads((out / "study.json").read_text())["results"][name]
+        assert run["steps"] == 4 and run["cpu_s"] > fm_cpu > 0
+    assert json.loads((out / "s_ft_s0_fm" / "checkpoint.json").read_text())["step"] == 3  # 2 x 2269 / 1774
+    assert "finetuning from" in (out / "s_idft_s0.log").read_text()
