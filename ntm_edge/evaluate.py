@@ -5,6 +5,8 @@ measures it, side by side."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -20,6 +22,9 @@ def heldout_likelihood(model: NTM, images: np.ndarray, labels: np.ndarray, steps
 
     Returns trajectory nats/dim (the exact NLL of the sampled trajectory, over D = C H W) and
     bits/dim: the variational bound on -log p(x0) on the 8-bit scale. Deterministic for a seed.
+    ``bits_per_dim_se``: the standard error of that mean over the images (each scored on one trajectory),
+    the noise of the figure itself; two models scored with one seed share their draws, so their difference
+    is less noisy than this says.
     """
     steps = steps or model.config.steps
     t_min = model.config.t_min_sample if t_min is None else t_min
@@ -36,12 +41,15 @@ def heldout_likelihood(model: NTM, images: np.ndarray, labels: np.ndarray, steps
         ids = torch.from_numpy(model.vocab.ids_for_labels(labels[i : i + batch_size])).to(model.device)
         total.append(model.trajectory_nll(traj, ids).double().cpu())
     model.train(was_training)
-    nats = float(torch.cat(total).mean()) / D
+    per_image = torch.cat(total) / D  # nats per dim of each image's trajectory
+    nats = float(per_image.mean())
+    se = float(per_image.std() / math.sqrt(len(per_image))) / math.log(2) if len(per_image) > 1 else float("nan")
     return {
         "steps": steps,
         "t_min": t_min,
         "trajectory_nats_per_dim": nats,
         "bits_per_dim": float(schedule.bound_bits_per_dim(nats, schedule.time_grid(steps, t_min, model.config.shift))),
+        "bits_per_dim_se": se,  # the bound is the mean NLL plus a constant: the same standard error, in bits
         "num_images": int(len(images)),
     }
 
@@ -158,8 +166,8 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
                                                      batch_size=batch)}
         kw = dict(steps=T, seed=seed, guidance=guidance, final=final, denoiser=denoiser, temperature=temperature)
         row.update(sampled_quality(lambda p, kw=kw: sample_images(model, p, **kw), prompts, labels, clf, test.images))
-        log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
-            f"prompt accuracy {row['prompt_accuracy']:.3f}")
+        log(f"T = {T:3d}: {row['bits_per_dim']:.3f} (+- {row['bits_per_dim_se']:.3f}) bits/dim, "
+            f"Frechet {row['frechet']:.2f}, prompt accuracy {row['prompt_accuracy']:.3f}")
         if cfg.prompt.kind != "label":  # free-form text: the training templates against unseen paraphrases
             row["captions"] = paraphrase_report(model, clf, guidance=guidance, seed=seed, steps=T, final=final,
                                                denoiser=denoiser, temperature=temperature)

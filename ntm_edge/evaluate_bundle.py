@@ -54,13 +54,16 @@ def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samp
     rows = []
     for T in steps:
         bound = image_bound(rt, test.images, test_prompts, steps=T, trajectories=1, seed=seed)
-        row = {"steps": int(T), "bits_per_dim": float(np.mean(bound["bits_per_dim"])),
+        per_image = np.asarray(bound["bits_per_dim"], dtype=np.float64)
+        row = {"steps": int(T), "bits_per_dim": float(per_image.mean()),
+               "bits_per_dim_se": float(per_image.std(ddof=1) / np.sqrt(len(per_image))) if len(per_image) > 1
+               else float("nan"),  # as evaluate.heldout_likelihood's: the noise of the mean over the images
                "trajectory_nats_per_dim": float(np.mean(bound["trajectory_nats_per_dim"])), "t_min": bound["t_min"],
                "num_images": int(len(test.images))}
         kw = dict(steps=T, seed=seed, guidance=guidance, final=final, temperature=temperature)
         row.update(sampled_quality(lambda p, kw=kw: generate(rt, p, **kw).images, prompts, labels, clf, test.images))
-        log(f"T = {T:3d}: {row['bits_per_dim']:.3f} bits/dim, Frechet {row['frechet']:.2f}, "
-            f"prompt accuracy {row['prompt_accuracy']:.3f} ({rt.precision})")
+        log(f"T = {T:3d}: {row['bits_per_dim']:.3f} (+- {row['bits_per_dim_se']:.3f}) bits/dim, "
+            f"Frechet {row['frechet']:.2f}, prompt accuracy {row['prompt_accuracy']:.3f} ({rt.precision})")
         rows.append(row)
     return {
         "bundle": str(bundle), "precision": rt.precision, "providers": rt.providers, "objective": cfg.objective,

@@ -48,6 +48,30 @@ def test_eval_report(report, trained_tiny):
     # real data than noise does (noise is > 100 in this feature space, see test_metrics)
     assert row["prompt_accuracy"] > 0.3, row  # chance is 0.10; guidance 2 sharpens the prompt
     assert r["real_data"]["frechet"] < row["frechet"] < 100
+    assert 0 < row["bits_per_dim_se"] < 0.5
+
+
+def test_bits_per_dim_standard_error_predicts_the_spread_over_draws(trained_tiny):
+    """With one image repeated, the images differ only by their draws (dequantisation, trajectory), which a
+    seed renews: the spread of the mean over seeds is then what the standard error estimates (units: bits,
+    and the 1/sqrt(N))."""
+    import numpy as np
+
+    from ntm_edge import NTM
+    from ntm_edge.data import load_dataset
+    from ntm_edge.evaluate import heldout_likelihood
+
+    model = NTM.from_pretrained(trained_tiny[0])
+    test = load_dataset("digits", "test", image_size=8)
+    images, labels = np.repeat(test.images[:1], 128, axis=0), np.repeat(test.labels[:1], 128)
+    runs = [heldout_likelihood(model, images, labels, seed=seed) for seed in range(64)]
+    spread = float(np.std([r["bits_per_dim"] for r in runs], ddof=1))
+    se = float(np.mean([r["bits_per_dim_se"] for r in runs]))
+    # 64 draws estimate a std within about +-10%: bits, not nats (a factor 1.44), and the 1/sqrt(N)
+    assert 0.75 < spread / se < 1.3, (spread, se)
+    quarter = np.mean([heldout_likelihood(model, images[:32], labels[:32], seed=seed)["bits_per_dim_se"]
+                       for seed in range(16)])
+    assert 1.6 < quarter / se < 2.5  # a quarter of the images: twice the error
 
 
 def test_compare_table_and_plot(report, tmp_path):
