@@ -33,7 +33,8 @@ def load(pattern: str, steps: int, num_samples: int) -> dict[str, dict[tuple[flo
         try:
             record = json.loads(Path(path).read_text())
             row = record["rows"][0]
-            key = (float(record["guidance"]), float(record["temperature"]))
+            # a record written before `eval --temperature` existed sampled at temperature 1
+            key = (float(record["guidance"]), float(record.get("temperature", 1.0)))
         except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             raise SystemExit(f"{path}: not an `ntm-edge eval` record ({e.__class__.__name__}: {e})") from None
         if row["steps"] != steps or record["num_samples"] != num_samples:

@@ -58,3 +58,15 @@ def test_counts_only_the_asked_steps_and_refuses_a_second_record_of_one_setting(
     (tmp_path / "pw3-nll-s9-T3-g0-broken.json").write_text("{}")
     done = table("--steps", "3", f"NTM={tmp_path}/pw3-nll-s9*.json")
     assert done.returncode == 1 and "not an `ntm-edge eval` record" in done.stderr
+
+
+def test_reads_records_written_before_temperatures_existed():
+    """The 4-step records of the third pass predate `eval --temperature`: they sampled at temperature 1."""
+    old = json.loads((RECORDS / "pw4-nll-s0-2x-g0.25-n2000.json").read_text())
+    assert "temperature" not in old
+    done = table("--steps", "4", f"NTM={RECORDS}/pw4-nll-s0-2x-g0.25-n2000.json",
+                 f"NTM t={RECORDS}/pw4-nll-s0-2x-g0.1-t0.9-n2000.json")
+    assert done.returncode == 0, done.stderr
+    head, row = cells(done.stdout.splitlines()[0]), cells(done.stdout.splitlines()[2])
+    assert {"g 0.25, tau 1", "g 0.1, tau 0.9"} <= set(head)
+    assert row[head.index("g 0.25, tau 1")] == f"{old['rows'][0]['frechet']:.2f} / {old['rows'][0]['prompt_accuracy']:.3f}"
