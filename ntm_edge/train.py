@@ -157,6 +157,9 @@ class TrainArgs:
                 raise ConfigError("--pairwise-steps sets pairwise training's grids; this run "
                                   + ("trains flow matching" if self.objective == "fm" else f"trains {mode}")
                                   + " (pass --mode pairwise)" * (self.objective != "fm"))
+        if not (isinstance(self.align_weight, (int, float)) and math.isfinite(self.align_weight)
+                and self.align_weight >= 0):
+            raise ConfigError(f"--align-weight must be a number >= 0, got {self.align_weight!r}")
         if self.x0_mse_space not in X0_SPACES:
             raise ConfigError(f"unknown --x0-mse-space {self.x0_mse_space!r}; choose one of: {', '.join(X0_SPACES)}")
         if not (isinstance(self.transporter_lr_scale, (int, float)) and math.isfinite(self.transporter_lr_scale)
@@ -440,6 +443,8 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
     device = torch.device(world.device)
     model = NTM(config).to(device).train()
     teacher = _init_from_fm(model, args.init_from) if args.init_from else None
+    if args.align_weight == 0:  # no mean alignment: the frozen teacher's forward pass would be wasted work
+        teacher = None
     shard = args.parallel == "fsdp" or (args.parallel == "auto" and args.preset in SHARDED_PRESETS)
     step_counts = args.pairwise_steps or STEP_COUNTS
     shown_counts = f", T in {{{', '.join(map(str, step_counts))}}}" if mode == "pairwise" else ""

@@ -85,7 +85,8 @@ def test_refuses_to_overwrite_a_checkpoint(trained_tiny, tmp_path):
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
 
 
-@pytest.mark.parametrize("bad", [{"mode": "sideways"}, {"steps": 0}, {"preset": "huge"}])
+@pytest.mark.parametrize("bad", [{"mode": "sideways"}, {"steps": 0}, {"preset": "huge"}, {"align_weight": -1.0},
+                                 {"align_weight": float("nan")}])
 def test_bad_arguments(bad, tmp_path):
     with pytest.raises(ConfigError):
         train(TrainArgs(out=str(tmp_path / "x"), **bad), **quiet())
