@@ -8,7 +8,8 @@ Markdown table. Two sizes (``--preset``):
   its ``2`` rows (``s_ntm2``, ``s_id2``, ``s_fm2``) make the same comparison on the 2-step grid (trained on
   it alone, sampled at 2 steps; ``s_fm2`` samples ``s_fm``'s model at 2 steps, trained once for both);
   ``s_ft`` and ``s_idft`` are the paper's route: one FM run per seed for half the budget, finetuned for the
-  other half into the NTM and into the identity ablation (``train --init-from``, with mean alignment).
+  other half into the NTM and into the identity ablation (``train --init-from``, with mean alignment);
+  ``s_ft_a0`` finetunes the same FM run without the alignment.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transporter_study.py --out runs/transporter_study \
         [--preset tiny|small] [--ntm-steps 600] [--seeds 0 1] [--rows ntm_u ntm_0 ...] [--guidance 0 0.5 1] \
@@ -100,6 +101,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
              ["--x0-mse-weight", "0", "--pairwise-steps", "4"]),
     "s_idft": ("identity f_T + learned scale finetuned from the same FM model, NLL + mean alignment",
                ["--transporter-blocks", "0", "--x0-mse-weight", "0", "--pairwise-steps", "4"]),
+    "s_ft_a0": ("NTM finetuned from the same FM model, NLL only (no mean alignment)",
+                ["--x0-mse-weight", "0", "--pairwise-steps", "4", "--align-weight", "0"]),
 }
 # rows sampled (and scored) at another step count than 4
 SAMPLE_STEPS = {"s_ntm2": 2, "s_id2": 2, "s_fm2": 2}
@@ -142,7 +145,8 @@ class Pretrain:
 # are 1309 finetune steps, 1536 identity-finetune steps
 PRETRAINED = {"ntm_ft": Pretrain(0.5, "fm"),
               "s_ft": Pretrain(0.5, "s_fm", 2269 / 1774, 1309 / 1774),
-              "s_idft": Pretrain(0.5, "s_fm", 2269 / 1774, 1536 / 1774, owner="s_ft")}
+              "s_idft": Pretrain(0.5, "s_fm", 2269 / 1774, 1536 / 1774, owner="s_ft"),
+              "s_ft_a0": Pretrain(0.5, "s_fm", 2269 / 1774, 1.0, owner="s_ft")}  # no teacher pass: an NTM step
 # rows that train --ntm-steps x this many steps: the ratio of CPU seconds per step measured side by side
 # (one thread, 800 steps, 2 seeds, in this study's first run) of the NTM (`ntm_0`: 276 s) and the row's
 # model (`id_0`: 241 s, `fm`: 70 s, `ntm_pw`: 89.5 s), so that the row gets the NTM's compute

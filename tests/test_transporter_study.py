@@ -25,7 +25,7 @@ def test_small_plan_gives_every_row_the_ntms_cpu_seconds(tmp_path):
     done = study("--preset", "small", "--ntm-steps", "1774", "--plan", "--out", str(out))
     assert done.returncode == 0, done.stderr
     commands = dict(re.findall(r"^(\w+): .*\n  (ntm-edge train .*)$", done.stdout, re.M))
-    finetunes = {name: commands.pop(name) for name in ("s_ft", "s_idft")}  # their FM runs: below
+    finetunes = {name: commands.pop(name) for name in ("s_ft", "s_idft", "s_ft_a0")}  # their FM runs: below
     assert list(commands) == ["s_ntm", "s_id", "s_ntm_x", "s_id_x", "s_fm", "s_ntm2", "s_id2"]
     steps = {name: int(re.search(r"--steps (\d+)", cmd).group(1)) for name, cmd in commands.items()}
     # the per-step costs measured side by side: 1774 NTM, 2245 identity, 2269 FM steps in ~1196 s each
@@ -40,11 +40,12 @@ def test_small_plan_gives_every_row_the_ntms_cpu_seconds(tmp_path):
     # the finetuned rows: FM for half the budget (its steps at FM's cost), then the finetune (at its own cost),
     # both from one FM run per seed
     fm = f"{out}/s_ft_sSEED_fm"
-    for name, ft_steps, blocks in (("s_ft", 654, False), ("s_idft", 768, True)):
+    for name, ft_steps, blocks in (("s_ft", 654, False), ("s_idft", 768, True), ("s_ft_a0", 887, False)):
         assert finetunes[name].endswith(f"--steps 1134 --checkpoint-every 100000 --eval-images 0 --seed SEED "
                                         f"--device cpu --out {fm} --objective fm --x0-mse-weight 0")
         ft = re.search(rf"^{name}: .*\n  .*\n  (ntm-edge train .*)$", done.stdout, re.M).group(1)
-        assert f"--steps {ft_steps} " in ft and ft.endswith(f"--pairwise-steps 4 --init-from {fm}")
+        assert f"--steps {ft_steps} " in ft and ft.endswith(f" --init-from {fm}") and "--pairwise-steps 4" in ft
+        assert ("--align-weight 0" in ft) == (name == "s_ft_a0")
         assert ("--transporter-blocks 0" in ft) == blocks
     assert not out.exists()  # a plan trains and writes nothing
 
@@ -54,7 +55,7 @@ def test_refuses_rows_of_the_other_preset_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == ("transporter_study.py: error: rows ntm_0 are not rows of "
                                                     "--preset small (its rows: s_ntm, s_id, s_ntm_x, s_id_x, s_fm, s_ntm2, "
-                                                    "s_id2, s_fm2, s_ft, s_idft)")
+                                                    "s_id2, s_fm2, s_ft, s_idft, s_ft_a0)")
     done = study("--plan", "--calibrate", "--out", str(tmp_path / "c"))  # its step counts would not be the run's
     assert done.returncode == 2 and "--calibrate measures its own first" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "c").exists()
