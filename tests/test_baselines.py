@@ -105,6 +105,20 @@ def test_finetuning_takes_the_given_hybrid_weight(fm_checkpoint, tmp_path):
     assert NTM.from_pretrained(out).config.x0_mse_weight == 0.5
 
 
+def test_finetuning_keeps_the_flow_matching_models_text_encoder(fm_checkpoint, tmp_path):
+    """A finetune takes the FM checkpoint's prompt encoder; a --text-encoder naming another is refused
+    before any work (it was ignored without a word), the one it has is accepted."""
+    out = tmp_path / "ft"
+    with pytest.raises(ConfigError, match=f"flow-matching model {fm_checkpoint} encodes prompts with "
+                                          "--text-encoder labels"):
+        train(TrainArgs(dataset="digits", preset="tiny", init_from=str(fm_checkpoint), steps=2, batch_size=4,
+                        text_encoder="minilm", out=str(out), eval_images=0), **quiet())
+    assert not out.exists()
+    train(TrainArgs(dataset="digits", preset="tiny", init_from=str(fm_checkpoint), steps=1, batch_size=4,
+                    text_encoder="labels", out=str(out), eval_images=0), **quiet())
+    assert NTM.from_pretrained(out).config.prompt.kind == "label"
+
+
 def test_bad_objective():
     with pytest.raises(ConfigError, match="ntm, gaussian, fm"):
         get_preset("tiny").for_objective("gan")
