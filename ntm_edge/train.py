@@ -365,8 +365,9 @@ def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
     if args.x0_mse_weight is not None and args.x0_mse_weight != weight:
         raise ConfigError(f"{out} was trained with --x0-mse-weight {weight!r}; resume it with the same value "
                           f"(got {args.x0_mse_weight!r})")
+    finetune = ("align_weight",) if old["init_from"] else ()  # the mean alignment weighs a finetune's loss
     for key in ("dataset", "preset", "objective", "init_from", *shape, "x0_mse_space", "transporter_lr_scale",
-                "pairwise_steps"):
+                "pairwise_steps", *finetune):
         if key in shape and getattr(args, key) is None:
             continue  # not given: the saved config's own
         was, now = old[key], getattr(args, key)

@@ -103,6 +103,9 @@ def test_finetuning_takes_the_given_hybrid_weight(fm_checkpoint, tmp_path):
     train(TrainArgs(dataset="digits", preset="tiny", init_from=str(fm_checkpoint), steps=3, batch_size=4,
                     out=str(out), eval_images=0), resume=True, **quiet())
     assert NTM.from_pretrained(out).config.x0_mse_weight == 0.5
+    with pytest.raises(ConfigError, match="trained with --align-weight 2.5; resume it with the same value .got 0."):
+        train(TrainArgs(dataset="digits", preset="tiny", init_from=str(fm_checkpoint), steps=4, batch_size=4,
+                        align_weight=0.0, out=str(out), eval_images=0), resume=True, **quiet())  # it was taken
 
 
 def test_finetuning_keeps_the_flow_matching_models_text_encoder(fm_checkpoint, tmp_path):
