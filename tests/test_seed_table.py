@@ -41,6 +41,17 @@ def test_the_three_step_table_from_the_committed_records():
     mean = rows[("NTM", "2")]  # the summary: mean (range) over the runs
     f = list(frechet.values())
     assert mean[col].startswith(f"{statistics.mean(f):.2f} ({max(f) - min(f):.2f}) / ")
+    # each run at its best: the lowest Frechet over its own records, and their mean (range)
+    tops = []
+    for run in ("pw3-nll-s0", "pw3-nll-s1"):
+        records = [json.loads(p.read_text()) for p in RECORDS.glob(f"{run}-T3-*-n2000.json")]
+        top = min(records, key=lambda r: r["rows"][0]["frechet"])
+        tops.append(top["rows"][0]["frechet"])
+        assert rows[("NTM", run)][-2] == (f"{top['rows'][0]['frechet']:.2f} / {top['rows'][0]['prompt_accuracy']:.3f} "
+                                          f"(g {top['guidance']:g}, tau {top['temperature']:g})")
+    assert head[-2] == "at its best" and cells(lines[lines.index("") + 1])[-1] == "each run at its best"
+    assert mean[-1].startswith(f"{statistics.mean(tops):.2f} ({max(tops) - min(tops):.2f}) / ")
+    assert all(t <= fr for t, fr in zip(tops, f, strict=True))  # a run's best is at most its tau-0.7 figure
 
 
 def test_counts_only_the_asked_steps_and_refuses_a_second_record_of_one_setting(tmp_path):
