@@ -366,8 +366,10 @@ def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
         raise ConfigError(f"{out} was trained with --x0-mse-weight {weight!r}; resume it with the same value "
                           f"(got {args.x0_mse_weight!r})")
     finetune = ("align_weight",) if old["init_from"] else ()  # the mean alignment weighs a finetune's loss
+    # the seed draws every micro-batch after a step's first (--grad-accum, ranks): another one on resume would
+    # change the run's draws without a word
     for key in ("dataset", "preset", "objective", "init_from", *shape, "x0_mse_space", "transporter_lr_scale",
-                "pairwise_steps", *finetune):
+                "pairwise_steps", "seed", *finetune):
         if key in shape and getattr(args, key) is None:
             continue  # not given: the saved config's own
         was, now = old[key], getattr(args, key)

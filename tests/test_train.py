@@ -82,6 +82,8 @@ def test_refuses_to_overwrite_a_checkpoint(trained_tiny, tmp_path):
     with pytest.raises(ConfigError, match="trained with --x0-mse-weight 0.0; resume it with the same value .got 0.5."):
         train(TrainArgs(dataset="digits", preset="tiny", steps=500, x0_mse_weight=0.5, out=str(copy)), resume=True,
               **quiet())
+    with pytest.raises(ConfigError, match="trained with --seed 0; resume it with the same value .got 5."):
+        train(TrainArgs(dataset="digits", preset="tiny", steps=500, seed=5, out=str(copy)), resume=True, **quiet())
     with pytest.raises(ConfigError, match="encodes prompts with --text-encoder labels, which it keeps; drop "
                                           "--text-encoder minilm or pass labels"):  # it was ignored
         train(TrainArgs(dataset="digits", preset="tiny", steps=500, text_encoder="minilm", out=str(copy)),
