@@ -384,13 +384,13 @@ def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
                               f"resume it with the same value (got {now!r})")
 
 
-def _check_text_encoder(args: TrainArgs, config: NTMConfig, source: str) -> None:
+def _check_text_encoder(args: TrainArgs, config: NTMConfig, resumed: bool) -> None:
     """A resumed run and a finetune keep the prompt encoder their checkpoint was trained with: a
     --text-encoder that names another one is refused (it used to be ignored without a word)."""
     if args.text_encoder is None or TEXT_ENCODERS[args.text_encoder] == config.prompt.kind:
         return
     held = next(flag for flag, kind in TEXT_ENCODERS.items() if kind == config.prompt.kind)
-    origin = args.out if source == "resumed run" else args.init_from
+    source, origin = ("resumed run", args.out) if resumed else ("flow-matching model", args.init_from)
     raise ConfigError(f"the {source} {origin} encodes prompts with --text-encoder {held}, which it keeps; "
                       f"drop --text-encoder {args.text_encoder} or pass {held}")
 
@@ -439,6 +439,8 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
         config = finetune_config(load_config(args.init_from), preset, args.objective)
     else:
         config = None
+    if config is not None:  # before the data loads: a resumed run's or a finetune's prompt encoder is its checkpoint's
+        _check_text_encoder(args, config, resumed=state is not None)
     image_size = config.image_size if config else preset.image_size
     data = load_dataset(args.dataset, "train", image_size=image_size, seed=0)
     if config is None:
@@ -449,8 +451,6 @@ def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log
     if state is None and args.transporter_shape():
         transporter = dataclasses.replace(config.transporter, **args.transporter_shape())
         config = dataclasses.replace(config, transporter=transporter).validate()
-    if state is not None or args.init_from:
-        _check_text_encoder(args, config, "resumed run" if state is not None else "flow-matching model")
     if config.prompt.class_names != data.class_names:
         raise ConfigError(f"{args.dataset} has classes {data.class_names}, the model {config.prompt.class_names}")
     mode = args.mode or PRESET_MODES[args.preset]
