@@ -57,8 +57,8 @@ def x0_target(model: NTM, x0: torch.Tensor, s: torch.Tensor, T: torch.Tensor, sp
     the transporter of the level s being predicted (where s -> 0, u_s -> f_T(x0, s): mu_P's target). With
     no transporter (Gaussian baseline, identity ablation) that is x0 exactly, the term unchanged.
     The target is held fixed within a step (no gradient), but it follows f_T from step to step, so a
-    transporter that shrinks every level still lowers the term: measured (README, "Does the transporter
-    move?"), that is mostly what f_T learns with it. Neither target is recommended over training on the
+    transporter that shrinks every level still lowers the term: measured (docs/transporter-study.md,
+    the first `tiny` study), that is mostly what f_T learns with it. Neither target is recommended over training on the
     NLL alone for moving f_T; the x-space one gives better samples at some cost in likelihood.
 
     ``space`` "x" (the default of ``train --x0-mse-space``) returns x0 itself.

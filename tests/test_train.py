@@ -60,6 +60,19 @@ def test_resume_continues_the_same_run(tmp_path, text_encoder):
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
 
 
+def test_a_resume_may_change_the_schedule(tmp_path):
+    """--lr (like --steps) is the schedule, not the model: a resume takes the new one (the README says so)."""
+    base = dict(dataset="digits", preset="tiny", batch_size=8, checkpoint_every=100, eval_images=0, seed=1)
+    train(TrainArgs(steps=3, out=str(tmp_path / "a"), **base), **quiet())
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    train(TrainArgs(steps=5, out=str(tmp_path / "a"), **base), resume=True, **quiet())
+    train(TrainArgs(steps=5, lr=TrainArgs().lr / 4, out=str(tmp_path / "b"), **base), resume=True, **quiet())
+    a, b = load_train_state(tmp_path / "a"), load_train_state(tmp_path / "b")
+    lr_a, lr_b = (s["optimizer"]["param_groups"][0]["lr"] for s in (a, b))
+    assert lr_b == pytest.approx(lr_a / 4)  # the last step ran at the new rate
+    assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_pairwise_mode_trains(tmp_path):
     args = TrainArgs(dataset="digits", preset="tiny", steps=5, batch_size=8, out=str(tmp_path / "p"),
                      mode="pairwise", eval_images=16)
