@@ -143,7 +143,8 @@ OutGrid = Annotated[Path, typer.Option(help=_GRID)]
 SaveArray = Annotated[Path | None, typer.Option(help=_ARRAY)]
 InverseMethod = Annotated[str, typer.Option(help=(
     "transporter inversion, both exact: jacobi (parallel fixed-point passes) | sequential (token by token). "
-    "Default jacobi: the faster one at batch 1 (over 10x on `small`, CPU; README, Benchmarks), as fast at batch 64"))]
+    "Default jacobi: the faster one at batch 1 (5-11x on `small`, CPU; README, 'Does the transporter move?'), "
+    "about as fast at batch 64"))]
 
 
 @app.command()

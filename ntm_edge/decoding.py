@@ -30,7 +30,9 @@ from .numerics import namespace, relative_change
 METHODS = ("jacobi", "sequential")
 # The default of `ntm-edge sample` and `ntm-edge run` (and of the samplers they call): both methods
 # are exact, and Jacobi is the faster one where it matters, at batch 1 (README "Benchmarks": 10.8x
-# on `small`, 3 passes per block instead of 48 decoding steps; as fast at batch 64 on a CPU).
+# on `small`'s near-identity transporter, 3 passes per block instead of 48 decoding steps; 5-6.5x with
+# 5-9 passes on `small` transporters that move, README "Does the transporter move?"; about as fast at
+# batch 64 on a CPU).
 DEFAULT_METHOD = "jacobi"
 # Jacobi stops once max|x_new - x| / max|x| <= tol (per example, worst example of the batch).
 # 1e-5 is ~100x the float32 rounding floor of one pass, so a converged iteration always gets there;

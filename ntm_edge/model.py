@@ -129,10 +129,11 @@ class NTM(nn.Module):
         mu, log_sigma, x0_hat = self.predictor(u_t, t, s, T, self.prompt_encoder(ids), mask)
         return schedule.step_nll(u_s, logdet_s, mu, log_sigma), mu, x0_hat
 
-    def trajectory_terms(self, traj: Trajectory, ids, mask):
+    def trajectory_terms(self, traj: Trajectory, ids, mask, per_level: bool = False):
         """All T steps of each example in one parallel pass (end-to-end mode).
 
-        -> nll (B,) in nats; mu, x0_hat (B, T, C, H, W) for steps k = 1..T (predicting level k - 1).
+        -> nll (B,) in nats (with ``per_level``: its terms (B, T + 1), ``schedule.level_nll``); mu, x0_hat
+        (B, T, C, H, W) for steps k = 1..T (predicting level k - 1).
         """
         B, K = traj.t.shape
         T = K - 1
@@ -149,12 +150,14 @@ class NTM(nn.Module):
             rep(mask),
         )
         mu, log_sigma, x0_hat = (v.reshape(B, T, *shape) for v in (mu, log_sigma, x0_hat))
-        return schedule.trajectory_nll(u, logdet, mu, log_sigma), mu, x0_hat
+        levels = schedule.level_nll(u, logdet, mu, log_sigma)
+        return (levels if per_level else schedule.sum_levels(levels)), mu, x0_hat
 
-    def trajectory_nll(self, traj: Trajectory, prompts) -> torch.Tensor:
-        """Exact negative log-likelihood of each trajectory in nats, (B,)."""
+    def trajectory_nll(self, traj: Trajectory, prompts, per_level: bool = False) -> torch.Tensor:
+        """Exact negative log-likelihood of each trajectory in nats, (B,); with ``per_level`` its terms
+        (B, T + 1) ordered t_0 .. t_T (``schedule.level_nll``), whose ``schedule.sum_levels`` it is."""
         ids, mask = self.tokenize(prompts)
-        return self.trajectory_terms(traj, ids, mask)[0]
+        return self.trajectory_terms(traj, ids, mask, per_level)[0]
 
     # -- sampling (Algorithm 2) -------------------------------------------------------------------
 

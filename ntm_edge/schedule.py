@@ -201,13 +201,27 @@ def trajectory_nll(u, logdet, mu, log_sigma):
     u (B, K, ...): f_T of every level t_0 .. t_T; logdet (B, K); mu, log_sigma (B, T, ...): entry
     k - 1 is f_P's Gaussian over level k - 1 given level k -> (B,).
     """
+    return sum_levels(level_nll(u, logdet, mu, log_sigma))
+
+
+def level_nll(u, logdet, mu, log_sigma):
+    """``trajectory_nll`` one level at a time (same arguments) -> (B, K) ordered t_0 .. t_T: entry k < T
+    is -log p(x_tk | x_tk+1), the step that draws level k, and entry T the top level's N(0, I) term.
+    Compared between two models on the same trajectories, it says which step a likelihood gain is in."""
     xp = namespace(u)
     B, K = logdet.shape
     T = K - 1
     flat = lambda v: v.reshape(B * T, *v.shape[2:])  # noqa: E731  (B, T, ...) -> (B*T, ...)
     steps = step_nll(flat(u[:, :-1]), logdet[:, :-1].reshape(B * T), flat(mu), flat(log_sigma)).reshape(B, T)
     top = u[:, -1]
-    return step_nll(top, logdet[:, -1], xp.zeros_like(top), xp.zeros_like(top)) + steps.sum(1)
+    top_nll = step_nll(top, logdet[:, -1], xp.zeros_like(top), xp.zeros_like(top))
+    return xp.concatenate((steps, top_nll[:, None]), axis=1)
+
+
+def sum_levels(levels):
+    """(B, K) terms of ``level_nll`` -> the trajectory NLL (B,), summed in a fixed order (top level, then
+    the steps), so that every caller gets the same float."""
+    return levels[:, -1] + levels[:, :-1].sum(1)
 
 
 def bound_offset_per_dim(ts) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from PIL import Image
@@ -43,6 +44,11 @@ def test_eval_report(report, trained_tiny):
     assert [level["t"] for level in row["transporter"]][-1] == 1.0 and len(row["transporter"]) == 5
     assert row["transporter"][-1]["displacement"] == 0.0 and row["transporter"][-1]["logdet_per_dim"] == 0.0
     assert all(level["displacement"] >= 0.0 for level in row["transporter"])
+    # the trajectory NLL per level t_0 .. t_4: it sums to the total, and the top level t_T = 1 is pure noise
+    # scored by N(0, I) (f_T is the identity there): 0.5 log(2 pi e) nats per dim in expectation
+    levels = row["level_nats_per_dim"]
+    assert len(levels) == 5 and sum(levels) == pytest.approx(row["trajectory_nats_per_dim"], rel=1e-9)
+    assert levels[-1] == pytest.approx(0.5 * math.log(2 * math.pi * math.e), abs=0.03)
     assert "images_per_s" not in row  # speed is the bench's job (ntm-edge bench), not a quality figure
     # a (briefly) trained model is read as its prompts more often than chance, and sits closer to the
     # real data than noise does (noise is > 100 in this feature space, see test_metrics)

@@ -35,6 +35,7 @@ import torch
 from torch.autograd.functional import jacobian
 from torch.distributions import Normal
 
+from ntm_edge import schedule
 from ntm_edge.config import NTMConfig, PredictorConfig, PromptConfig, TransporterConfig
 from ntm_edge.errors import PromptError
 from ntm_edge.exits import sample_images
@@ -281,20 +282,26 @@ def test_transporter_logdet_matches_jacobian_float64(patch):
 # ---------------------------------------------------------------------------------------------
 
 
-def independent_nll(model: NTM, traj, ids: torch.Tensor) -> torch.Tensor:
-    """Sum over steps k = T..1 of -log N(u_s; mu_P, sigma_P^2) - logdet_s, plus -log N(x_T; 0, I)."""
+def independent_levels(model: NTM, traj, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T + 1): for each level k < T, -log N(u_k; mu_P, sigma_P^2) - logdet_k of the step k+1 -> k, and
+    -log N(x_T; 0, I) at k = T; recomputed step by step, level by level."""
     B, K = traj.t.shape
     T = K - 1
     levels = [model.transporter(traj.x[:, k], traj.t[:, k], T) for k in range(K)]  # (u_k, logdet_k)
     emb, mask = model.prompt_encoder(ids), torch.ones_like(ids, dtype=torch.bool)
     T_vec = torch.full((B,), float(T))
-    nll = -Normal(0.0, 1.0).log_prob(traj.x[:, -1]).flatten(1).sum(1)
+    terms = [-Normal(0.0, 1.0).log_prob(traj.x[:, -1]).flatten(1).sum(1)]
     for k in range(T, 0, -1):
         (u_t, _), (u_s, logdet_s) = levels[k], levels[k - 1]
         mu, log_sigma, _ = model.predictor(u_t, traj.t[:, k], traj.t[:, k - 1], T_vec, emb, mask)
         log_p = Normal(mu, log_sigma.exp()).log_prob(u_s).flatten(1).sum(1)
-        nll = nll - log_p - logdet_s
-    return nll
+        terms.insert(0, -log_p - logdet_s)
+    return torch.stack(terms, dim=1)
+
+
+def independent_nll(model: NTM, traj, ids: torch.Tensor) -> torch.Tensor:
+    """Sum over steps k = T..1 of -log N(u_s; mu_P, sigma_P^2) - logdet_s, plus -log N(x_T; 0, I)."""
+    return independent_levels(model, traj, ids).sum(1)
 
 
 @pytest.mark.parametrize("backbone", ["unet", "transformer"])
@@ -313,6 +320,10 @@ def test_trajectory_nll_matches_stepwise_recomputation(backbone):
                 got, expected, rtol=1e-5, atol=1e-3, msg=f"{name}: {got} vs {expected}"
             )
             results[name] = got
+            levels = model.trajectory_nll(traj, prompts, per_level=True)  # the same, one term per level
+            torch.testing.assert_close(levels, independent_levels(model, traj, torch.tensor(ids)[:, None]),
+                                       rtol=1e-5, atol=1e-3)
+            assert torch.equal(schedule.sum_levels(levels), got)  # the total is their sum, bit for bit
     assert (results["cond"] - results["uncond"]).abs().min() > 1e-3, "the prompt does not reach the NLL"
 
 
