@@ -90,6 +90,32 @@ def tables(models: dict[str, dict[str, dict]]) -> str:
         row.append(f"{spread([c['frechet'] for c in tops], '.2f')} / "
                    f"{statistics.mean(c['prompt_accuracy'] for c in tops):.3f}")
         out.append(f"| {label} | {len(runs)} | {bits} | " + " | ".join(row) + " |")
+    return "\n".join(out) + "\n" + level_table(models)
+
+
+def level_table(models: dict[str, dict[str, dict]]) -> str:
+    """Markdown: the trajectory NLL per level (``level_nats_per_dim``, nats/dim, t_0 .. t_T), mean (range)
+    over each model's runs, and each model's mean minus the first model's: which step a likelihood gain
+    is in (the eval scores every model on the same trajectories for one seed). Empty where a model has no
+    such figure (flow matching; records written before `eval` reported it)."""
+    levels: dict[str, list[list[float]]] = {}  # model -> per run, its terms t_0 .. t_T
+    for label, runs in models.items():
+        firsts = [next(iter(cells.values())) for cells in runs.values()]
+        if all(f["objective"] != "fm" and "level_nats_per_dim" in f for f in firsts):
+            levels[label] = [f["level_nats_per_dim"] for f in firsts]
+    if not levels:
+        return ""
+    K = len(next(iter(levels.values()))[0])
+    head = " | ".join(f"t_{k}" for k in range(K - 1)) + f" | t_{K - 1} (N(0, I) top)"
+    out = ["", f"| model | runs | {head} |", "|---|---|" + "---|" * K]
+    first = next(iter(levels))
+    for label, per_run in levels.items():
+        out.append(f"| {label} | {len(per_run)} | "
+                   + " | ".join(spread([run[k] for run in per_run], "+.4f") for k in range(K)) + " |")
+    for label, per_run in list(levels.items())[1:]:
+        diff = [statistics.mean(run[k] for run in per_run) - statistics.mean(run[k] for run in levels[first])
+                for k in range(K)]
+        out.append(f"| {label} minus {first} | | " + " | ".join(f"{d:+.4f}" for d in diff) + " |")
     return "\n".join(out) + "\n"
 
 
