@@ -111,7 +111,8 @@ def level_table(models: dict[str, dict[str, dict]]) -> str:
     first = next(iter(levels))
     for label, per_run in levels.items():
         out.append(f"| {label} | {len(per_run)} | "
-                   + " | ".join(spread([run[k] for run in per_run], "+.4f") for k in range(K)) + " |")
+                   + " | ".join(f"{statistics.mean(v):+.4f} ({max(v) - min(v):.4f})"
+                                for v in ([run[k] for run in per_run] for k in range(K))) + " |")
     for label, per_run in list(levels.items())[1:]:
         diff = [statistics.mean(run[k] for run in per_run) - statistics.mean(run[k] for run in levels[first])
                 for k in range(K)]

@@ -47,7 +47,7 @@ def test_eval_report(report, trained_tiny):
     # the trajectory NLL per level t_0 .. t_4: it sums to the total, and the top level t_T = 1 is pure noise
     # scored by N(0, I) (f_T is the identity there): 0.5 log(2 pi e) nats per dim in expectation
     levels = row["level_nats_per_dim"]
-    assert len(levels) == 5 and sum(levels) == pytest.approx(row["trajectory_nats_per_dim"], rel=1e-9)
+    assert len(levels) == 5 and sum(levels) == pytest.approx(row["trajectory_nats_per_dim"], rel=1e-6)  # float32 terms
     assert levels[-1] == pytest.approx(0.5 * math.log(2 * math.pi * math.e), abs=0.03)
     assert "images_per_s" not in row  # speed is the bench's job (ntm-edge bench), not a quality figure
     # a (briefly) trained model is read as its prompts more often than chance, and sits closer to the

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "seed_table.py"
 RECORDS = ROOT / "benchmarks" / "reports" / "default_model"
@@ -81,3 +83,22 @@ def test_reads_records_written_before_temperatures_existed():
     head, row = cells(done.stdout.splitlines()[0]), cells(done.stdout.splitlines()[2])
     assert {"g 0.25, tau 1", "g 0.1, tau 0.9"} <= set(head)
     assert row[head.index("g 0.25, tau 1")] == f"{old['rows'][0]['frechet']:.2f} / {old['rows'][0]['prompt_accuracy']:.3f}"
+
+
+def test_the_trajectory_nll_per_level():
+    """The level table: each model's terms t_0 .. t_T from its records, and the difference of the means;
+    records written before `eval` reported them (seeds 0-2) leave their model out of it."""
+    done = table("--steps", "3", f"NTM={RECORDS}/pw3-nll-s3-T3-*.json", f"id={RECORDS}/pw3-id-s3-T3-*.json",
+                 f"old={RECORDS}/pw3-nll-s0-T3-*.json")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    start = lines.index("| model | runs | t_0 | t_1 | t_2 | t_3 (N(0, I) top) |")
+    rows = {c[0]: c for c in map(cells, lines[start + 2:])}
+    assert set(rows) == {"NTM", "id", "id minus NTM"}  # "old" has no such figures
+    levels = {}
+    for label, run in (("NTM", "pw3-nll-s3"), ("id", "pw3-id-s3")):
+        row = json.loads((RECORDS / f"{run}-T3-g0-t0.8-n2000.json").read_text())["rows"][0]
+        levels[label] = row["level_nats_per_dim"]
+        assert sum(levels[label]) == pytest.approx(row["trajectory_nats_per_dim"], rel=1e-6)  # float32 terms
+        assert rows[label][2:] == [f"{v:+.4f} (0.0000)" for v in levels[label]]  # one run: no spread
+    assert rows["id minus NTM"][2:] == [f"{b - a:+.4f}" for a, b in zip(levels["NTM"], levels["id"], strict=True)]
