@@ -28,7 +28,9 @@ trained, so none is counted), Euler for flow matching, at guidance 0 and 4 steps
 ``--guidance`` adds a sweep of
 classifier-free guidance scales (Frechet and prompt accuracy trade against each other along it), and
 ``--temperature`` crosses that sweep with sampling temperatures (``ntm-edge eval --temperature``).
-``--plan`` prints each row's training command and step count and trains nothing. Runs are sequential;
+``--plan`` prints each row's training command and step count and trains nothing; ``--train-only`` trains
+every row's models and evaluates none (a later call without it evaluates them: a trained model is reused,
+as is any evaluation already on disk), for a machine that trains fast and a slower one that judges. Runs are sequential;
 to use two cores, run two seeds into two --out folders at once and join them with --merge.
 """
 
@@ -315,6 +317,8 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), help="default: every row of the preset")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, for training and evaluation")
     ap.add_argument("--plan", action="store_true", help="print each row's training command and train nothing")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train every row's models and evaluate none (a later call without it evaluates them)")
     ap.add_argument("--num-samples", type=int, default=500)
     ap.add_argument("--guidance", type=float, nargs="+", default=[],
                     help="also evaluate every trained model at these classifier-free guidance scales (the main table "
@@ -336,6 +340,8 @@ def main() -> None:
     if args.plan and args.calibrate:
         ap.error("--plan prints the fixed equal-compute step counts; --calibrate measures its own first, so it "
                  "cannot plan")
+    if args.plan and args.train_only:
+        ap.error("--plan trains nothing; --train-only trains without evaluating: choose one")
     study = Study(base, args.device)
     args.out = args.out.resolve()  # the training and eval subprocesses run in the repository root
     if args.plan:
@@ -407,12 +413,19 @@ def main() -> None:
                 continue
             ckpt = args.out / f"{model_of(name)}_s{seed}"
             cpu = study.train_row(ckpt, model_of(name), steps, seed)
+            if args.train_only:
+                print(f"{name} seed {seed}: {steps} steps, {cpu:.0f} CPU s (trained; not evaluated: --train-only)",
+                      flush=True)
+                continue
             report = study.evaluate(ckpt, args.num_samples, steps=SAMPLE_STEPS.get(name, 4))
             state["results"].setdefault(name, []).append({"seed": seed, "steps": steps, "cpu_s": cpu, "eval": report})
             row = report["rows"][0]
             print(f"{name} seed {seed}: {steps} steps, {cpu:.0f} CPU s, {row['bits_per_dim']:.3f} bits/dim, "
                   f"Frechet {row['frechet']:.2f}, acc {row['prompt_accuracy']:.3f}", flush=True)
             save()
+    if args.train_only:
+        save()  # the folder's preset, for the call that evaluates
+        return
     for name in args.rows:  # the guidance sweep, also of models trained by an earlier call
         for r in state["results"].get(name, []):
             ckpt = args.out / f"{model_of(name)}_s{r['seed']}"

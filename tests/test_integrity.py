@@ -184,6 +184,7 @@ def test_a_denoiser_of_other_ntm_weights_is_refused(source, tmp_path):
     shutil.copytree(source, ckpt)
     steps = load_train_state(ckpt)["step"] + 1
     result = runner.invoke(app, ["train", "--dataset", "digits", "--preset", "tiny", "--steps", str(steps),
+                                 "--mode", "pairwise", "--pairwise-steps", "4",  # trained_tiny's
                                  "--batch-size", "4", "--out", str(ckpt), "--resume", "--eval-images", "0"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["sample", "--checkpoint", str(ckpt), "--prompt", "3", "--num", "2",

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import TRAIN_MODE
 
 from ntm_edge import NTM
 from ntm_edge.checkpoint import load_train_state
@@ -87,19 +88,19 @@ def test_refuses_to_overwrite_a_checkpoint(trained_tiny, tmp_path):
     shutil.copytree(ckpt, copy)
     before = {p.name: p.read_bytes() for p in copy.iterdir()}
     with pytest.raises(NtmError, match="already holds a checkpoint"):
-        train(TrainArgs(dataset="digits", preset="tiny", steps=5, out=str(copy)), **quiet())
+        train(TrainArgs(dataset="digits", preset="tiny", steps=5, out=str(copy), **TRAIN_MODE), **quiet())
     with pytest.raises(ConfigError, match="already at step"):
-        train(TrainArgs(dataset="digits", preset="tiny", steps=5, out=str(copy)), resume=True, **quiet())
+        train(TrainArgs(dataset="digits", preset="tiny", steps=5, out=str(copy), **TRAIN_MODE), resume=True, **quiet())
     with pytest.raises(ConfigError, match="trained with --dataset .digits.; resume it with the same value"):
-        train(TrainArgs(dataset="mnist5k", preset="tiny", steps=500, out=str(copy)), resume=True, **quiet())
+        train(TrainArgs(dataset="mnist5k", preset="tiny", steps=500, out=str(copy), **TRAIN_MODE), resume=True, **quiet())
     with pytest.raises(ConfigError, match="trained with --x0-mse-weight 0.0; resume it with the same value .got 0.5."):
-        train(TrainArgs(dataset="digits", preset="tiny", steps=500, x0_mse_weight=0.5, out=str(copy)), resume=True,
+        train(TrainArgs(dataset="digits", preset="tiny", steps=500, x0_mse_weight=0.5, out=str(copy), **TRAIN_MODE), resume=True,
               **quiet())
     with pytest.raises(ConfigError, match="trained with --seed 0; resume it with the same value .got 5."):
-        train(TrainArgs(dataset="digits", preset="tiny", steps=500, seed=5, out=str(copy)), resume=True, **quiet())
+        train(TrainArgs(dataset="digits", preset="tiny", steps=500, seed=5, out=str(copy), **TRAIN_MODE), resume=True, **quiet())
     with pytest.raises(ConfigError, match="encodes prompts with --text-encoder labels, which it keeps; drop "
                                           "--text-encoder minilm or pass labels"):  # it was ignored
-        train(TrainArgs(dataset="digits", preset="tiny", steps=500, text_encoder="minilm", out=str(copy)),
+        train(TrainArgs(dataset="digits", preset="tiny", steps=500, text_encoder="minilm", out=str(copy), **TRAIN_MODE),
               resume=True, **quiet())
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
 

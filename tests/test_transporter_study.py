@@ -120,10 +120,10 @@ def test_a_small_study_shares_one_fm_model_between_its_4_and_2_step_rows(tmp_pat
 
 def test_the_finetuned_rows_share_one_fm_run_and_count_its_seconds(tmp_path):
     """s_ft and s_idft finetune one FM model per seed (trained once, by the first of them), and each row's
-    CPU seconds are the FM run's plus its own finetune's."""
+    CPU seconds are the FM run's plus its own finetune's. With --train-only: trained, recorded, not evaluated."""
     out = tmp_path / "study"
-    done = study("--preset", "small", "--ntm-steps", "4", "--seeds", "0", "--rows", "s_ft", "s_idft",
-                 "--num-samples", "40", "--out", str(out))
+    done = study("--preset", "small", "--ntm-steps", "4", "--seeds", "0", "--rows", "s_ft", "s_idft", "--train-only",
+                 "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["s_ft_s0", "s_ft_s0_fm", "s_idft_s0"]
     fm_cpu = float((out / "s_ft_s0_fm.cpu_s").read_text())
@@ -131,7 +131,11 @@ def test_the_finetuned_rows_share_one_fm_run_and_count_its_seconds(tmp_path):
         ckpt = out / f"{name}_s0"
         info = json.loads((ckpt / "checkpoint.json").read_text())
         assert info["step"] == ft_steps and info["objective"] == "ntm"
-        (run,) = json.loads((out / "study.json").read_text())["results"][name]
-        assert run["steps"] == 4 and run["cpu_s"] > fm_cpu > 0
+        record = json.loads((out / f"{name}_s0.cpu_s").read_text())  # what the row's result takes when evaluated
+        assert record["steps"] == 4 and record["cpu_s"] > fm_cpu > 0
+        assert f"{name} seed 0: 4 steps, " in done.stdout and not list(out.glob(f"{name}_s0_eval*"))
+    assert json.loads((out / "study.json").read_text())["results"] == {}  # nothing evaluated
     assert json.loads((out / "s_ft_s0_fm" / "checkpoint.json").read_text())["step"] == 3  # 2 x 2269 / 1774
     assert "finetuning from" in (out / "s_idft_s0.log").read_text()
+    again = study("--preset", "small", "--plan", "--train-only", "--out", str(tmp_path / "p"))
+    assert again.returncode == 2 and "choose one" in again.stderr.strip().splitlines()[-1]
