@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ import torch
 # steps and came out better (held-out 6.41 against 6.51 bits/dim; prompt accuracy at guidance 2, 100 samples,
 # 0.62 against 0.32; Frechet 12.5 against 17.1), as the transporter study found at larger budgets
 TRAIN_STEPS = 450
-TRAIN_MODE = {"mode": "pairwise", "pairwise_steps": (4,)}  # a resume of trained_tiny passes these too
+TRAIN_MODE: dict[str, Any] = {"mode": "pairwise", "pairwise_steps": (4,)}  # a resume of trained_tiny passes these too
 
 
 def run_root(tmp_path_factory) -> Path:
