@@ -187,6 +187,7 @@ class Study:
 
     base: list[str]
     device: str = "cpu"
+    heldout_images: int | None = None  # eval's --heldout-images (None: the whole test split)
 
     def train_cmd(self, out: Path, steps: int, extra: list[str], seed: int | str) -> list[str]:
         return [*CLI, "train", *self.base, "--steps", str(steps), "--checkpoint-every", "100000", "--eval-images", "0",
@@ -231,6 +232,7 @@ class Study:
         if not out.exists():
             run([*CLI, "eval", "--checkpoint", str(ckpt), "--steps", str(steps), "--num-samples", str(num_samples),
                  "--guidance", f"{guidance:g}", "--temperature", f"{temperature:g}", "--device", self.device,
+                 *([] if self.heldout_images is None else ["--heldout-images", str(self.heldout_images)]),
                  "--out", str(out)],
                 ckpt.with_name(stem + ".log"))
         return json.loads(out.read_text())
@@ -320,6 +322,8 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true",
                     help="train every row's models and evaluate none (a later call without it evaluates them)")
     ap.add_argument("--num-samples", type=int, default=500)
+    ap.add_argument("--heldout-images", type=int, default=None,
+                    help="test images each eval scores bits/dim on (default: the whole test split; fewer: a quick run)")
     ap.add_argument("--guidance", type=float, nargs="+", default=[],
                     help="also evaluate every trained model at these classifier-free guidance scales (the main table "
                          "is at guidance 0) and print a second table: Frechet and prompt accuracy per scale")
@@ -342,7 +346,7 @@ def main() -> None:
                  "cannot plan")
     if args.plan and args.train_only:
         ap.error("--plan trains nothing; --train-only trains without evaluating: choose one")
-    study = Study(base, args.device)
+    study = Study(base, args.device, args.heldout_images)
     args.out = args.out.resolve()  # the training and eval subprocesses run in the repository root
     if args.plan:
         for name in args.rows:

@@ -206,7 +206,10 @@ def train_denoiser(
 def evaluate(
     checkpoint: Annotated[Path | None, typer.Option(help=_CHECKPOINT + " (or --bundle)")] = None,
     steps: Annotated[list[int] | None, typer.Option(help="step counts to evaluate (repeatable; " + _STEPS + ")")] = None,
-    num_samples: Annotated[int, typer.Option(help="images generated per step count")] = 500,
+    num_samples: Annotated[int, typer.Option(help="images generated per step count (a text model's caption report: "
+                                              "at most this many per caption set, of 240)")] = 500,
+    heldout_images: Annotated[int | None, typer.Option(help="test images the held-out bits/dim is scored on, the "
+                                                     "first N (default: the whole test split)")] = None,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance weight")] = 0.0,
     temperature: Temperature = 1.0,
     seed: Annotated[int, typer.Option(help="seed of the trajectories and the sampling noise")] = 0,
@@ -232,12 +235,12 @@ def evaluate(
 
         report = evaluate_bundle(bundle, precision, steps=steps or [4], num_samples=num_samples, guidance=guidance,
                                  seed=seed, dataset=dataset or None, final=final, log=_log,
-                                 temperature=temperature)
+                                 temperature=temperature, heldout_images=heldout_images)
     else:
         assert checkpoint is not None  # exactly one of the two, checked above
         report = evaluate_checkpoint(_checkpoint(checkpoint), steps=steps or [4], num_samples=num_samples, guidance=guidance,
                                      seed=seed, dataset=dataset or None, final=final, device=device, log=_log,
-                                     temperature=temperature)
+                                     temperature=temperature, heldout_images=heldout_images)
     if label:
         report["label"] = label
     atomic_write_text(out, json.dumps(report, indent=2))

@@ -112,7 +112,7 @@ def balanced_prompts(class_names, n: int) -> tuple[list[str], np.ndarray]:
     return [class_names[i] for i in labels], labels
 
 
-def check_eval_options(steps, num_samples: int, guidance: float, seed: int) -> float:
+def check_eval_options(steps, num_samples: int, guidance: float, seed: int, heldout_images: int | None = None) -> float:
     """The options every eval shares (a checkpoint's or a bundle's), checked before any work -> guidance."""
     from . import validate
     from .errors import ConfigError
@@ -122,16 +122,19 @@ def check_eval_options(steps, num_samples: int, guidance: float, seed: int) -> f
     for T in steps:
         validate.count(T, "--steps")
     validate.count(num_samples, "--num-samples", 2)  # a Frechet distance needs a covariance
+    if heldout_images is not None:
+        validate.count(heldout_images, "--heldout-images", 2)  # a standard error needs two
     validate.seed(seed)
     return validate.guidance(guidance)
 
 
 def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance: float = 0.0, seed: int = 0,
                         dataset: str | None = None, final: str = "inverse", device: str = "cpu", log=print,
-                        temperature: float = 1.0) -> dict:
+                        temperature: float = 1.0, heldout_images: int | None = None) -> dict:
     """The report of `ntm-edge eval`: per step count, held-out bits/dim (exact trajectory NLL and the
-    bound), Frechet distance and prompt accuracy under the evaluation classifier, and (not for FM) the
-    transporter's displacement and log-det per level of the grid (``transporter_activity``)."""
+    bound; over the first ``heldout_images`` test images, default all), Frechet distance and prompt accuracy
+    under the evaluation classifier, and (not for FM) the transporter's displacement and log-det per level of
+    the grid (``transporter_activity``)."""
     from . import validate
     from .assets import resolve_checkpoint
     from .checkpoint import trained_on, trained_steps
@@ -142,7 +145,7 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
     from .metrics import load_or_train_classifier
     from .text_eval import paraphrase_report
 
-    guidance = check_eval_options(steps, num_samples, guidance, seed)
+    guidance = check_eval_options(steps, num_samples, guidance, seed, heldout_images)
     temperature = validate.temperature(temperature)
     validate.choice(final, EXITS, "--final")
     device = validate.torch_device(device)
@@ -169,15 +172,15 @@ def evaluate_checkpoint(checkpoint, steps=(4,), num_samples: int = 500, guidance
     for T in steps:
         # memory grows with the batch times the T + 1 levels: past T = 64 the batch shrinks to keep it there
         batch = max(1, min(250, 250 * 65 // (T + 1)))
-        row = {"steps": int(T), **heldout_likelihood(model, test.images, test.labels, steps=T, seed=seed,
-                                                     batch_size=batch)}
+        row = {"steps": int(T), **heldout_likelihood(model, test.images[:heldout_images], test.labels[:heldout_images],
+                                                     steps=T, seed=seed, batch_size=batch)}
         kw = dict(steps=T, seed=seed, guidance=guidance, final=final, denoiser=denoiser, temperature=temperature)
         row.update(sampled_quality(lambda p, kw=kw: sample_images(model, p, **kw), prompts, labels, clf, test.images))
         log(f"T = {T:3d}: {row['bits_per_dim']:.3f} (+- {row['bits_per_dim_se']:.3f}) bits/dim, "
             f"Frechet {row['frechet']:.2f}, prompt accuracy {row['prompt_accuracy']:.3f}")
         if cfg.prompt.kind != "label":  # free-form text: the training templates against unseen paraphrases
-            row["captions"] = paraphrase_report(model, clf, guidance=guidance, seed=seed, steps=T, final=final,
-                                               denoiser=denoiser, temperature=temperature)
+            row["captions"] = paraphrase_report(model, clf, guidance=guidance, seed=seed, limit=num_samples, steps=T,
+                                               final=final, denoiser=denoiser, temperature=temperature)
             log(f"  captions: templates {row['captions']['templates']['accuracy']:.3f}, held-out paraphrases "
                 f"{row['captions']['heldout_paraphrases']['accuracy']:.3f}")
         if cfg.objective != "fm":  # FM has no transporter and samples on a grid of its own

@@ -16,8 +16,10 @@ from .errors import ConfigError
 
 def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samples: int = 500, guidance: float = 0.0,
                     seed: int = 0, dataset: str | None = None, final: str = "inverse", provider: str | None = "cpu",
-                    threads: int | None = None, log=print, temperature: float = 1.0) -> dict:
-    """The eval report of a bundle at one precision (None or "auto": the runtime's default)."""
+                    threads: int | None = None, log=print, temperature: float = 1.0,
+                    heldout_images: int | None = None) -> dict:
+    """The eval report of a bundle at one precision (None or "auto": the runtime's default); its held-out
+    bits/dim over the first ``heldout_images`` test images (default all)."""
     from . import validate
     from .data import load_dataset
     from .evaluate import balanced_prompts, check_eval_options, real_data_floor, sampled_quality
@@ -28,7 +30,7 @@ def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samp
     from .runtime.session import open_runtime
     from .runtime.specs import DENOISER
 
-    guidance = check_eval_options(steps, num_samples, guidance, seed)
+    guidance = check_eval_options(steps, num_samples, guidance, seed, heldout_images)
     temperature = validate.temperature(temperature)
     if final not in ("inverse", "denoiser"):
         raise ConfigError(f"a bundle leaves u-space by 'inverse' or 'denoiser', not {final!r} (score denoising needs torch)")
@@ -49,17 +51,18 @@ def evaluate_bundle(bundle, precision: str | None = "fp32", steps=(4,), num_samp
         raise ConfigError(f"{dataset} has classes {test.class_names}, the model {cfg.prompt.class_names}")
     clf = load_or_train_classifier(dataset, cfg.image_size, cfg.channels, log=log)
     prompts, labels = balanced_prompts(cfg.prompt.class_names, num_samples)
-    test_prompts = [cfg.prompt.class_names[k] for k in test.labels]
+    scored = test.images[:heldout_images]
+    scored_prompts = [cfg.prompt.class_names[k] for k in test.labels[:heldout_images]]
     log(describe(rt.bundle, rt.precision))
     rows = []
     for T in steps:
-        bound = image_bound(rt, test.images, test_prompts, steps=T, trajectories=1, seed=seed)
+        bound = image_bound(rt, scored, scored_prompts, steps=T, trajectories=1, seed=seed)
         per_image = np.asarray(bound["bits_per_dim"], dtype=np.float64)
         row = {"steps": int(T), "bits_per_dim": float(per_image.mean()),
                "bits_per_dim_se": float(per_image.std(ddof=1) / np.sqrt(len(per_image))) if len(per_image) > 1
                else float("nan"),  # as evaluate.heldout_likelihood's: the noise of the mean over the images
                "trajectory_nats_per_dim": float(np.mean(bound["trajectory_nats_per_dim"])), "t_min": bound["t_min"],
-               "num_images": int(len(test.images))}
+               "num_images": int(len(scored))}
         kw = dict(steps=T, seed=seed, guidance=guidance, final=final, temperature=temperature)
         row.update(sampled_quality(lambda p, kw=kw: generate(rt, p, **kw).images, prompts, labels, clf, test.images))
         log(f"T = {T:3d}: {row['bits_per_dim']:.3f} (+- {row['bits_per_dim_se']:.3f}) bits/dim, "

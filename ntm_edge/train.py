@@ -27,6 +27,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -301,8 +302,21 @@ def _open_out(out: Path, args: TrainArgs, resume: bool, log) -> dict | None:
     if not resume:
         return None
     state = load_train_state(out)
-    _check_resume(out, args, state)
+    _check_resume(out, resumed_args(args, state), state)
     return state
+
+
+def resumed_args(args: TrainArgs, state: dict) -> TrainArgs:
+    """A resume's --mode and --pairwise-steps, when not given: the run's own (as for the transporter's shape
+    and --x0-mse-weight). Before, a missing --pairwise-steps meant the default set, which a run trained on
+    other grids refused, and a missing --mode the preset's, which switched a pairwise `tiny` run to end2end."""
+    old = {**dataclasses.asdict(TrainArgs()), **state["args"]}  # older states lack newer fields
+    own: dict[str, Any] = {}
+    if args.mode is None:
+        own["mode"] = old["mode"] or PRESET_MODES[old["preset"]]
+    if args.pairwise_steps is None and old["pairwise_steps"] is not None:
+        own["pairwise_steps"] = tuple(old["pairwise_steps"])
+    return dataclasses.replace(args, **own)
 
 
 def _check_room(out: Path, model: NTM) -> None:
@@ -369,11 +383,15 @@ def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
     # the seed draws every micro-batch after a step's first (--grad-accum, ranks): another one on resume would
     # change the run's draws without a word
     for key in ("dataset", "preset", "objective", "init_from", *shape, "x0_mse_space", "transporter_lr_scale",
-                "pairwise_steps", "seed", *finetune):
+                "mode", "pairwise_steps", "seed", *finetune):
         if key in shape and getattr(args, key) is None:
             continue  # not given: the saved config's own
         was, now = old[key], getattr(args, key)
-        if key == "pairwise_steps":  # None is the default set; a saved tuple may come back as a list
+        if key == "mode":  # None: the preset's
+            was, now = was or PRESET_MODES[old["preset"]], now or PRESET_MODES[args.preset]
+            if was != now:
+                raise ConfigError(f"{out} was trained with --mode {was}; resume it with the same value (got {now})")
+        elif key == "pairwise_steps":  # None is the default set; a saved tuple may come back as a list
             was, now = tuple(was or STEP_COUNTS), tuple(now or STEP_COUNTS)
             shown = lambda v: ",".join(map(str, v))  # noqa: E731
             if was != now:
@@ -432,6 +450,8 @@ def train(args: TrainArgs, resume: bool = False, progress: bool = True, log=prin
 def _train(args: TrainArgs, world: World, resume: bool, progress: bool, log, log_every: int, stop: StopSignals) -> dict:
     out = Path(args.out)
     state = from_main(world, lambda: _open_out(out, args, resume, log))
+    if state is not None:
+        args = resumed_args(args, state)
     preset = get_preset(args.preset)
     if state is not None:
         config = NTMConfig.from_dict(state["config"])

@@ -80,6 +80,29 @@ def test_bits_per_dim_standard_error_predicts_the_spread_over_draws(trained_tiny
     assert 1.6 < quarter / se < 2.5  # a quarter of the images: twice the error
 
 
+
+def test_heldout_images_scores_the_first_n_test_images(trained_tiny, tmp_path, monkeypatch_module):
+    """--heldout-images N: the held-out bits/dim of the first N test images, what ``heldout_likelihood`` gives on
+    them (a quick eval; the default is the whole split, test_eval_report). Fewer than 2 is refused before any
+    work, in one line: the standard error needs two."""
+    from ntm_edge import NTM
+    from ntm_edge.data import load_dataset
+    from ntm_edge.evaluate import heldout_likelihood
+
+    out = tmp_path / "r.json"
+    r = runner.invoke(app, ["eval", "--checkpoint", str(trained_tiny[0]), "--num-samples", "20", "--heldout-images", "50",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    row = json.loads(out.read_text())["rows"][0]
+    test = load_dataset("digits", "test", image_size=8)
+    assert row["num_images"] == 50 < len(test)
+    want = heldout_likelihood(NTM.from_pretrained(trained_tiny[0]), test.images[:50], test.labels[:50], steps=4)
+    assert row["bits_per_dim"] == pytest.approx(want["bits_per_dim"], rel=1e-6)
+    bad = runner.invoke(app, ["eval", "--checkpoint", str(trained_tiny[0]), "--heldout-images", "1",
+                              "--out", str(tmp_path / "bad.json")])
+    assert bad.exit_code == 1 and bad.output.strip() == "error: --heldout-images must be at least 2, got 1"
+    assert not (tmp_path / "bad.json").exists()
+
 def test_compare_table_and_plot(report, tmp_path):
     table, plot = tmp_path / "t.md", tmp_path / "t.png"
     result = runner.invoke(app, ["compare", str(report), str(report), "--out", str(table), "--plot", str(plot)])

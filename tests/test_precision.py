@@ -341,11 +341,13 @@ def test_eval_bundle_is_judged_like_the_checkpoint(exported, tmp_path):
     reports = {}
     for flag, target in (("--checkpoint", ckpt), ("--bundle", root)):
         out = tmp_path / f"{flag[2:]}.json"
-        r = runner.invoke(app, ["eval", flag, str(target), "--num-samples", "30", "--out", str(out)])
+        r = runner.invoke(app, ["eval", flag, str(target), "--num-samples", "30", "--heldout-images", "150",
+                                "--out", str(out)])
         assert r.exit_code == 0, r.output
         reports[flag] = json.loads(out.read_text())
     ck, bd = reports["--checkpoint"]["rows"][0], reports["--bundle"]["rows"][0]
     assert reports["--bundle"]["precision"] == "fp32"
+    assert ck["num_images"] == bd["num_images"] == 150  # both score the first 150 test images
     # the same sampler and noise (images within one uint8 level), the same classifier
     assert abs(ck["prompt_accuracy"] - bd["prompt_accuracy"]) <= 1 / 30
     assert abs(ck["frechet"] - bd["frechet"]) < 0.05 * ck["frechet"]

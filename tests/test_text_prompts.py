@@ -90,17 +90,40 @@ def test_caption_trained_model_follows_heldout_paraphrases(text_model, cache_dir
 
 def test_eval_reports_template_and_paraphrase_accuracy_of_a_text_model(trained_text_tiny, text_model, cache_dir):
     """`ntm-edge eval` of a caption-trained model carries the template/paraphrase report of its own
-    sampler settings: the same numbers as ``paraphrase_report`` called with them."""
+    sampler settings, --num-samples captions of each set (of 240): the same numbers as ``paraphrase_report``
+    called with them."""
     from ntm_edge.evaluate import evaluate_checkpoint
     from ntm_edge.metrics import load_or_train_classifier
     from ntm_edge.text_eval import paraphrase_report
 
-    report = evaluate_checkpoint(trained_text_tiny, steps=(4,), num_samples=20, guidance=1.0, seed=3,
+    report = evaluate_checkpoint(trained_text_tiny, steps=(4,), num_samples=30, guidance=1.0, seed=3,
                                  log=lambda *_: None)
     got = report["rows"][0]["captions"]
     clf = load_or_train_classifier("digits", 8, 1, cache_dir=cache_dir, log=lambda *_: None)
-    assert got == paraphrase_report(text_model, clf, guidance=1.0, seed=3, steps=4, final="inverse")
-    assert got["templates"]["num_samples"] == 240 and got["heldout_paraphrases"]["num_samples"] == 240
+    assert got == paraphrase_report(text_model, clf, guidance=1.0, seed=3, limit=30, steps=4, final="inverse")
+    assert got["templates"]["num_samples"] == 30 and got["heldout_paraphrases"]["num_samples"] == 30
+
+
+@pytest.mark.parametrize("limit", [None, 240, 500, 1, 7, 30, 239])
+def test_a_caption_subset_is_class_balanced_and_spreads_over_the_phrasings(limit):
+    """eval's caption report at --num-samples below the 240 captions of a set: every prefix of the order cycles
+    through the 10 classes, and takes each class's phrasings in a shuffled order, not the first templates;
+    at or above 240 every caption, in the order the full report has always used (its records stay comparable)."""
+    from ntm_edge.text_eval import caption_subset
+
+    names = [str(k) for k in range(10)]
+    per_class = all_captions(names, TEMPLATES)
+    everything = [c for captions in per_class for c in captions]
+    captions, labels = caption_subset(per_class, limit)
+    if limit is None or limit >= len(everything):
+        assert captions == everything and labels.tolist() == [k for k in range(10) for _ in per_class[k]]
+        return
+    assert len(captions) == len(set(captions)) == limit
+    assert all(c in per_class[k] for c, k in zip(captions, labels, strict=True))
+    counts = np.bincount(labels, minlength=10)
+    assert counts.max() - counts.min() <= 1
+    if limit >= 30:  # three phrasings per class: not the first three of the 24
+        assert {per_class[0].index(c) for c, k in zip(captions, labels, strict=True) if k == 0} != {0, 1, 2}
 
 
 def test_onnx_encoder_agrees_with_torch(text_bundle, text_model):

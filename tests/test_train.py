@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import TRAIN_MODE
+from conftest import TRAIN_MODE, TRAIN_STEPS
 
 from ntm_edge import NTM
-from ntm_edge.checkpoint import load_train_state
+from ntm_edge.checkpoint import load_train_state, trained_steps
 from ntm_edge.config import get_preset
 from ntm_edge.data import load_dataset
 from ntm_edge.errors import CheckpointError, ConfigError, NtmError
@@ -104,6 +104,25 @@ def test_refuses_to_overwrite_a_checkpoint(trained_tiny, tmp_path):
               resume=True, **quiet())
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
 
+
+
+def test_a_resume_keeps_the_runs_mode_and_grids(trained_tiny, tmp_path):
+    """A resume without --mode / --pairwise-steps continues with the run's own (trained_tiny trains pairwise on the
+    4-step grid, while `tiny`'s own mode is end2end and the default grids are 4,8,16: a missing flag used to mean
+    those, which refused the run or, for --mode, switched it to end2end without a word); given ones must match."""
+    ckpt, _ = trained_tiny
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    base = dict(dataset="digits", preset="tiny", steps=TRAIN_STEPS + 2, out=str(copy), eval_images=0)
+    with pytest.raises(ConfigError, match="trained with --mode pairwise; resume it with the same value .got end2end."):
+        train(TrainArgs(**base, mode="end2end"), resume=True, **quiet())
+    with pytest.raises(ConfigError, match="trained with --pairwise-steps 4; resume it with the same value .got 4,8."):
+        train(TrainArgs(**base, mode="pairwise", pairwise_steps=(4, 8)), resume=True, **quiet())
+    assert load_train_state(copy)["step"] == TRAIN_STEPS  # the refusals touched nothing
+    summary = train(TrainArgs(**base), resume=True, **quiet())
+    assert summary["mode"] == "pairwise" and summary["step"] == TRAIN_STEPS + 2
+    assert trained_steps(copy) == (4,)
+    assert load_train_state(copy)["args"]["pairwise_steps"] in ([4], (4,))  # a later resume finds the same
 
 @pytest.mark.parametrize("bad", [{"mode": "sideways"}, {"steps": 0}, {"preset": "huge"}, {"align_weight": -1.0},
                                  {"align_weight": float("nan")}])

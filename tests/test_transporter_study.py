@@ -105,13 +105,14 @@ def test_a_small_study_shares_one_fm_model_between_its_4_and_2_step_rows(tmp_pat
     two evals (4 and 2 steps). Also the first run of a fresh small study (it was once refused as 'tiny')."""
     out = tmp_path / "study"
     done = study("--preset", "small", "--ntm-steps", "2", "--seeds", "0", "--rows", "s_fm", "s_fm2",
-                 "--num-samples", "40", "--out", str(out), "--table", str(tmp_path / "table.md"))
+                 "--num-samples", "40", "--heldout-images", "50", "--out", str(out), "--table", str(tmp_path / "table.md"))
     assert done.returncode == 0, done.stdout + done.stderr
     state = json.loads((out / "study.json").read_text())
     assert state["preset"] == "small"
     (fm4,), (fm2,) = state["results"]["s_fm"], state["results"]["s_fm2"]
     assert fm4["cpu_s"] == fm2["cpu_s"] > 0 and fm4["steps"] == fm2["steps"] == 3  # 2 x 2269 / 1774
     assert fm4["eval"]["rows"][0]["steps"] == 4 and fm2["eval"]["rows"][0]["steps"] == 2
+    assert fm4["eval"]["rows"][0]["num_images"] == fm2["eval"]["rows"][0]["num_images"] == 50  # --heldout-images
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["s_fm_s0"]  # trained once
     table = (tmp_path / "table.md").read_text().splitlines()
     assert table[2].startswith("| FM, Euler, at the NTM's CPU seconds | 3 | ") and "| 4 | - |" in table[2]
