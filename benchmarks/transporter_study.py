@@ -80,6 +80,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "id_pw4_eq": ("identity f_T + learned scale, NLL only, pairwise mode, T = 4 alone, at the end-to-end NTM's "
                   "CPU seconds", ["--transporter-blocks", "0", "--x0-mse-weight", "0", "--mode", "pairwise",
                                   "--pairwise-steps", "4"]),
+    "ctx_pw4_eq": ("contextual NTM (f_T of level s reads x_t), NLL only, pairwise mode, T = 4 alone, at the "
+                   "end-to-end NTM's CPU seconds", ["--x0-mse-weight", "0", "--mode", "pairwise", "--pairwise-steps",
+                                                    "4", "--transporter-context"]),
     "ntm_p1": ("NTM, NLL only, transporter patch 1 (a token per pixel)",
                ["--x0-mse-weight", "0", "--transporter-patch", "1"]),
     "ntm_ft": ("NTM finetuned from FM (the paper's route): FM for half the steps, then NTM, NLL + mean alignment",
@@ -93,6 +96,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "s_id_x": ("identity f_T + learned scale, hybrid x0-MSE 1.0, at the NTM's CPU seconds",
                ["--transporter-blocks", "0", "--x0-mse-weight", "1", "--pairwise-steps", "4"]),
     "s_fm": ("FM, Euler, at the NTM's CPU seconds", ["--objective", "fm", "--x0-mse-weight", "0"]),
+    "s_ctx": ("contextual NTM (f_T of level s reads x_t), NLL only, at the NTM's CPU seconds",
+              ["--x0-mse-weight", "0", "--pairwise-steps", "4", "--transporter-context"]),
     # the same comparison on the 2-step grid, where one Gaussian step fits the posterior worst
     "s_ntm2": ("NTM, NLL only, 2-step grid", ["--x0-mse-weight", "0", "--pairwise-steps", "2"]),
     "s_id2": ("identity f_T + learned scale, NLL only, 2-step grid, at the NTM's CPU seconds",
@@ -158,7 +163,12 @@ PRETRAINED = {"ntm_ft": Pretrain(0.5, "fm"),
 STEP_SCALE = {"id_0_eq": 276 / 241, "fm_eq": 276 / 70, "ntm_pw_eq": 276 / 89.5, "ntm_pw_x_eq": 276 / 89.5,
               "ntm_pw4_eq": 276 / 89.5, "id_pw4_eq": 276 / 89.5 * 145 / 108,
               "s_id": 2245 / 1774, "s_id_x": 2245 / 1774, "s_fm": 2269 / 1774,
-              "s_id2": 2245 / 1774}
+              "s_id2": 2245 / 1774,
+              # the contextual NTM's pairwise T = 4 step maps one level instead of two: `tiny`, one thread, side by
+              # side, the slope between a 40- and a 440-step run (2026-12-07): NTM 0.194, contextual 0.181 CPU s/step
+              "ctx_pw4_eq": 276 / 89.5 * 0.194 / 0.181,
+              # `small` likewise, the slope between a 10- and a 70-step run: NTM 2.402, contextual 2.213 CPU s/step
+              "s_ctx": 1925 / 1774}
 
 
 def model_of(name: str) -> str:

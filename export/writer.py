@@ -77,6 +77,9 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
     cfg = model.config
     if cfg.objective == "fm":
         raise ConfigError("a flow-matching checkpoint has no u-space sampler to export; export an NTM (or gaussian) model")
+    if model.contextual:
+        raise ConfigError("export does not support a contextual transporter (trained with --transporter-context) yet: "
+                          "its sampler inverts f_T at every step, which the bundle's graphs do not")
     # the traced example inputs alone (the sampler loop's noise is the largest), before any tracing
     validate.fits_in_memory(4 * 2 * batch * (cfg.steps + 2) * cfg.dims, f"--batch {batch}")
     denoiser = load_denoiser(checkpoint).requires_grad_(False) if has_denoiser(checkpoint) else None

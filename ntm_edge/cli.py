@@ -91,6 +91,9 @@ def train(
                                                         "token per pixel, the most expressive ordering")] = None,
     transporter_layers: Annotated[int | None, typer.Option(help="layers per TarFlow block (default: the preset's)")] = None,
     transporter_width: Annotated[int | None, typer.Option(help="f_T's width (default: the preset's)")] = None,
+    transporter_context: Annotated[bool, typer.Option(help="f_T of each level also reads the step's noisier level "
+                                                      "x_t (exact likelihood; the sampler inverts f_T at every "
+                                                      "step; no export yet)")] = False,
     x0_mse_space: Annotated[str, typer.Option(help="target of the hybrid term: x (x0; pulls f_T toward the "
                                                    "identity, the better samples) | u (f_T(x0), the space of "
                                                    "the predictor's x0-hat; f_T learns mostly to shrink)")] = "x",
@@ -121,7 +124,8 @@ def train(
                      objective=objective, init_from=str(init_from) if init_from else None,
                      align_weight=align_weight, time_budget=time_budget, x0_mse_weight=x0_mse_weight,
                      transporter_blocks=transporter_blocks, transporter_patch=transporter_patch,
-                     transporter_layers=transporter_layers, transporter_width=transporter_width, x0_mse_space=x0_mse_space, lr=lr,
+                     transporter_layers=transporter_layers, transporter_width=transporter_width,
+                     transporter_context=transporter_context or None, x0_mse_space=x0_mse_space, lr=lr,
                      transporter_lr_scale=transporter_lr_scale,
                      device=device, seed=seed, checkpoint_every=checkpoint_every,
                      eval_images=eval_images, grad_accum=grad_accum, parallel=parallel, precision=precision,

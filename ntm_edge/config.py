@@ -29,6 +29,9 @@ class TransporterConfig:
     heads: int = 4
     mlp_ratio: int = 2
     alpha_clamp: float = 3.0  # soft clamp of the log-scale: alpha = c tanh(alpha_raw / c)
+    # f_T of level s also reads the step's x_t, u_s = f_T(x_s; s, T, x_t), and the predictor reads x_t
+    # itself; the likelihood stays exact, and the sampler inverts f_T at every step (issue 13)
+    context: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,10 @@ class NTMConfig:
         for name in ("grid_conditioning", "learn_scale"):
             if not isinstance(getattr(p, name), bool):
                 raise ConfigError(f"predictor.{name} must be true or false, got {getattr(p, name)!r}")
+        if not isinstance(t.context, bool):
+            raise ConfigError(f"transporter.context must be true or false, got {t.context!r}")
+        if t.context and not t.num_blocks:
+            raise ConfigError("transporter.context needs a transporter (num_blocks >= 1)")
         if t.width % t.heads or p.width % p.heads:
             raise ConfigError("the transporter's and the predictor's width must be divisible by their heads")
         if t.alpha_clamp <= 0:

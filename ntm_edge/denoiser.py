@@ -211,6 +211,9 @@ def _open_checkpoint(checkpoint, log) -> tuple[dict, dict, str]:
     cfg = model.config
     if cfg.objective == "fm":
         raise ConfigError("a flow-matching checkpoint has no u-space to denoise; train the denoiser for an NTM")
+    if model.contextual:
+        raise ConfigError("a contextual transporter's sampler ends in x-space: it has no denoiser; "
+                          "sample it with --final inverse or inverse+score")
     dataset = trained_on(checkpoint)
     if dataset is None:
         raise ConfigError(f"{checkpoint} does not record its dataset")

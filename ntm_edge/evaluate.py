@@ -77,7 +77,8 @@ def transporter_activity(model: NTM, images: np.ndarray, steps: int | None = Non
     that only shrinks every image, as the u-space hybrid term taught it, scores 0 here); and
     ``logdet_per_dim`` = mean log|det df_T/dx| / D in nats. All are 0 for f_T = identity (no blocks, or
     blocks at their zero initialisation) and at t = 1, where the gate makes f_T the identity by
-    construction. Deterministic for a seed.
+    construction. A contextual transporter maps each level given the trajectory's next one (its step's
+    x_t). Deterministic for a seed.
     -> [{"t", "displacement", "shape_displacement", "logdet_per_dim"}, ...] ordered t_0 .. t_T.
     """
     steps = steps or model.config.steps
@@ -88,7 +89,8 @@ def transporter_activity(model: NTM, images: np.ndarray, steps: int | None = Non
     x = traj.x.reshape(B * K, *traj.x.shape[2:])  # (B K, C, H, W)
     was_training = model.training
     model.eval()
-    u, logdet = model.transporter(x, traj.t.reshape(B * K), steps)
+    u, logdet = model.transporter_levels(traj)  # a contextual f_T maps each level given the next
+    u, logdet = u.reshape(B * K, *u.shape[2:]), logdet.reshape(B * K)
     model.train(was_training)
     u, x = u.flatten(1).double(), x.flatten(1).double()  # (B K, D)
     rel = ((u - x).norm(dim=1) / x.norm(dim=1)).reshape(B, K)  # (B, K)

@@ -8,6 +8,10 @@ u-space, then an exit) and the ways out of u-space after the four steps (docs/de
   E[(1 - t) x0 | trajectory] = x - S grad L, read at t_0.
 - ``denoiser``: the learned one-pass denoiser g_phi(u_t0, prompt) -> x0 (paper 3.9, denoiser.py).
 
+A contextual transporter's sampler already ends in x-space (it inverts f_T at every step), so its
+``inverse`` exit is x0 ~ x_t0 / (1 - t0) and ``inverse+score`` denoises the sampled x levels as they are;
+it has no denoiser exit.
+
 The flow-matching baseline (objective "fm") has no u-space: it integrates its velocity with Euler.
 """
 
@@ -69,6 +73,8 @@ def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: 
     if final not in EXITS:
         raise ConfigError(f"unknown exit {final!r}; choose one of: {', '.join(EXITS)}")
     fm = model.config.objective == "fm"  # the flow-matching baseline has no u-space: Euler
+    if final == "denoiser" and model.contextual:
+        raise ConfigError("a model with a contextual transporter has no denoiser exit; use --final inverse or inverse+score")
     if final == "denoiser" and denoiser is None and not fm:
         raise ConfigError("this checkpoint has no denoiser; train one with `ntm-edge train-denoiser` or pick another --final")
     rng = np.random.default_rng(seed)
@@ -79,15 +85,19 @@ def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: 
         if fm:
             x = model.sample_euler(ids, mask, steps, rng, guidance, temperature)
         elif final == "inverse+score":
-            u, ts = model.sample_levels(ids, mask, steps, rng, guidance, t_min, temperature)
+            u, ts = model.sample_levels(ids, mask, steps, rng, guidance, t_min, temperature, inverse_method)
             with torch.no_grad():
-                traj = invert_levels(model, u, ts, inverse_method)
+                traj = (Trajectory(u, torch.as_tensor(np.asarray(ts), dtype=torch.float32, device=u.device)
+                                   .expand(*u.shape[:2])) if model.contextual
+                        else invert_levels(model, u, ts, inverse_method))
             x = score_denoise(model, traj, ids, mask, clip_percentile)
         else:
-            u, t0 = model.sample_u(ids, mask, steps, rng, guidance, t_min, temperature)
+            u, t0 = model.sample_u(ids, mask, steps, rng, guidance, t_min, temperature, inverse_method)
             with torch.no_grad():
                 if final == "denoiser":
                     x = denoiser(u, ids, mask)
+                elif model.contextual:  # the levels are x already
+                    x = schedule.decoder_mean(u, t0)
                 else:
                     x = schedule.decoder_mean(model.transporter.inverse(u, t0, steps, method=inverse_method), t0)
         if not torch.isfinite(x).all():  # NaN would become black pixels: say so, as the runtime does

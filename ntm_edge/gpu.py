@@ -176,6 +176,9 @@ class GraphSampler:
             raise ConfigError("this checkpoint has no denoiser; train one with `ntm-edge train-denoiser` or pick another --final")
         if model.config.objective == "fm":
             raise ConfigError("a flow-matching model has no u-space: it samples with Euler (exits.sample_images)")
+        if model.contextual:
+            raise ConfigError("a contextual transporter inverts f_T at every step, which the graph sampler does not "
+                              "capture: it samples eagerly (exits.sample_images)")
         self.device, self.dtype, self.batch, self.steps = model.device, dtype, batch, steps
         self.guidance, self.final = float(guidance), final
         self.tol = JACOBI_TOL[dtype] if tol is None else tol
@@ -273,12 +276,12 @@ def sample_images_gpu(model: NTM, prompts, steps: int = 4, seed: int = 0, guidan
                       denoiser=None, inverse_method: str = "sequential", dtype: str = "bf16", log=None,
                       temperature: float = 1.0) -> np.ndarray:
     """``exits.sample_images`` on a CUDA model: the graph sampler for the denoiser exit and for the
-    Jacobi inverse; every other exit (sequential decoding, score denoising) and the flow-matching
-    baseline run eagerly on the device, in fp32."""
+    Jacobi inverse; every other exit (sequential decoding, score denoising), the flow-matching
+    baseline and a contextual transporter's model run eagerly on the device, in fp32."""
     from .exits import sample_images
 
     if final == "denoiser" or (final == "inverse" and inverse_method == "jacobi"):
-        if model.config.objective != "fm":
+        if model.config.objective != "fm" and not model.contextual:
             sampler = GraphSampler(model, min(len(prompts), NOISE_CHUNK), steps, guidance, final, denoiser, DTYPES[dtype])
             images = sampler.sample(prompts, seed, temperature)
             if log:
@@ -286,7 +289,8 @@ def sample_images_gpu(model: NTM, prompts, steps: int = 4, seed: int = 0, guidan
                     + (f", Jacobi passes per block {list(sampler.passes)}" if sampler.passes else ""))
             return images
     if log:
-        what = "the flow-matching baseline" if model.config.objective == "fm" else f"exit {final} ({inverse_method})"
+        what = ("the flow-matching baseline" if model.config.objective == "fm" else
+                "a contextual transporter's sampler" if model.contextual else f"exit {final} ({inverse_method})")
         log(f"GPU path: {what} is not captured; it runs eagerly in fp32")
     return sample_images(model, prompts, steps=steps, seed=seed, guidance=guidance, final=final, denoiser=denoiser,
                          inverse_method=inverse_method, temperature=temperature)

@@ -65,6 +65,8 @@ def x0_target(model: NTM, x0: torch.Tensor, s: torch.Tensor, T: torch.Tensor, sp
 
     x0 (N, C, H, W), s (N,), T (N,) -> (N, C, H, W).
     """
+    if space == "u" and model.contextual:  # f_T(x0, s) would need an x_t: refused by `train` before any work
+        raise ValueError("the hybrid term's u-space target is not defined for a contextual transporter")
     return x0 if space == "x" else model.transporter(x0, s, T)[0]
 
 
@@ -110,8 +112,12 @@ def pairwise_loss(model: NTM, x0, ids, mask, g: torch.Generator, teacher: NTM | 
     s = torch.where(k == 1, t_min, grids[row, k.long() - 1])
     levels = schedule.forward_trajectory(x0, torch.stack([s, t], dim=1), g)  # (B, 2, C, H, W): x_s, x_t
     x_s, x_t = levels[:, 0], levels[:, 1]
-    u, logdet = model.transporter(torch.cat([x_s, x_t]), torch.cat([s, t]), torch.cat([T, T]))
-    nll, mu, x0_hat = model.step_terms(u[:B], logdet[:B], u[B:], s, t, T, ids, mask)
+    if model.contextual:  # u_s = f_T(x_s; s, T, x_t), and the predictor reads x_t
+        u_s, logdet_s = model.transporter(x_s, s, T, context=x_t)
+        nll, mu, x0_hat = model.step_terms(u_s, logdet_s, x_t, s, t, T, ids, mask)
+    else:
+        u, logdet = model.transporter(torch.cat([x_s, x_t]), torch.cat([s, t]), torch.cat([T, T]))
+        nll, mu, x0_hat = model.step_terms(u[:B], logdet[:B], u[B:], s, t, T, ids, mask)
     losses = Losses(nll.mean() / cfg.dims, (x0_hat - x0_target(model, x0, s, T, x0_space)).pow(2).mean())
     if teacher is not None:
         losses.align = (mu - teacher_mean(teacher, x_t, t, s, T, ids, mask)).pow(2).mean()

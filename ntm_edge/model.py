@@ -8,6 +8,14 @@ One reverse step p(x_s | x_t) is a normalizing flow:
     -log p(x_s | x_t) = -log N(f_T(x_s); mu_P, sigma_P^2) - log|det df_T/dx_s|
 
 and the trajectory's NLL is the sum over the T steps plus -log N(x_1; 0, I) for the pure-noise top.
+
+With a contextual transporter (``TransporterConfig.context``) the level s map also reads x_t and the
+predictor reads x_t itself:
+
+    u_s = f_T(x_s; s, T, x_t),   u_s ~ N(mu_P(x_t), sigma_P^2)
+
+The step is still a normalizing flow in x_s with an exact log-det. Sampling then works in x-space: each
+step draws u_s and inverts f_T(.; s, T, x_t) to get x_s, the next step's input (``sample_levels``).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from torch import nn
 
 from . import schedule
 from .config import NTMConfig
+from .decoding import DEFAULT_METHOD
 from .numerics import guided_gaussian
 from .predictor import Predictor
 from .prompts import make_vocab
@@ -86,6 +95,11 @@ class NTM(nn.Module):
         save_model(self, path)
 
     @property
+    def contextual(self) -> bool:
+        """Whether the transporter reads each step's x_t (the sampler then inverts it at every step)."""
+        return self.transporter.contextual
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -123,11 +137,27 @@ class NTM(nn.Module):
     def step_terms(self, u_s, logdet_s, u_t, s, t, T, ids, mask):
         """Exact -log p(x_s | x_t) of one step per example (B,), with the predictor's mean and x0-hat.
 
-        u_s, u_t (B, C, H, W) = f_T of x_s, x_t; logdet_s (B,); s, t, T (B,); ids, mask (B, P)
+        u_s, u_t (B, C, H, W) = f_T of x_s, x_t (a contextual model: f_T(x_s; x_t), and x_t itself, which its
+        predictor reads); logdet_s (B,); s, t, T (B,); ids, mask (B, P)
         -> nll (B,), mu (B, C, H, W), x0_hat (B, C, H, W).
         """
         mu, log_sigma, x0_hat = self.predictor(u_t, t, s, T, self.prompt_encoder(ids), mask)
         return schedule.step_nll(u_s, logdet_s, mu, log_sigma), mu, x0_hat
+
+    def transporter_levels(self, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_T of every level of a trajectory, batched -> u (B, K, C, H, W), logdet (B, K).
+
+        Contextual: level k < T is mapped given level k + 1 (its step's condition), and the top level
+        is the identity (as the gate makes it for the plain transporter)."""
+        B, K = traj.t.shape
+        shape = traj.x.shape[2:]
+        if not self.contextual:
+            u, logdet = self.transporter(traj.x.reshape(B * K, *shape), traj.t.reshape(B * K), K - 1)
+            return u.reshape(B, K, *shape), logdet.reshape(B, K)
+        flat = lambda v: v.reshape(B * (K - 1), *v.shape[2:])  # noqa: E731
+        u, logdet = self.transporter(flat(traj.x[:, :-1]), flat(traj.t[:, :-1]), K - 1, context=flat(traj.x[:, 1:]))
+        u = torch.cat([u.reshape(B, K - 1, *shape), traj.x[:, -1:]], dim=1)
+        return u, torch.cat([logdet.reshape(B, K - 1), logdet.new_zeros(B, 1)], dim=1)
 
     def trajectory_terms(self, traj: Trajectory, ids, mask, per_level: bool = False):
         """All T steps of each example in one parallel pass (end-to-end mode).
@@ -138,11 +168,11 @@ class NTM(nn.Module):
         B, K = traj.t.shape
         T = K - 1
         shape = traj.x.shape[2:]
-        u, logdet = self.transporter(traj.x.reshape(B * K, *shape), traj.t.reshape(B * K), T)
-        u, logdet = u.reshape(B, K, *shape), logdet.reshape(B, K)
+        u, logdet = self.transporter_levels(traj)
         rep = lambda v: v.repeat_interleave(T, dim=0)  # noqa: E731  (B, ...) -> (B*T, ...)
+        inputs = traj.x if self.contextual else u  # what the predictor reads of level k
         mu, log_sigma, x0_hat = self.predictor(  # step k = 1..T: level k-1 given level k, (B*T, C, H, W)
-            u[:, 1:].reshape(B * T, *shape),
+            inputs[:, 1:].reshape(B * T, *shape),
             traj.t[:, 1:].reshape(B * T),
             traj.t[:, :-1].reshape(B * T),
             torch.full((B * T,), float(T), device=u.device),
@@ -186,19 +216,26 @@ class NTM(nn.Module):
 
     @torch.no_grad()
     def sample_levels(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float, t_min: float,
-                      temperature: float = 1.0):
+                      temperature: float = 1.0, inverse_method: str = DEFAULT_METHOD):
         """Steps 1-2 of Algorithm 2 (``sampling.reverse_levels``), all in u-space, keeping every level:
         -> u (B, K, C, H, W) ordered t_0 .. t_T, and the grid ts (K,). The noise is the numpy ``rng``'s,
         in the order of ``sampling.draw_noise`` (scaled by ``temperature``), so the torch-free runtime
-        reproduces it exactly."""
+        reproduces it exactly. A contextual model's levels are x (each step inverts f_T, by
+        ``inverse_method``)."""
         ts = schedule.time_grid(steps, t_min, self.config.shift)
         predict = lambda u_t, t, s: self.predict(u_t, t, s, steps, ids, mask, guidance)  # noqa: E731
-        return reverse_levels(predict, self.noise(rng, ids.shape[0], steps, temperature), ts), ts
+        noise = self.noise(rng, ids.shape[0], steps, temperature)
+        if self.contextual:  # x-space: each drawn u_s is taken back to x_s through f_T(.; s, T, x_t)
+            transport = lambda u_s, x_t, s: self.transporter.inverse(  # noqa: E731
+                u_s, s, steps, method=inverse_method, context=x_t)
+            return reverse_levels(predict, noise, ts, transport), ts
+        return reverse_levels(predict, noise, ts), ts
 
     def sample_u(self, ids, mask, steps: int, rng: np.random.Generator, guidance: float, t_min: float,
-                 temperature: float = 1.0):
-        """The cleanest level u_t0 (B, C, H, W) of ``sample_levels``, and t0."""
-        u, ts = self.sample_levels(ids, mask, steps, rng, guidance, t_min, temperature)
+                 temperature: float = 1.0, inverse_method: str = DEFAULT_METHOD):
+        """The cleanest level u_t0 (B, C, H, W) of ``sample_levels``, and t0 (for a contextual model, x_t0:
+        its levels are in x-space)."""
+        u, ts = self.sample_levels(ids, mask, steps, rng, guidance, t_min, temperature, inverse_method)
         return u[:, 0], float(ts[0])
 
     @torch.no_grad()

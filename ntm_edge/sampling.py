@@ -35,15 +35,18 @@ def draw_noise(rng: np.random.Generator, n: int, shape: tuple[int, ...], steps: 
     return draws
 
 
-def reverse_levels(predict, noise, ts):
+def reverse_levels(predict, noise, ts, transport=None):
     """Steps 1-2 of Algorithm 2 -> the u levels (B, T + 1, ...), ordered t_0 .. t_T.
 
     predict(u_t, t, s) -> mu, log_sigma of the (guided) Gaussian over u_s; noise: [u_T, z_T, ..., z_1]
     as ``draw_noise`` orders it (arrays or tensors); ts: the grid t_0 .. t_T (indexable, T + 1 entries).
+    transport(u_s, x_t, s) -> x_s: a contextual transporter's inverse, applied after every draw, so that
+    the levels are x (the top level is u_T = x_T); None keeps them in u-space.
     """
     steps = len(noise) - 1
     levels = [noise[0]]  # 1. u_T ~ N(0, I)
     for j, k in enumerate(range(steps, 0, -1)):  # 2. u_{k-1} = mu + sigma z
         mu, log_sigma = predict(levels[-1], ts[k], ts[k - 1])
-        levels.append(mu + namespace(mu).exp(log_sigma) * noise[j + 1])
+        level = mu + namespace(mu).exp(log_sigma) * noise[j + 1]
+        levels.append(level if transport is None else transport(level, levels[-1], ts[k - 1]))
     return namespace(noise[0]).stack(levels[::-1], axis=1)

@@ -66,7 +66,8 @@ from .schedule import STEP_COUNTS, scoring_step_count, trained_step_counts
 MODES = ("end2end", "pairwise")
 # TransporterConfig field -> the TrainArgs field (and `train` option, with dashes) that overrides it
 _TRANSPORTER_ARGS = {"num_blocks": "transporter_blocks", "patch_size": "transporter_patch",
-                     "layers_per_block": "transporter_layers", "width": "transporter_width"}
+                     "layers_per_block": "transporter_layers", "width": "transporter_width",
+                     "context": "transporter_context"}
 PARALLEL = ("auto", "ddp", "fsdp")  # auto: FSDP2 for SHARDED_PRESETS, DDP otherwise (under torchrun)
 SHARDED_PRESETS = ("base",)
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -96,6 +97,8 @@ class TrainArgs:
     transporter_patch: int | None = None
     transporter_layers: int | None = None
     transporter_width: int | None = None
+    # f_T of level s also reads the step's x_t (TransporterConfig.context; None: the preset's, off)
+    transporter_context: bool | None = None
     x0_mse_space: str = "x"  # the hybrid term's target: "x" x0 (measured best, the default) | "u" f_T(x0, s)
     lr: float = 1e-3
     # the transporter's learning rate is lr x this (issue 13: a per-module rate for the shallow f_T)
@@ -114,7 +117,7 @@ class TrainArgs:
     precision: str = "auto"  # fp32 | bf16 (autocast) | auto (PRECISIONS)
     text_encoder: str | None = None  # "minilm" | "labels" (None: the preset's, config.PRESET_TEXT_ENCODERS)
 
-    def transporter_shape(self) -> dict[str, int]:
+    def transporter_shape(self) -> dict[str, Any]:
         """The TransporterConfig fields this run overrides (its --transporter-* options that were given)."""
         given = {key: getattr(self, name) for key, name in _TRANSPORTER_ARGS.items()}
         return {key: value for key, value in given.items() if value is not None}
@@ -141,7 +144,15 @@ class TrainArgs:
             if key == "num_blocks":
                 continue
             flag = "--" + _TRANSPORTER_ARGS[key].replace("_", "-")
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if key == "context":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{flag} is on or off, got {value!r}")
+                if not value:
+                    continue
+                if self.x0_mse_space == "u":
+                    raise ConfigError(f"{flag} maps x_s given x_t, so the hybrid term has no u-space target: "
+                                      "use --x0-mse-space x")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{flag} must be a whole number >= 1, got {value!r}")
             if self.objective != "ntm" or self.transporter_blocks == 0:
                 raise ConfigError(f"{flag} shapes the transporter, and this run has none "
@@ -397,6 +408,9 @@ def _check_resume(out: Path, args: TrainArgs, state: dict) -> None:
             if was != now:
                 raise ConfigError(f"{out} was trained with --pairwise-steps {shown(was)}; resume it with the same "
                                   f"value (got {shown(now)})")
+        elif key == "transporter_context":  # a flag: given means on
+            if not was:
+                raise ConfigError(f"{out} was trained without --transporter-context; resume it without it")
         elif was != now:
             raise ConfigError(f"{out} was trained with --{key.replace('_', '-')} {was!r}; "
                               f"resume it with the same value (got {now!r})")
