@@ -11,6 +11,10 @@ table gives each one's median time, its speed ratio against sequential decoding 
 the passes it used per block (inversion order: last block first) and its max abs difference from
 sequential decoding. On CPU a batch-64 Jacobi pass is compute-bound (it redoes every token each
 pass), so the launch-bound batch-1 case is where fixed-point decoding pays, as on GPUs.
+
+A contextual transporter (``train --transporter-context``) is inverted at every step of its sampler;
+what is timed is one such inversion, its last step's: u_t0 = f_T(x_t0; t0, T, x_t1) of the sampled
+levels, given the same x_t1.
 """
 
 from __future__ import annotations
@@ -68,14 +72,18 @@ def model() -> tuple[NTM, str, int]:
 
 @pytest.fixture(scope="module")
 def inputs(model):
-    """batch -> (u (B, C, H, W), t0, x from sequential decoding)."""
+    """batch -> (u (B, C, H, W), t0, x from sequential decoding, the context x_t1 of a contextual model or None)."""
     m, _, steps = model
     out = {}
     for B in BATCHES:
         ids, mask = m.tokenize([str(i % 10) for i in range(B)])
-        u, t0 = m.sample_u(ids, mask, steps, np.random.default_rng(B), 0.0, m.config.t_min_sample)
+        levels, ts = m.sample_levels(ids, mask, steps, np.random.default_rng(B), 0.0, m.config.t_min_sample)
+        u, t0, context = levels[:, 0], float(ts[0]), None
         with torch.no_grad():
-            out[B] = u, t0, m.transporter.inverse(u, t0, steps)
+            if m.contextual:  # the levels are x: the last step's u_t0, given its x_t1
+                context = levels[:, 1]
+                u = m.transporter(levels[:, 0], t0, steps, context=context)[0]
+            out[B] = u, t0, m.transporter.inverse(u, t0, steps, context=context), context
     return out
 
 
@@ -108,8 +116,8 @@ def results(model, summary):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_inversion(benchmark, model, inputs, results, name, batch):
     tr, steps = model[0].transporter, model[2]
-    u, t0, reference = inputs[batch]
-    settings = METHODS[name]
+    u, t0, reference, context = inputs[batch]
+    settings = {**METHODS[name], "context": context}
     with torch.no_grad():
         x, report = tr.inverse_with_report(u, t0, steps, **settings)
     err = (x - reference).abs().max().item()

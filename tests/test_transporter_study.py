@@ -26,16 +26,18 @@ def test_small_plan_gives_every_row_the_ntms_cpu_seconds(tmp_path):
     assert done.returncode == 0, done.stderr
     commands = dict(re.findall(r"^(\w+): .*\n  (ntm-edge train .*)$", done.stdout, re.M))
     finetunes = {name: commands.pop(name) for name in ("s_ft", "s_idft", "s_ft_a0")}  # their FM runs: below
-    assert list(commands) == ["s_ntm", "s_id", "s_ntm_x", "s_id_x", "s_fm", "s_ntm2", "s_id2"]
+    assert list(commands) == ["s_ntm", "s_id", "s_ntm_x", "s_id_x", "s_fm", "s_ctx", "s_ntm2", "s_id2"]
     steps = {name: int(re.search(r"--steps (\d+)", cmd).group(1)) for name, cmd in commands.items()}
-    # the per-step costs measured side by side: 1774 NTM, 2245 identity, 2269 FM steps in ~1196 s each
-    assert steps == {"s_ntm": 1774, "s_id": 2245, "s_ntm_x": 1774, "s_id_x": 2245, "s_fm": 2269,
+    # the per-step costs measured side by side: 1774 NTM, 2245 identity, 2269 FM, 1925 contextual NTM steps in
+    # the same seconds
+    assert steps == {"s_ntm": 1774, "s_id": 2245, "s_ntm_x": 1774, "s_id_x": 2245, "s_fm": 2269, "s_ctx": 1925,
                      "s_ntm2": 1774, "s_id2": 2245}
     for name, cmd in commands.items():
         assert "--dataset mnist5k --preset small --text-encoder minilm" in cmd
         grid = None if name == "s_fm" else "2" if name.endswith("2") else "4"
         assert re.findall(r"--pairwise-steps (\d+)", cmd) == ([grid] if grid else [])
         assert ("--transporter-blocks 0" in cmd) == name.startswith("s_id")
+        assert ("--transporter-context" in cmd) == (name == "s_ctx")
     assert "s_fm2: FM, Euler at 2 steps (the s_fm model)\n  the model of s_fm, sampled at 2 steps" in done.stdout
     # the finetuned rows: FM for half the budget (its steps at FM's cost), then the finetune (at its own cost),
     # both from one FM run per seed
@@ -54,8 +56,8 @@ def test_refuses_rows_of_the_other_preset_in_one_line(tmp_path):
     done = study("--preset", "small", "--rows", "s_ntm", "ntm_0", "--plan", "--out", str(tmp_path / "s"))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == ("transporter_study.py: error: rows ntm_0 are not rows of "
-                                                    "--preset small (its rows: s_ntm, s_id, s_ntm_x, s_id_x, s_fm, s_ntm2, "
-                                                    "s_id2, s_fm2, s_ft, s_idft, s_ft_a0)")
+                                                    "--preset small (its rows: s_ntm, s_id, s_ntm_x, s_id_x, s_fm, s_ctx, "
+                                                    "s_ntm2, s_id2, s_fm2, s_ft, s_idft, s_ft_a0)")
     done = study("--plan", "--calibrate", "--out", str(tmp_path / "c"))  # its step counts would not be the run's
     assert done.returncode == 2 and "--calibrate measures its own first" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "c").exists()
