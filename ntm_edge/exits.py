@@ -33,9 +33,11 @@ EXITS = ("inverse", "inverse+score", "denoiser")
 
 def invert_levels(model: NTM, u: torch.Tensor, ts, method: str = DEFAULT_METHOD) -> Trajectory:
     """u (B, K, C, H, W) on the grid ts ((K,) or (B, K)) -> the x trajectory, every level inverted
-    in one batched call."""
+    in one batched call (a contextual model's sampled levels are x already: returned as they are)."""
     B, K = u.shape[:2]
     t = torch.as_tensor(np.asarray(ts), dtype=torch.float32, device=u.device).expand(B, K)
+    if model.contextual:
+        return Trajectory(u, t)
     x = model.transporter.inverse(u.reshape(B * K, *u.shape[2:]), t.reshape(-1), K - 1, method=method)
     return Trajectory(x.reshape(u.shape), t)
 
@@ -87,9 +89,7 @@ def sample_images(model: NTM, prompts, steps: int = 4, seed: int = 0, guidance: 
         elif final == "inverse+score":
             u, ts = model.sample_levels(ids, mask, steps, rng, guidance, t_min, temperature, inverse_method)
             with torch.no_grad():
-                traj = (Trajectory(u, torch.as_tensor(np.asarray(ts), dtype=torch.float32, device=u.device)
-                                   .expand(*u.shape[:2])) if model.contextual
-                        else invert_levels(model, u, ts, inverse_method))
+                traj = invert_levels(model, u, ts, inverse_method)
             x = score_denoise(model, traj, ids, mask, clip_percentile)
         else:
             u, t0 = model.sample_u(ids, mask, steps, rng, guidance, t_min, temperature, inverse_method)
