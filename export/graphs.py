@@ -74,15 +74,20 @@ class SamplerLoopGraph(nn.Module):
         return reverse_levels(predict, z, levels_t)  # (B, T + 1, C, H, W)
 
 
+def _context(context: tuple) -> torch.Tensor | None:
+    """A contextual transporter's graphs take the step's x_t (B, C, H, W) as one last input."""
+    return context[0] if context else None
+
+
 class TransporterForwardGraph(nn.Module):
-    """x (B, C, H, W), t, steps (B,) -> u (B, C, H, W), logdet (B,)."""
+    """x (B, C, H, W), t, steps (B,) [, context (B, C, H, W)] -> u (B, C, H, W), logdet (B,)."""
 
     def __init__(self, model: NTM):
         super().__init__()
         self.transporter = model.transporter
 
-    def forward(self, x, t, steps):
-        return self.transporter(x, t, steps)
+    def forward(self, x, t, steps, *context):
+        return self.transporter(x, t, steps, context=_context(context))
 
 
 class _BlockGraph(nn.Module):
@@ -94,16 +99,19 @@ class _BlockGraph(nn.Module):
 
 
 class JacobiPassGraph(_BlockGraph):
-    """One Jacobi pass of one block, in image layout: x, u (B, C, H, W), t, steps (B,) -> x_next.
+    """One Jacobi pass of one block, in image layout: x, u (B, C, H, W), t, steps (B,) [, context
+    (B, C, H, W)] -> x_next.
 
     x_next = mu(x_<n) + exp(alpha(x_<n)) u_n per token (``TarFlowBlock.jacobi_step``); the exact
     inverse of the block is its fixed point, reached after at most N - 1 passes."""
 
-    def forward(self, x, u, t, steps):
-        c, gate = self.transporter.conditioning(x, t, steps)  # (B, W), (B, 1, 1)
+    def forward(self, x, u, t, steps, *context):
+        ctx = _context(context)
+        c, gate = self.transporter.conditioning(x, t, steps, ctx)  # (B, W), (B, 1, 1)
         xs = self.block.scan_order(patchify(x, self.p))  # (B, N, D) scan order
         us = self.block.scan_order(patchify(u, self.p))
-        out = self.block.scan_order(self.block.jacobi_step(xs, us, c, gate))  # (B, N, D) natural order
+        ctx_h = self.block.context_tokens(None if ctx is None else patchify(ctx, self.p))
+        out = self.block.scan_order(self.block.jacobi_step(xs, us, c, gate, ctx_h))  # (B, N, D) natural order
         return unpatchify(out, self.p, *self.chw)  # (B, C, H, W)
 
 
@@ -112,14 +120,18 @@ class SequentialStepGraph(_BlockGraph):
 
     x_token (B, D): token n in scan order; position (1,) int64: n; t, steps (B,);
     k_cache, v_cache (L, B, heads, N, hd): keys/values of tokens < n in slots < n (the rest unused)
+    [, context (B, C, H, W): the step's x_t, the whole image: position n reads its own shifted token]
     -> mu, alpha (B, D): the affine parameters of token n + 1 (x_{n+1} = mu + exp(alpha) u_{n+1}),
        k_cache_out, v_cache_out: the caches with token n written into slot n.
     It is ``TarFlowBlock.decode_step``, the step that ``TarFlowBlock.inverse`` runs N - 1 times.
     """
 
-    def forward(self, x_token, position, t, steps, k_cache, v_cache):
-        c, gate = self.transporter.conditioning(x_token, t, steps)
-        mu, alpha, ks, vs = self.block.decode_step(x_token, position, c, gate, k_cache, v_cache)  # one-hot writes
+    def forward(self, x_token, position, t, steps, k_cache, v_cache, *context):
+        ctx = _context(context)
+        c, gate = self.transporter.conditioning(x_token, t, steps, ctx)
+        ctx_h = self.block.context_tokens(None if ctx is None else patchify(ctx, self.p))
+        mu, alpha, ks, vs = self.block.decode_step(x_token, position, c, gate, k_cache, v_cache,
+                                                   ctx_h=ctx_h)  # one-hot writes
         return mu, alpha, torch.stack(ks), torch.stack(vs)
 
 
@@ -149,11 +161,12 @@ class TextDenoiserGraph(nn.Module):
 
 def graph_modules(model: NTM, denoiser=None) -> dict[str, nn.Module]:
     """The module of every graph ``specs.graph_specs`` lists for this model, by graph name."""
-    mods = {
+    mods: dict[str, nn.Module] = {
         specs.PROMPT_ENCODER: PromptEncoderGraph(model),
         specs.PREDICTOR_STEP: PredictorStepGraph(model),
-        specs.SAMPLER_LOOP: SamplerLoopGraph(model),
     }
+    if not model.contextual:  # a contextual sampler inverts f_T after every draw: no unrolled loop
+        mods[specs.SAMPLER_LOOP] = SamplerLoopGraph(model)
     if len(model.transporter.blocks):
         mods[specs.TRANSPORTER_FORWARD] = TransporterForwardGraph(model)
         for i in range(len(model.transporter.blocks)):

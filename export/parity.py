@@ -131,14 +131,17 @@ def text_encoder_agreement(rt: Runtime, module, vocab: TextVocab) -> dict:
 
 
 @torch.no_grad()
-def block_io(model: NTM, x: torch.Tensor, t: torch.Tensor, T: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(input, output) images of every transporter block for x (B, C, H, W) at levels t (B,)."""
+def block_io(model: NTM, x: torch.Tensor, t: torch.Tensor, T: int,
+             context: torch.Tensor | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input, output) images of every transporter block for x (B, C, H, W) at levels t (B,) (given the
+    step's x_t ``context`` for a contextual transporter)."""
     tr = model.transporter
-    c, gate = tr.conditioning(x, t, T)
+    c, gate = tr.conditioning(x, t, T, context)
     p, chw = tr.cfg.patch_size, x.shape[1:]
     h, io = patchify(x, p), []
+    ctx = None if context is None else patchify(context, p)
     for block in tr.blocks:
-        h_out, _ = block(h, c, gate)
+        h_out, _ = block(h, c, gate, ctx)
         io.append((unpatchify(h, p, *chw).numpy(), unpatchify(h_out, p, *chw).numpy()))
         h = h_out
     return io
@@ -166,32 +169,42 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
         result[name] = max_abs(rt[name](**inputs), ref)
 
     check(specs.PROMPT_ENCODER, {"ids": torch.from_numpy(parity_prompt_ids(model.vocab))})
-    u, _ = model.transporter(x, t, T)
-    u = u.reshape(B, K, *shape)
+    u = model.transporter_levels(traj)[0]  # (B, K, C, H, W)
     emb = model.prompt_encoder(ids)
     rep = lambda v: v.repeat_interleave(T, dim=0)  # noqa: E731  (B, ...) -> (B*T, ...)
-    check(specs.PREDICTOR_STEP, {"u_t": u[:, 1:].reshape(B * T, *shape), "t": traj.t[:, 1:].reshape(-1),
+    read = traj.x if model.contextual else u  # the level the predictor reads: x_t, or u_t
+    check(specs.PREDICTOR_STEP, {"u_t": read[:, 1:].reshape(B * T, *shape), "t": traj.t[:, 1:].reshape(-1),
                                  "s": traj.t[:, :-1].reshape(-1), "steps": torch.full((B * T,), float(T)),
                                  "prompt_emb": rep(emb), "prompt_mask": rep(mask)})
     rng = np.random.default_rng(seed)
-    check(specs.SAMPLER_LOOP, {"u_top": rng.standard_normal((B, *shape), dtype=np.float32),
-                               "noise": rng.standard_normal((B, T, *shape), dtype=np.float32),
-                               "levels_t": schedule.time_grid(T, cfg.t_min_sample, cfg.shift).astype(np.float32),
-                               "prompt_emb": emb, "null_emb": model.prompt_encoder(null_ids),
-                               "prompt_mask": mask, "null_mask": null_mask,
-                               "guidance": np.array([1.0], dtype=np.float32)})
+    if specs.SAMPLER_LOOP in modules:
+        check(specs.SAMPLER_LOOP, {"u_top": rng.standard_normal((B, *shape), dtype=np.float32),
+                                   "noise": rng.standard_normal((B, T, *shape), dtype=np.float32),
+                                   "levels_t": schedule.time_grid(T, cfg.t_min_sample, cfg.shift).astype(np.float32),
+                                   "prompt_emb": emb, "null_emb": model.prompt_encoder(null_ids),
+                                   "prompt_mask": mask, "null_mask": null_mask,
+                                   "guidance": np.array([1.0], dtype=np.float32)})
     if len(model.transporter.blocks):
-        check(specs.TRANSPORTER_FORWARD, {"x": x, "t": t, "steps": steps_all})
-        for i, (h_in, h_out) in enumerate(block_io(model, x, t, T)):
+        context = None
+        if model.contextual:  # every level below the top, each given the next level up (its step's x_t)
+            x, context = traj.x[:, :-1].reshape(B * T, *shape), traj.x[:, 1:].reshape(B * T, *shape)
+            t, steps_all = traj.t[:, :-1].reshape(-1), torch.full((B * T,), float(T))
+        ctx = {} if context is None else {"context": context}
+        ctx2 = {} if context is None else {"context": context.repeat(2, 1, 1, 1)}
+        check(specs.TRANSPORTER_FORWARD, {"x": x, "t": t, "steps": steps_all, **ctx})
+        for i, (h_in, h_out) in enumerate(block_io(model, x, t, T, context)):
             # the first pass (x = u) and the fixed point (x = the block's input)
             check(specs.jacobi_graph(i), {"x": np.concatenate([h_out, h_in]), "u": np.concatenate([h_out, h_out]),
-                                          "t": t.repeat(2), "steps": steps_all.repeat(2)})
+                                          "t": t.repeat(2), "steps": steps_all.repeat(2), **ctx2})
             # the decoding step over a whole sequence: N - 1 graph calls against TarFlowBlock.inverse
             tr, block = model.transporter, model.transporter.block(i)
-            c, gate = tr.conditioning(x, t, T)
-            ref = block.inverse(patchify(torch.from_numpy(h_out), tr.cfg.patch_size), c, gate)
-            ref = unpatchify(ref, tr.cfg.patch_size, *shape).numpy()
-            got = inversion.sequential_block(rt, i, h_out, t.numpy(), steps_all.numpy())
+            c, gate = tr.conditioning(x, t, T, context)
+            p = tr.cfg.patch_size
+            ref = block.inverse(patchify(torch.from_numpy(h_out), p), c, gate,
+                                None if context is None else patchify(context, p))
+            ref = unpatchify(ref, p, *shape).numpy()
+            got = inversion.sequential_block(rt, i, h_out, t.numpy(), steps_all.numpy(),
+                                             None if context is None else context.numpy())
             result[specs.step_graph(i)] = max_abs({"x": got}, {"x": ref})
     if specs.DENOISER in modules:  # ids for a label model's denoiser, the prompt tokens for a text model's
         check(specs.DENOISER, {"u": u[:, 0], "ids": ids, "prompt_emb": emb, "prompt_mask": mask})

@@ -96,11 +96,17 @@ def check_sources(checkpoint, bundle, preset: str) -> None:
     from .runtime.bundle import load_bundle
 
     get_preset(preset)
-    if checkpoint is not None:
-        load_config(checkpoint)
+    if checkpoint is not None and load_config(checkpoint).transporter.context:
+        raise ConfigError(f"--checkpoint {checkpoint} has a contextual transporter (--transporter-context): `bench` "
+                          f"times the u-space sampler's stages, which it does not have; time it with "
+                          f"benchmarks/sampling_speed.py")
     if bundle is None:
         return
     b = load_bundle(bundle)
+    if b.config.transporter.context:
+        raise ConfigError(f"--bundle {bundle} has a contextual transporter (--transporter-context): `bench` times the "
+                          f"u-space sampler's stages, which it does not have; time it with `ntm-edge run` or "
+                          f"benchmarks/sampling_speed.py")
     source = b.manifest.get("source", {})
     if checkpoint is None:
         if not source.get("checkpoint") or not Path(source["checkpoint"]).is_dir():

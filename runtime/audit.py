@@ -24,28 +24,38 @@ from ntm_edge.decoding import DEFAULT_METHOD
 from ntm_edge.errors import ConfigError
 from ntm_edge.numerics import dequantize
 
-from .inversion import invert
+from .inversion import contextual, invert
 from .session import Runtime
 from .specs import PREDICTOR_STEP, PROMPT_ENCODER, TRANSPORTER_FORWARD
 
 
-def transport(rt: Runtime, x: np.ndarray, t: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """u = f_T(x, t, T), log|det| (B,); the identity when the model has no transporter blocks."""
+def transport(rt: Runtime, x: np.ndarray, t: np.ndarray, steps: int,
+              context: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """u = f_T(x, t, T) (given the step's x_t ``context`` for a contextual transporter), log|det| (B,);
+    the identity when the model has no transporter blocks."""
     if not rt.bundle.transporter["num_blocks"]:
         return x, np.zeros(len(x))
-    out = rt[TRANSPORTER_FORWARD](x=x, t=t, steps=np.full(len(x), steps, dtype=np.float32))
+    ctx = {} if context is None else {"context": context}
+    out = rt[TRANSPORTER_FORWARD](x=x, t=t, steps=np.full(len(x), steps, dtype=np.float32), **ctx)
     return out["u"], out["logdet"]
 
 
 def trajectory_nll(rt: Runtime, x: np.ndarray, ts: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Exact NLL in nats of trajectories x (B, K, C, H, W) on the grid ts ((K,) or (B, K)) -> (B,) float64."""
+    """Exact NLL in nats of trajectories x (B, K, C, H, W) on the grid ts ((K,) or (B, K)) -> (B,) float64.
+    A contextual transporter maps level k given level k + 1 (the top level is the identity) and its
+    predictor reads x_t (``NTM.transporter_levels``)."""
     B, K = x.shape[:2]
     T = K - 1
     ts = np.broadcast_to(np.asarray(ts, dtype=np.float32), (B, K))
-    u, logdet = zip(*(transport(rt, np.ascontiguousarray(x[:, k], dtype=np.float32), ts[:, k], T)
-                      for k in range(K)), strict=True)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if contextual(rt):
+        levels = [transport(rt, x[:, k], ts[:, k], T, x[:, k + 1]) for k in range(T)] + [(x[:, T], np.zeros(B))]
+    else:
+        levels = [transport(rt, x[:, k], ts[:, k], T) for k in range(K)]
+    u, logdet = zip(*levels, strict=True)
+    read = [x[:, k] for k in range(K)] if contextual(rt) else u  # the level each step's predictor reads
     emb = rt[PROMPT_ENCODER](ids=ids)["prompt_emb"]
-    steps = [rt[PREDICTOR_STEP](u_t=u[k], t=ts[:, k], s=ts[:, k - 1], steps=np.full(B, T, dtype=np.float32),
+    steps = [rt[PREDICTOR_STEP](u_t=read[k], t=ts[:, k], s=ts[:, k - 1], steps=np.full(B, T, dtype=np.float32),
                                 prompt_emb=emb, prompt_mask=mask) for k in range(1, K)]  # step k: level k-1 given k
     f64 = lambda levels: np.stack(levels, axis=1).astype(np.float64)  # noqa: E731  sums of many terms: float64
     return schedule.trajectory_nll(f64(u), f64(logdet), f64([o["mu"] for o in steps]), f64([o["log_sigma"] for o in steps]))
@@ -54,7 +64,10 @@ def trajectory_nll(rt: Runtime, x: np.ndarray, ts: np.ndarray, ids: np.ndarray, 
 def generated_nll(rt: Runtime, u: np.ndarray, ts: np.ndarray, ids, mask, method: str = DEFAULT_METHOD,
                   **settings) -> np.ndarray:
     """Exact NLL (nats, (B,)) of sampled trajectories given in u-space (B, K, C, H, W): invert every level
-    (``exits.invert_levels``; ``settings``: segments, tol, max_iters), then score the x trajectory."""
+    (``exits.invert_levels``; ``settings``: segments, tol, max_iters), then score the x trajectory.
+    A contextual bundle's sampler returns x levels: scored as they are."""
+    if contextual(rt):
+        return trajectory_nll(rt, u, ts, ids, mask)
     steps = u.shape[1] - 1
     x = np.stack([invert(rt, u[:, k], ts[k], steps, method, **settings)[0] for k in range(u.shape[1])], axis=1)
     return trajectory_nll(rt, x, ts, ids, mask)

@@ -41,33 +41,41 @@ class _Layout:
         return unpatchify(np.ascontiguousarray(xs), self.p, *self.chw)
 
 
+def _context(context: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The graphs' extra input for a contextual transporter: the step's x_t (B, C, H, W)."""
+    return {} if context is None else {"context": context}
+
+
 def jacobi_block(rt: Runtime, block: int, u: np.ndarray, t: np.ndarray, steps: np.ndarray, segments: int = 1,
-                 tol: float = DEFAULT_TOL, max_iters: int | None = None):
+                 tol: float = DEFAULT_TOL, max_iters: int | None = None, context: np.ndarray | None = None):
     """Invert one block by (GS-)Jacobi passes: u (B, C, H, W) -> x (B, C, H, W), and per segment the
     passes used, final relative change, converged (as ``TarFlowBlock.inverse_jacobi``)."""
     graph, layout = rt[jacobi_graph(block)], _Layout(rt, block, u.shape[1:])
     us = layout.tokens(u)  # (B, N, D) scan order
+    ctx = _context(context)
 
     def step(x_p: np.ndarray, u_p: np.ndarray) -> np.ndarray:
         e = x_p.shape[1]
         x_full = np.concatenate([x_p, us[:, e:]], axis=1)  # tokens >= e: any values, they cannot reach x_<e
-        out = graph(x=layout.image(x_full), u=u, t=t, steps=steps)["x_next"]
+        out = graph(x=layout.image(x_full), u=u, t=t, steps=steps, **ctx)["x_next"]
         return layout.tokens(out)[:, :e]
 
     xs, *report = solve_segments(step, us, segments, tol, max_iters)
     return (layout.image(xs), *report)
 
 
-def sequential_block(rt: Runtime, block: int, u: np.ndarray, t: np.ndarray, steps: np.ndarray) -> np.ndarray:
+def sequential_block(rt: Runtime, block: int, u: np.ndarray, t: np.ndarray, steps: np.ndarray,
+                     context: np.ndarray | None = None) -> np.ndarray:
     """Invert one block token by token: u (B, C, H, W) -> x (B, C, H, W), N - 1 decoding steps."""
     tp = rt.bundle.transporter
     graph, layout = rt[step_graph(block)], _Layout(rt, block, u.shape[1:])
     us = layout.tokens(u)  # (B, N, D) scan order
     empty = np.zeros((tp["layers"], us.shape[0], tp["heads"], us.shape[1], tp["head_dim"]), dtype=np.float32)
+    ctx = _context(context)
 
     def step(x_token: np.ndarray, n: int, caches: tuple[np.ndarray, np.ndarray]):
         out = graph(x_token=x_token, position=np.array([n], dtype=np.int64), t=t, steps=steps,
-                    k_cache=caches[0], v_cache=caches[1])
+                    k_cache=caches[0], v_cache=caches[1], **ctx)
         return out["mu"], out["alpha"], (out["k_cache_out"], out["v_cache_out"])
 
     return layout.image(decode_tokens(step, us, (empty, empty)))
@@ -79,10 +87,18 @@ def check_settings(rt: Runtime, method: str, segments=1, tol=DEFAULT_TOL, max_it
     return inverse_settings(method, segments, tol, max_iters, tp["num_blocks"], tp["num_tokens"])
 
 
+def contextual(rt: Runtime) -> bool:
+    """Whether the bundle's transporter reads the step's x_t (its graphs take a ``context`` input)."""
+    return bool(rt.bundle.config.transporter.context)
+
+
 def invert(rt: Runtime, u: np.ndarray, t, steps: int, method: str = DEFAULT_METHOD, segments=1, tol=DEFAULT_TOL,
-           max_iters=None) -> tuple[np.ndarray, InverseReport]:
+           max_iters=None, context: np.ndarray | None = None) -> tuple[np.ndarray, InverseReport]:
     """x = f_T^-1(u, t, T): u (B, C, H, W), t scalar or (B,) -> x (B, C, H, W), InverseReport (indexed
-    as the blocks; the last block is inverted first). Settings as ``Transporter.inverse_with_report``."""
+    as the blocks; the last block is inverted first). Settings as ``Transporter.inverse_with_report``.
+    ``context``: the step's x_t (B, C, H, W), which a contextual transporter needs and no other takes."""
+    if (context is None) == contextual(rt):
+        raise ValueError("a contextual transporter needs the step's x_t as context, and only it takes one")
     segments, tol, max_iters = check_settings(rt, method, segments, tol, max_iters)
     num_blocks, N = rt.bundle.transporter["num_blocks"], rt.bundle.transporter["num_tokens"]
     B = u.shape[0]
@@ -92,7 +108,7 @@ def invert(rt: Runtime, u: np.ndarray, t, steps: int, method: str = DEFAULT_METH
     h = np.asarray(u, dtype=np.float32)
     for i in reversed(range(num_blocks)):  # f_T = blocks[-1] o ... o blocks[0]
         if method == "jacobi":
-            h, *per_block[i] = jacobi_block(rt, i, h, t, T, segments[i], tol[i], max_iters[i])
+            h, *per_block[i] = jacobi_block(rt, i, h, t, T, segments[i], tol[i], max_iters[i], context)
         else:
-            h, per_block[i] = sequential_block(rt, i, h, t, T), ((N - 1,), (0.0,), (True,))
+            h, per_block[i] = sequential_block(rt, i, h, t, T, context), ((N - 1,), (0.0,), (True,))
     return h, InverseReport.of_blocks(method, per_block)

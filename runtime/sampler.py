@@ -8,6 +8,10 @@ is ``numerics.guided_gaussian`` (paper C.5); only the networks are the bundle's 
     1. u_T ~ N(0, I)
     2. for k = T .. 1: (mu, sigma) = f_P(u_tk, t_k, t_k-1, y), guided;  u_tk-1 = mu + sigma z
     3. leave u-space: x0 = f_T^-1(u_t0) / (1 - t0)  (inverse), or x0 = g_phi(u_t0, y)  (denoiser)
+
+A contextual transporter (f_T of level s reads the step's x_t) leaves u-space at every step instead:
+the predictor reads x_tk, and each draw is inverted at once, x_tk-1 = f_T^-1(u_tk-1; t_k-1, T, x_tk)
+(``reverse_levels``' ``transport``), so the levels are x and step 3 is x0 = x_t0 / (1 - t0).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ntm_edge.numerics import guided_gaussian, to_uint8
 from ntm_edge.sampling import NOISE_BATCH, draw_noise, reverse_levels
 
 from .bundle import NumericsError
-from .inversion import check_settings, invert
+from .inversion import check_settings, contextual, invert
 from .prompt_cache import PromptCache
 from .session import Runtime
 from .specs import DENOISER, PREDICTOR_STEP, PROMPT_ENCODER, SAMPLER_LOOP
@@ -57,7 +61,7 @@ class StageTimer:
 class RunResult:
     images: np.ndarray  # uint8 (N, H, W, C)
     x0: np.ndarray  # float32 (N, C, H, W), before clipping and quantisation
-    u_levels: np.ndarray  # float32 (N, T + 1, C, H, W), ordered t_0 .. t_T
+    u_levels: np.ndarray  # float32 (N, T + 1, C, H, W), ordered t_0 .. t_T (x levels for a contextual bundle)
     ts: np.ndarray  # float64 (T + 1,)
     final: str
     timer: StageTimer
@@ -134,15 +138,26 @@ def predict(rt: Runtime, u_t, t: float, s: float, steps: int, emb, null_emb, mas
 
 
 def sample_levels(rt: Runtime, emb, null_emb, mask, noise: list[np.ndarray], ts: np.ndarray, guidance: float,
-                  timer: StageTimer, null_mask=None) -> np.ndarray:
-    """Steps 1-2 of Algorithm 2 with one predictor graph call per step -> u (B, T + 1, C, H, W), t_0 .. t_T."""
+                  timer: StageTimer, null_mask=None, inversion: dict | None = None) -> np.ndarray:
+    """Steps 1-2 of Algorithm 2 with one predictor graph call per step -> u (B, T + 1, C, H, W), t_0 .. t_T.
+    A contextual bundle's levels are x instead: every draw inverted given the level above it, with the
+    ``inversion`` settings (method, segments, tol, max_iters) of ``invert``."""
     steps = len(ts) - 1
 
     def timed_predict(u_t, t, s):
         with timer(f"predictor x {steps}"):
             return predict(rt, u_t, t, s, steps, emb, null_emb, mask, guidance, null_mask)
 
-    return reverse_levels(timed_predict, noise, ts)
+    transport = None
+    if contextual(rt):
+        settings = dict(inversion or {})
+        method = settings.get("method", DEFAULT_METHOD)
+
+        def transport(u_s, x_t, s):
+            with timer(f"inverse ({method}) x {steps}"):
+                return invert(rt, u_s, s, steps, context=x_t, **settings)[0]
+
+    return reverse_levels(timed_predict, noise, ts, transport)
 
 
 def sample_levels_unrolled(rt: Runtime, emb, null_emb, mask, noise: list[np.ndarray], ts: np.ndarray,
@@ -166,6 +181,9 @@ def check_options(rt: Runtime, steps: int, guidance: float, final: str, unrolled
     if final == "denoiser" and not rt.has(DENOISER):
         raise ConfigError("this bundle has no denoiser (train one with `ntm-edge train-denoiser`, re-export), "
                           "or use --final inverse")
+    if unrolled and SAMPLER_LOOP not in rt.bundle.graphs:
+        raise ConfigError("this bundle has no unrolled sampler graph (a contextual transporter inverts f_T after "
+                          "every step); run without --unrolled")
     if unrolled and steps != rt.bundle.config.steps:
         raise ConfigError(f"the unrolled sampler graph was exported for --steps {rt.bundle.config.steps}, not {steps}")
 
@@ -212,11 +230,16 @@ def generate(rt: Runtime, prompts, steps: int = 4, seed: int = 0, guidance: floa
             null_ids, null_mask = vocab.null(B)
             emb_all = encode_cached(rt, np.concatenate([ids, null_ids]), timer)  # conditional, null
             emb, null_emb = emb_all[:B], emb_all[B:]
-            sampler = sample_levels_unrolled if unrolled else sample_levels
-            u = sampler(rt, emb, null_emb, mask, [n[sl] for n in noise], ts, guidance, timer, null_mask)  # (B, K, C, H, W)
+            levels = [n[sl] for n in noise]
+            if unrolled:
+                u = sample_levels_unrolled(rt, emb, null_emb, mask, levels, ts, guidance, timer, null_mask)
+            else:  # (B, K, C, H, W): u levels, or x levels for a contextual bundle
+                u = sample_levels(rt, emb, null_emb, mask, levels, ts, guidance, timer, null_mask, inversion)
             if final == "denoiser":
                 with timer("denoiser"):
                     x = denoise(rt, u[:, 0], ids, emb, mask)
+            elif contextual(rt):  # the levels are x already: the last step inverted x_t0
+                x = schedule.decoder_mean(u[:, 0], t0)
             else:
                 with timer(f"inverse ({inverse_method})"):
                     x_t0, report = invert(rt, u[:, 0], t0, steps, **inversion)

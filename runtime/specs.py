@@ -15,10 +15,11 @@ Graphs (docs/design.md 5), all with a dynamic batch axis, float32 unless noted:
     sampler_loop            u_top (B, C, H, W), noise (B, T, C, H, W), levels_t (T + 1,), prompt_emb,
                             null_emb (B, P, E), prompt_mask, null_mask, guidance (1,)
                                                                                -> u_levels (B, T + 1, C, H, W)
-    transporter_forward     x (B, C, H, W), t, steps (B,)                      -> u (B, C, H, W), logdet (B,)
-    transporter_jacobi_<i>  x, u (B, C, H, W), t, steps (B,)                   -> x_next (B, C, H, W)
+    transporter_forward     x (B, C, H, W), t, steps (B,) [, context (B, C, H, W)]
+                                                                               -> u (B, C, H, W), logdet (B,)
+    transporter_jacobi_<i>  x, u (B, C, H, W), t, steps (B,) [, context]       -> x_next (B, C, H, W)
     transporter_step_<i>    x_token (B, D), position int64 (1,), t, steps (B,), k_cache, v_cache
-                            (L, B, heads, N, hd)                               -> mu, alpha (B, D), k_cache_out,
+                            (L, B, heads, N, hd) [, context]                   -> mu, alpha (B, D), k_cache_out,
                                                                                   v_cache_out (L, B, heads, N, hd)
     denoiser                u (B, C, H, W), ids int64 (B, P) | prompt_emb (B, P, E), prompt_mask bool
                                                                                -> x0 (B, C, H, W)
@@ -34,6 +35,12 @@ the prompt encoder's output, as the predictor does, so the MiniLM runs once for 
 The transporter graphs of block i (``Transporter.blocks[i]``) work in that block's scan order: the
 Jacobi pass takes and returns images, the sequential step takes token n of the scan-ordered patch
 sequence and returns the affine parameters of token n + 1 (x_{n+1} = u_{n+1} exp(alpha) + mu).
+
+A contextual transporter (``TransporterConfig.context``: f_T of level s reads the step's x_t) changes
+three things: every transporter graph takes the step's x_t as a last input ``context`` (an image, in
+natural order, for the sequential step too); the predictor step reads x_t itself (its input keeps the
+name ``u_t``); and there is no ``sampler_loop``, because such a sampler inverts f_T after every draw
+(the runtime runs that loop over the predictor-step and Jacobi graphs).
 """
 
 from __future__ import annotations
@@ -140,6 +147,7 @@ def graph_specs(config, batch: int = 8, has_denoiser: bool = False) -> dict[str,
     K = config.steps + 1
     img = (B, C, S, S)
     one, two = {B: (1, batch, batch)}, {B: (1, 2 * batch, 2 * batch)}
+    contextual = bool(config.transporter.context)
     specs = [
         GraphSpec(PROMPT_ENCODER, (_t("ids", B, P, dtype="int64"),), (_t("prompt_emb", B, P, E),), two,
                   "prompt ids -> prefix embeddings (" + ("the frozen MiniLM; padding zeroed)" if text else
@@ -148,31 +156,35 @@ def graph_specs(config, batch: int = 8, has_denoiser: bool = False) -> dict[str,
                   (_t("u_t", *img), _t("t", B), _t("s", B), _t("steps", B), _t("prompt_emb", B, P, E),
                    _t("prompt_mask", B, P, dtype="bool")),
                   (_t("mu", *img), _t("log_sigma", *img)), two,
-                  "f_P: the Gaussian N(mu, exp(log_sigma)^2) over u_s given u_t (Prop. 2 parametrisation)"),
-        GraphSpec(SAMPLER_LOOP,
+                  "f_P: the Gaussian N(mu, exp(log_sigma)^2) over u_s given " +
+                  ("x_t (a contextual transporter)" if contextual else "u_t") + " (Prop. 2 parametrisation)"),
+    ]
+    if not contextual:  # a contextual sampler inverts f_T after every draw: the runtime runs its loop
+        specs.append(GraphSpec(SAMPLER_LOOP,
                   (_t("u_top", *img), _t("noise", B, K - 1, C, S, S), _t("levels_t", K), _t("prompt_emb", B, P, E),
                    _t("null_emb", B, P, E), _t("prompt_mask", B, P, dtype="bool"),
                    _t("null_mask", B, P, dtype="bool"), _t("guidance", 1)),
                   (_t("u_levels", B, K, C, S, S),), one,
-                  f"Algorithm 2 steps 1-2 unrolled for T = {config.steps}, guided (C.5) with weight `guidance`"),
-    ]
+                  f"Algorithm 2 steps 1-2 unrolled for T = {config.steps}, guided (C.5) with weight `guidance`"))
     tc = config.transporter
     if tc.num_blocks:
         N, D = (S // tc.patch_size) ** 2, C * tc.patch_size**2
         cache = (tc.layers_per_block, B, tc.heads, N, tc.width // tc.heads)
-        specs.append(GraphSpec(TRANSPORTER_FORWARD, (_t("x", *img), _t("t", B), _t("steps", B)),
-                               (_t("u", *img), _t("logdet", B)), one, "f_T(x, t, T) and log|det df_T/dx|"))
+        ctx = (_t("context", *img),) if contextual else ()  # the step's x_t
+        given = " given the step's x_t" if contextual else ""
+        specs.append(GraphSpec(TRANSPORTER_FORWARD, (_t("x", *img), _t("t", B), _t("steps", B), *ctx),
+                               (_t("u", *img), _t("logdet", B)), one, f"f_T(x, t, T){given} and log|det df_T/dx|"))
         for i in range(tc.num_blocks):
-            specs.append(GraphSpec(jacobi_graph(i), (_t("x", *img), _t("u", *img), _t("t", B), _t("steps", B)),
+            specs.append(GraphSpec(jacobi_graph(i), (_t("x", *img), _t("u", *img), _t("t", B), _t("steps", B), *ctx),
                                    (_t("x_next", *img),), one,
-                                   f"one Jacobi pass of block {i}: x <- mu(x_<n) + exp(alpha(x_<n)) u"))
+                                   f"one Jacobi pass of block {i}{given}: x <- mu(x_<n) + exp(alpha(x_<n)) u"))
             specs.append(GraphSpec(
                 step_graph(i),
                 (_t("x_token", B, D), _t("position", 1, dtype="int64"), _t("t", B), _t("steps", B),
-                 _t("k_cache", *cache), _t("v_cache", *cache)),
+                 _t("k_cache", *cache), _t("v_cache", *cache), *ctx),
                 (_t("mu", B, D), _t("alpha", B, D), _t("k_cache_out", *cache), _t("v_cache_out", *cache)), one,
                 f"one sequential decoding step of block {i}: token n (scan order) and the KV cache of tokens < n "
-                f"-> affine parameters of token n + 1 and the cache with token n written"))
+                f"-> affine parameters of token n + 1 and the cache with token n written{given}"))
     if has_denoiser:  # a label denoiser reads ids (its own copy of the table); a text one the MiniLM's output
         prompt = _t("prompt_emb", B, P, E) if text else _t("ids", B, P, dtype="int64")
         specs.append(GraphSpec(DENOISER, (_t("u", *img), prompt, _t("prompt_mask", B, P, dtype="bool")),

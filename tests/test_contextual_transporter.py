@@ -1,7 +1,8 @@
 """The contextual transporter (``--transporter-context``, issue 13): f_T of level s also reads the step's
 x_t. Its log-det is still the exact Jacobian in x_s, it inverts exactly given the same x_t, the
 trajectory likelihood is the sum of its steps, the sampler's levels are the exact inverses of its draws,
-and a short real training lowers the held-out NLL and moves f_T."""
+a short real training lowers the held-out NLL and moves f_T, and its fp32 bundle (graphs with a context
+input, the runtime's per-step inversion loop, the audit) draws and scores what torch does."""
 
 from __future__ import annotations
 
@@ -160,19 +161,31 @@ def test_config_round_trip_and_older_configs():
         dataclasses.replace(cfg, transporter=dataclasses.replace(cfg.transporter, num_blocks=0)).validate()
 
 
-def test_a_short_real_run_learns_and_moves_the_transporter(tmp_path):
-    """`train --transporter-context` (pairwise, 4-step grid, NLL only): the held-out NLL drops well below
-    the untrained model's, f_T moves off the identity, the flag is saved, and what cannot use such a
-    model (export, a denoiser, a resume without the flag's value) refuses in one line."""
-    from ntm_edge.evaluate import heldout_likelihood, transporter_activity
-    from ntm_edge.export import export_bundle
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """(checkpoint dir, its TrainArgs): `train --transporter-context` for 60 steps (pairwise, 4-step grid, NLL
+    only), about 10 s on one core."""
     from ntm_edge.train import TrainArgs, train
 
-    out = tmp_path / "ctx"
+    out = tmp_path_factory.mktemp("ctx") / "ctx"
     args = TrainArgs(dataset="digits", preset="tiny", steps=60, mode="pairwise", pairwise_steps=(4,), batch_size=64,
                      lr=2e-3, warmup=10, out=str(out), eval_images=0, seed=0, x0_mse_weight=0.0,
                      transporter_context=True, checkpoint_every=250)
     train(args, progress=False, log=lambda *_: None)
+    return out, args
+
+
+def test_a_short_real_run_learns_and_moves_the_transporter(short_run, tmp_path):
+    """The short run: the held-out NLL drops well below the untrained model's, f_T moves off the identity,
+    the flag is saved, and what cannot use such a model (the fp16/int8 passes, a denoiser, a resume without
+    the flag's value) refuses in one line."""
+    from typer.testing import CliRunner
+
+    from ntm_edge.cli import app
+    from ntm_edge.evaluate import heldout_likelihood, transporter_activity
+    from ntm_edge.train import train
+
+    out, args = short_run
     model = NTM.from_pretrained(out)
     assert model.contextual and model.config.transporter.context is True
     test = load_dataset("digits", "test", image_size=8, channels=1)
@@ -183,8 +196,8 @@ def test_a_short_real_run_learns_and_moves_the_transporter(tmp_path):
     levels = transporter_activity(model, test.images, steps=4, num_images=50)
     assert all(r["displacement"] > 0.01 for r in levels[:-1]), levels
     assert levels[-1]["displacement"] == 0.0
-    with pytest.raises(ConfigError, match="contextual transporter"):
-        export_bundle(out, tmp_path / "bundle")
+    r = CliRunner().invoke(app, ["export", "--checkpoint", str(out), "--out", str(tmp_path / "bundle"), "--fp16"])
+    assert r.exit_code == 1 and "contextual transporter" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "bundle").exists()
     from ntm_edge.denoiser import train_denoiser
 
@@ -195,3 +208,92 @@ def test_a_short_real_run_learns_and_moves_the_transporter(tmp_path):
           log=lambda *_: None)
     with pytest.raises(ConfigError, match="trained without --transporter-context"):
         train(dataclasses.replace(args, out=str(plain), steps=2), progress=False, log=lambda *_: None, resume=True)
+
+
+@pytest.fixture(scope="module")
+def ctx_bundle(short_run, tmp_path_factory):
+    """(model, runtime) of the short run's fp32 bundle (batch 4); the export itself checks every graph's
+    parity with torch (random and real inputs) and raises past its tolerance."""
+    from ntm_edge.export import export_bundle
+    from ntm_edge.runtime.session import open_runtime
+
+    path = tmp_path_factory.mktemp("ctx_bundle") / "bundle"
+    manifest = export_bundle(short_run[0], path, batch=4, log=lambda *_: None)
+    assert set(manifest["parity"]["graphs"]) == set(manifest["graphs"])
+    return NTM.from_pretrained(short_run[0]).eval(), open_runtime(path, provider="cpu")
+
+
+def test_export_has_context_inputs_and_no_unrolled_loop(short_run, ctx_bundle):
+    """Every transporter graph takes the step's x_t as ``context``; there is no unrolled sampler graph
+    (the sampler inverts after every draw), and asking the runtime for it is one clear error, as is
+    `bench` (which times the u-space sampler's stages) on the checkpoint or the bundle."""
+    from ntm_edge.bench import check_sources
+    from ntm_edge.runtime import specs
+    from ntm_edge.runtime.sampler import generate
+
+    _, rt = ctx_bundle
+    graphs = rt.bundle.graphs
+    assert specs.SAMPLER_LOOP not in graphs
+    transporter = [n for n in graphs if n.startswith("transporter_")]
+    assert len(transporter) == 1 + 2 * rt.bundle.transporter["num_blocks"]
+    assert all(graphs[n].input_names[-1] == "context" for n in transporter)
+    assert "context" not in graphs[specs.PREDICTOR_STEP].input_names
+    with pytest.raises(ConfigError, match="no unrolled sampler graph"):
+        generate(rt, ["3"], unrolled=True)
+    for checkpoint, bundle in ((short_run[0], None), (None, rt.bundle.root)):
+        with pytest.raises(ConfigError, match="contextual transporter"):
+            check_sources(checkpoint, bundle, "tiny")
+
+
+def test_run_cli_draws_and_audits(ctx_bundle, tmp_path):
+    """`ntm-edge run --audit` on the bundle: a grid, the latency table with the per-step inversion, the NLL."""
+    from typer.testing import CliRunner
+
+    from ntm_edge.cli import app
+
+    _, rt = ctx_bundle
+    r = CliRunner().invoke(app, ["run", "--bundle", str(rt.bundle.root), "--prompt", "3", "--num", "2", "--audit",
+                                 "--threads", "1", "--out", str(tmp_path / "threes.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "threes.png").stat().st_size > 0
+    assert "inverse (jacobi) x 4" in r.output and "nll" in r.output.lower(), r.output
+
+
+@pytest.mark.parametrize("method", ["jacobi", "sequential"])
+def test_runtime_draws_the_torch_samplers_images(ctx_bundle, method):
+    """The runtime's loop (predictor graph, then the inversion graphs given x_t, at every step) draws the
+    torch sampler's images for the same seed, guided and not, with either inversion."""
+    from ntm_edge.exits import sample_images
+    from ntm_edge.runtime.sampler import generate
+
+    model, rt = ctx_bundle
+    prompts = [str(i % 10) for i in range(6)]
+    for guidance in (0.0, 1.5):
+        ref = sample_images(model, prompts, seed=2, guidance=guidance, inverse_method=method)
+        got = generate(rt, prompts, seed=2, guidance=guidance, final="inverse", inverse_method=method)
+        assert np.abs(got.images.astype(int) - ref).max() <= 1, (method, guidance)
+        if method == "jacobi":
+            assert np.isfinite(got.x0).all() and got.images.std() > 0
+
+
+def test_audit_matches_torch(ctx_bundle, images):
+    """The runtime's exact trajectory NLL of a contextual model (each level given the next, the top level
+    the identity, the predictor reading x) equals torch's, on forward trajectories of real images and on
+    the runtime's own samples."""
+    from ntm_edge.runtime.audit import generated_nll, trajectory_nll
+    from ntm_edge.runtime.sampler import generate
+
+    model, rt = ctx_bundle
+    traj = _levels(model, images)
+    labels = [str(i) for i in range(len(images))]
+    ids, mask = model.tokenize(labels)
+    with torch.no_grad():
+        ref = model.trajectory_nll(traj, labels).double().numpy()
+    got = trajectory_nll(rt, traj.x.numpy(), traj.t.numpy(), ids.numpy(), mask.numpy())
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), (got, ref)
+    run = generate(rt, labels, seed=5, audit=True)
+    x = torch.from_numpy(run.u_levels)
+    with torch.no_grad():
+        ref = model.trajectory_nll(Trajectory(x, torch.from_numpy(run.ts).float().expand(len(labels), -1)), labels)
+    assert np.abs(run.nll - ref.double().numpy()).max() <= 1e-5 * np.abs(ref.double().numpy()).max()
+    assert np.abs(generated_nll(rt, run.u_levels, run.ts, ids.numpy(), mask.numpy()) - run.nll).max() == 0
