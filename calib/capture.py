@@ -5,7 +5,9 @@ Two sources, both drawn with ``PrecisionOptions.calib_seed``:
 1. Forward trajectories of ``calib_images`` images of the TRAINING split, at every level of the
    T-step schedule (t_0 = the sampling t_min, ..., t_T = 1), mapped to u-space by the transporter.
    Every step k feeds the predictor (u_tk, t_k, t_k-1, T) twice: with the image's prompt and with the
-   null prompt, as classifier-free guidance runs it (the conditional and unconditional halves).
+   null prompt, as classifier-free guidance runs it (the conditional and unconditional halves). A
+   contextual transporter's predictor reads x_tk instead, and its transporter graphs take each level
+   with the next one up as their context.
 2. The sampler's own trajectories (Algorithm 2) for ``calib_samples`` prompts cycling over the classes,
    half at guidance 0 and half at ``calib_guidance``: the predictor sees its own outputs at every step,
    a range that real trajectories do not cover. The unrolled sampler graph is calibrated on exactly
@@ -49,13 +51,23 @@ def _training_images(model: NTM, checkpoint, n: int, rng: np.random.Generator):
 
 @torch.no_grad()
 def _forward_levels(model: NTM, images: np.ndarray, seed: int, t_min: float):
-    """x and u = f_T(x) at every level of forward trajectories: (n, K, C, H, W) each, ts (n, K)."""
+    """x and u = f_T(x) at every level of forward trajectories: (n, K, C, H, W) each, ts (n, K). A contextual
+    transporter maps each level given the next (``NTM.transporter_levels``)."""
     g = torch.Generator().manual_seed(seed)
     x0 = dequantize(torch.from_numpy(images), g)
     traj = model.forward_trajectory(x0, model.config.steps, generator=g, t_min=t_min)
-    n, K = traj.t.shape
-    u, _ = model.transporter(traj.x.reshape(n * K, *x0.shape[1:]), traj.t.reshape(-1), K - 1)
-    return traj.x, u.reshape(traj.x.shape), traj.t
+    return traj.x, model.transporter_levels(traj)[0], traj.t
+
+
+def _transporter_rows(model: NTM, x: torch.Tensor, ts: torch.Tensor):
+    """The transporter graphs' inputs at every level of trajectories x (n, K, ...) -> x (m, ...), t (m,),
+    context (m, ...) or None: every level, or for a contextual transporter every level below the top,
+    each given the next level up."""
+    n, K = ts.shape
+    if not model.contextual:
+        return x.reshape(n * K, *x.shape[2:]), ts.reshape(-1), None
+    flat = lambda v: v.reshape(n * (K - 1), *v.shape[2:])  # noqa: E731
+    return flat(x[:, :-1]), flat(ts[:, :-1]), flat(x[:, 1:])
 
 
 def _predictor_rows(model: NTM, u: torch.Tensor, ts: torch.Tensor, ids: torch.Tensor) -> dict[str, np.ndarray]:
@@ -113,8 +125,8 @@ def calibration_batches(model: NTM, checkpoint, graphs: dict[str, specs.GraphSpe
     for name, spec in graphs.items():
         names = spec.input_names
         if name == specs.PREDICTOR_STEP:
-            parts = [_predictor_rows(model, u, ts, ids)]
-            for s_id, levels, grid, _ in sampled:
+            parts = [_predictor_rows(model, x if model.contextual else u, ts, ids)]  # what the predictor reads
+            for s_id, levels, grid, _ in sampled:  # x levels for a contextual model: what its predictor reads
                 grid_t = torch.as_tensor(grid, dtype=torch.float32).expand(len(s_id), len(grid))
                 parts.append(_predictor_rows(model, levels, grid_t, s_id))
             out[name] = _batches(_cat(*parts), batch, names)
@@ -146,19 +158,21 @@ def calibration_batches(model: NTM, checkpoint, graphs: dict[str, specs.GraphSpe
                 rows["prompt_emb"] = model.prompt_encoder(all_ids).numpy()
             out[name] = _batches(rows, batch, names)
         elif name == specs.TRANSPORTER_FORWARD:
-            n, K = ts.shape
-            rows = {"x": x.reshape(n * K, *x.shape[2:]).numpy(), "t": ts.reshape(-1).numpy(),
-                    "steps": np.full(n * K, float(T), dtype=np.float32)}
+            flat_x, flat_t, context = _transporter_rows(model, x, ts)
+            rows = {"x": flat_x.numpy(), "t": flat_t.numpy(), "steps": np.full(len(flat_t), float(T), dtype=np.float32)}
+            if context is not None:
+                rows["context"] = context.numpy()
             out[name] = _batches(rows, batch, names)
         elif name.startswith("transporter_jacobi_"):
             from ..export.parity import block_io
 
-            n, K = ts.shape
-            flat_t = ts.reshape(-1)
-            h_in, h_out = block_io(model, x.reshape(n * K, *x.shape[2:]), flat_t, T)[int(name.rsplit("_", 1)[1])]
+            flat_x, flat_t, context = _transporter_rows(model, x, ts)
+            h_in, h_out = block_io(model, flat_x, flat_t, T, context)[int(name.rsplit("_", 1)[1])]
             # the first pass (x = u) and the fixed point (x = the block's input): the range Jacobi sweeps
             rows = {"x": np.concatenate([h_out, h_in]), "u": np.concatenate([h_out, h_out]),
-                    "t": np.tile(flat_t.numpy(), 2), "steps": np.full(2 * n * K, float(T), dtype=np.float32)}
+                    "t": np.tile(flat_t.numpy(), 2), "steps": np.full(2 * len(flat_t), float(T), dtype=np.float32)}
+            if context is not None:
+                rows["context"] = np.concatenate([context.numpy()] * 2)
             out[name] = _batches(rows, batch, names)
         else:
             raise ConfigError(f"no calibration data is defined for graph {name!r}")

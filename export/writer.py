@@ -77,10 +77,6 @@ def export_bundle(checkpoint, out, batch: int = 8, opset: int = DEFAULT_OPSET, o
     cfg = model.config
     if cfg.objective == "fm":
         raise ConfigError("a flow-matching checkpoint has no u-space sampler to export; export an NTM (or gaussian) model")
-    if model.contextual and precisions.precisions:
-        raise ConfigError("--fp16/--int8 do not support a contextual transporter (trained with --transporter-context) "
-                          "yet: their calibration and quality gate follow the u-space sampler; export it in fp32 "
-                          "(without --fp16/--int8)")
     # the traced example inputs alone (the sampler loop's noise is the largest), before any tracing
     validate.fits_in_memory(4 * 2 * batch * (cfg.steps + 2) * cfg.dims, f"--batch {batch}")
     denoiser = load_denoiser(checkpoint).requires_grad_(False) if has_denoiser(checkpoint) else None
