@@ -20,7 +20,7 @@ from .default_model import default_bundle
 from .precision import describe
 from .sampler import FINALS, RunResult, StageTimer, check_options, generate
 from .session import open_runtime
-from .specs import DENOISER
+from .specs import DENOISER, SAMPLER_LOOP
 
 
 def latency_table(timer: StageTimer, num_images: int, precision: str | None = None) -> str:
@@ -72,7 +72,7 @@ def run_prompt(bundle, prompt: str, num: int = 16, steps: int = 4, seed: int = 0
     final = validate.exit_for_steps(final, steps, den["steps"] if den else None, notes.append)
     validate.steps_in_training(steps, rt.bundle.manifest["schedule"].get("trained_steps"), notes.append)
     validate.steps(steps, den["t0"] if final == "denoiser" and den else cfg.t_min_sample, cfg.shift)
-    if rt.native and steps == rt.bundle.config.steps:
+    if rt.native and steps == rt.bundle.config.steps and SAMPLER_LOOP in rt.bundle.graphs:
         unrolled = True  # the native TensorRT backend replays the unrolled four steps as one CUDA graph
     check_options(rt, steps, guidance, final, unrolled)
     # what the result keeps: uint8 images, float32 x0 and the T + 1 float32 levels of every trajectory
