@@ -115,7 +115,7 @@ class TarFlowBlock(nn.Module):
         tokens < n in slots < n (the rest unused); write(cache, new) -> the cache with ``new``
         (B, heads, 1, hd) in slot n: by default a one-hot select (a pure function, for export);
         ``inverse`` writes in place into its own buffers instead, which saves copying the caches;
-        ctx_h: a contextual block's ``context_tokens`` (B, N, W) (export traces none: it refuses such models)
+        ctx_h: a contextual block's ``context_tokens`` (B, N, W) (export traces it from the whole x_t, a graph input)
         -> mu, alpha (B, D): the affine parameters of token n + 1 (x_{n+1} = mu + exp(alpha) u_{n+1}),
            and the per-layer caches (lists) with token n written into slot n. Attention is masked to <= n.
         """
