@@ -30,7 +30,7 @@ from .. import schedule
 from ..checkpoint import trained_on
 from ..data import load_dataset
 from ..errors import ConfigError
-from ..model import NTM
+from ..model import NTM, Trajectory
 from ..numerics import dequantize
 from ..runtime import specs
 from .policy import PrecisionOptions
@@ -57,17 +57,6 @@ def _forward_levels(model: NTM, images: np.ndarray, seed: int, t_min: float):
     x0 = dequantize(torch.from_numpy(images), g)
     traj = model.forward_trajectory(x0, model.config.steps, generator=g, t_min=t_min)
     return traj.x, model.transporter_levels(traj)[0], traj.t
-
-
-def _transporter_rows(model: NTM, x: torch.Tensor, ts: torch.Tensor):
-    """The transporter graphs' inputs at every level of trajectories x (n, K, ...) -> x (m, ...), t (m,),
-    context (m, ...) or None: every level, or for a contextual transporter every level below the top,
-    each given the next level up."""
-    n, K = ts.shape
-    if not model.contextual:
-        return x.reshape(n * K, *x.shape[2:]), ts.reshape(-1), None
-    flat = lambda v: v.reshape(n * (K - 1), *v.shape[2:])  # noqa: E731
-    return flat(x[:, :-1]), flat(ts[:, :-1]), flat(x[:, 1:])
 
 
 def _predictor_rows(model: NTM, u: torch.Tensor, ts: torch.Tensor, ids: torch.Tensor) -> dict[str, np.ndarray]:
@@ -158,7 +147,7 @@ def calibration_batches(model: NTM, checkpoint, graphs: dict[str, specs.GraphSpe
                 rows["prompt_emb"] = model.prompt_encoder(all_ids).numpy()
             out[name] = _batches(rows, batch, names)
         elif name == specs.TRANSPORTER_FORWARD:
-            flat_x, flat_t, context = _transporter_rows(model, x, ts)
+            flat_x, flat_t, context = model.transporter_inputs(Trajectory(x, ts))
             rows = {"x": flat_x.numpy(), "t": flat_t.numpy(), "steps": np.full(len(flat_t), float(T), dtype=np.float32)}
             if context is not None:
                 rows["context"] = context.numpy()
@@ -166,7 +155,7 @@ def calibration_batches(model: NTM, checkpoint, graphs: dict[str, specs.GraphSpe
         elif name.startswith("transporter_jacobi_"):
             from ..export.parity import block_io
 
-            flat_x, flat_t, context = _transporter_rows(model, x, ts)
+            flat_x, flat_t, context = model.transporter_inputs(Trajectory(x, ts))
             h_in, h_out = block_io(model, flat_x, flat_t, T, context)[int(name.rsplit("_", 1)[1])]
             # the first pass (x = u) and the fixed point (x = the block's input): the range Jacobi sweeps
             rows = {"x": np.concatenate([h_out, h_in]), "u": np.concatenate([h_out, h_out]),

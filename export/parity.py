@@ -154,9 +154,8 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
     B, K = traj.t.shape
     T = K - 1
     shape = traj.x.shape[2:]
-    x = traj.x.reshape(B * K, *shape)  # every level of every trajectory
-    t = traj.t.reshape(B * K)
-    steps_all = torch.full((B * K,), float(T))
+    x, t, context = model.transporter_inputs(traj)  # every level (a contextual model: each below the top, given the next)
+    steps_all = torch.full((len(t),), float(T))
     mask = model.vocab.mask_of(ids)
     null_ids, null_mask = model.null_prompt(len(ids))
     result = {}
@@ -185,10 +184,6 @@ def real_parity(rt: Runtime, model: NTM, modules: dict, traj: Trajectory, ids: t
                                    "prompt_mask": mask, "null_mask": null_mask,
                                    "guidance": np.array([1.0], dtype=np.float32)})
     if len(model.transporter.blocks):
-        context = None
-        if model.contextual:  # every level below the top, each given the next level up (its step's x_t)
-            x, context = traj.x[:, :-1].reshape(B * T, *shape), traj.x[:, 1:].reshape(B * T, *shape)
-            t, steps_all = traj.t[:, :-1].reshape(-1), torch.full((B * T,), float(T))
         ctx = {} if context is None else {"context": context}
         ctx2 = {} if context is None else {"context": context.repeat(2, 1, 1, 1)}
         check(specs.TRANSPORTER_FORWARD, {"x": x, "t": t, "steps": steps_all, **ctx})

@@ -144,6 +144,16 @@ class NTM(nn.Module):
         mu, log_sigma, x0_hat = self.predictor(u_t, t, s, T, self.prompt_encoder(ids), mask)
         return schedule.step_nll(u_s, logdet_s, mu, log_sigma), mu, x0_hat
 
+    def transporter_inputs(self, traj: Trajectory):
+        """What f_T maps of a trajectory (B, K, ...), flattened for one batched call -> x (M, C, H, W), t (M,),
+        context (M, C, H, W) or None: every level (M = B K), or for a contextual transporter every level
+        below the top (M = B (K - 1)), each given the next level up (its step's condition)."""
+        B, K = traj.t.shape
+        if not self.contextual:
+            return traj.x.reshape(B * K, *traj.x.shape[2:]), traj.t.reshape(B * K), None
+        flat = lambda v: v.reshape(B * (K - 1), *v.shape[2:])  # noqa: E731
+        return flat(traj.x[:, :-1]), flat(traj.t[:, :-1]), flat(traj.x[:, 1:])
+
     def transporter_levels(self, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
         """f_T of every level of a trajectory, batched -> u (B, K, C, H, W), logdet (B, K).
 
@@ -151,11 +161,10 @@ class NTM(nn.Module):
         is the identity (as the gate makes it for the plain transporter)."""
         B, K = traj.t.shape
         shape = traj.x.shape[2:]
+        x, t, context = self.transporter_inputs(traj)
+        u, logdet = self.transporter(x, t, K - 1, context=context)
         if not self.contextual:
-            u, logdet = self.transporter(traj.x.reshape(B * K, *shape), traj.t.reshape(B * K), K - 1)
             return u.reshape(B, K, *shape), logdet.reshape(B, K)
-        flat = lambda v: v.reshape(B * (K - 1), *v.shape[2:])  # noqa: E731
-        u, logdet = self.transporter(flat(traj.x[:, :-1]), flat(traj.t[:, :-1]), K - 1, context=flat(traj.x[:, 1:]))
         u = torch.cat([u.reshape(B, K - 1, *shape), traj.x[:, -1:]], dim=1)
         return u, torch.cat([logdet.reshape(B, K - 1), logdet.new_zeros(B, 1)], dim=1)
 

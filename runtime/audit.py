@@ -24,7 +24,7 @@ from ntm_edge.decoding import DEFAULT_METHOD
 from ntm_edge.errors import ConfigError
 from ntm_edge.numerics import dequantize
 
-from .inversion import contextual, invert
+from .inversion import context_input, contextual, invert
 from .session import Runtime
 from .specs import PREDICTOR_STEP, PROMPT_ENCODER, TRANSPORTER_FORWARD
 
@@ -35,8 +35,7 @@ def transport(rt: Runtime, x: np.ndarray, t: np.ndarray, steps: int,
     the identity when the model has no transporter blocks."""
     if not rt.bundle.transporter["num_blocks"]:
         return x, np.zeros(len(x))
-    ctx = {} if context is None else {"context": context}
-    out = rt[TRANSPORTER_FORWARD](x=x, t=t, steps=np.full(len(x), steps, dtype=np.float32), **ctx)
+    out = rt[TRANSPORTER_FORWARD](x=x, t=t, steps=np.full(len(x), steps, dtype=np.float32), **context_input(context))
     return out["u"], out["logdet"]
 
 

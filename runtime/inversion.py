@@ -41,7 +41,7 @@ class _Layout:
         return unpatchify(np.ascontiguousarray(xs), self.p, *self.chw)
 
 
-def _context(context: np.ndarray | None) -> dict[str, np.ndarray]:
+def context_input(context: np.ndarray | None) -> dict[str, np.ndarray]:
     """The graphs' extra input for a contextual transporter: the step's x_t (B, C, H, W)."""
     return {} if context is None else {"context": context}
 
@@ -52,7 +52,7 @@ def jacobi_block(rt: Runtime, block: int, u: np.ndarray, t: np.ndarray, steps: n
     passes used, final relative change, converged (as ``TarFlowBlock.inverse_jacobi``)."""
     graph, layout = rt[jacobi_graph(block)], _Layout(rt, block, u.shape[1:])
     us = layout.tokens(u)  # (B, N, D) scan order
-    ctx = _context(context)
+    ctx = context_input(context)
 
     def step(x_p: np.ndarray, u_p: np.ndarray) -> np.ndarray:
         e = x_p.shape[1]
@@ -71,7 +71,7 @@ def sequential_block(rt: Runtime, block: int, u: np.ndarray, t: np.ndarray, step
     graph, layout = rt[step_graph(block)], _Layout(rt, block, u.shape[1:])
     us = layout.tokens(u)  # (B, N, D) scan order
     empty = np.zeros((tp["layers"], us.shape[0], tp["heads"], us.shape[1], tp["head_dim"]), dtype=np.float32)
-    ctx = _context(context)
+    ctx = context_input(context)
 
     def step(x_token: np.ndarray, n: int, caches: tuple[np.ndarray, np.ndarray]):
         out = graph(x_token=x_token, position=np.array([n], dtype=np.int64), t=t, steps=steps,
